@@ -1,0 +1,26 @@
+// CPU feature detection and the choice of kernel ISA level.
+#pragma once
+#include <string>
+
+namespace ironlm {
+
+// Ordered: each level implies the ones before it.
+enum class Isa : int { scalar = 0, avx2 = 1, avx512 = 2, avx512_vnni = 3, avx512_bf16 = 4, amx = 5 };
+
+struct CpuFeatures {
+    bool avx2 = false, fma = false, f16c = false;
+    bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false;
+    bool avx512_vnni = false, avx512_bf16 = false, avx_vnni = false;
+    bool amx_tile = false, amx_int8 = false, amx_bf16 = false;
+    bool os_avx = false, os_avx512 = false, os_amx = false;  // OS saves the register state
+    bool amx_permitted = false;                              // arch_prctl granted XTILEDATA
+};
+
+const CpuFeatures& cpu_features();
+Isa best_isa(const CpuFeatures& f);
+// The level in use: the best one, lowered by IRONLM_ISA if set. `why` explains the choice.
+Isa active_isa(std::string* why = nullptr);
+const char* isa_name(Isa isa);
+bool parse_isa(const std::string& name, Isa* out);
+
+}  // namespace ironlm

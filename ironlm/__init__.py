@@ -1,0 +1,1 @@
+"""ironlm: LLM inference on the CPUs people already own."""
