@@ -1,0 +1,140 @@
+"""The `ironlm` command. Subcommands import their modules lazily so `ironlm --help` stays instant."""
+import argparse
+import importlib
+import sys
+
+from ironlm.errors import IronlmError
+
+# Subcommands that live in their own module, each exposing add_arguments(parser) and run(args) -> int.
+EXTERNAL_COMMANDS = {
+    "info": ("ironlm.info_command", "describe this machine (and a model) and what ironlm will use"),
+    "bench": ("ironlm.bench.command", "measure speed against this machine's limits"),
+    "serve": ("ironlm.server.command", "OpenAI-compatible HTTP server"),
+}
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-m", "--model", help="HF model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: best for this CPU)")
+    parser.add_argument("--threads", type=int, help="threads (default: physical cores)")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.2, help="0 = greedy (default 0.2)")
+    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--min-p", type=float, default=0.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", help="stop string (repeatable)")
+
+
+def sampling_params(args: argparse.Namespace):
+    from ironlm.sampling import SamplingParams
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          seed=args.seed, stop=args.stop)
+
+
+def load_llm(args: argparse.Namespace):
+    from ironlm import LLM
+    return LLM(model=args.model, dtype=args.dtype, threads=args.threads)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    params = sampling_params(args)
+    params.validate()
+    llm = load_llm(args)
+    use_chat = not args.raw and llm.tokenizer.chat_template is not None
+    tokens = llm.chat_prompt([{"role": "user", "content": prompt}]) if use_chat else llm.tokenizer.encode(prompt)
+    if args.stream:
+        for out in llm.stream(tokens, params):
+            print(out.new_text, end="", flush=True)
+        print()
+    else:
+        print(llm.generate({"prompt_token_ids": tokens}, params)[0].text)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    params = sampling_params(args)
+    params.validate()
+    llm = load_llm(args)
+    interactive = sys.stdin.isatty()
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    if interactive:
+        print(f"ironlm chat with {llm.model_name}. /reset clears the conversation, /exit or Ctrl-D leaves.")
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        messages.append({"role": "user", "content": text})
+        reply = []
+        for out in llm.stream(llm.chat_prompt(messages), params):
+            print(out.new_text, end="", flush=True)
+            reply.append(out.new_text)
+        print()
+        messages.append({"role": "assistant", "content": "".join(reply)})
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ironlm", description="LLM inference on the CPUs people already own")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate a reply to one prompt")
+    gen.add_argument("prompt", help="the prompt, or - to read it from standard input")
+    gen.add_argument("--stream", action="store_true", help="print text as it is generated")
+    gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    add_model_arguments(gen)
+    add_sampling_arguments(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="interactive chat that keeps the conversation (works with piped stdin)")
+    chat.add_argument("--system", help="system prompt")
+    add_model_arguments(chat)
+    add_sampling_arguments(chat)
+    chat.set_defaults(func=cmd_chat)
+
+    for name, (module_name, help_text) in EXTERNAL_COMMANDS.items():
+        command = sub.add_parser(name, help=help_text)
+        command.set_defaults(module=module_name)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    # External subcommands add their own arguments; resolve the module first, then parse fully.
+    if argv and argv[0] in EXTERNAL_COMMANDS:
+        module = importlib.import_module(EXTERNAL_COMMANDS[argv[0]][0])
+        sub = argparse.ArgumentParser(prog=f"ironlm {argv[0]}", description=EXTERNAL_COMMANDS[argv[0]][1])
+        module.add_arguments(sub)
+        args = sub.parse_args(argv[1:])
+        func = module.run
+    else:
+        args = parser.parse_args(argv)
+        func = args.func
+    try:
+        return func(args)
+    except IronlmError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""Engine settings: plain dataclasses, validated, no I/O."""
+from dataclasses import dataclass
+
+from ironlm.errors import IronlmError
+
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclass
+class EngineConfig:
+    """How to run a model. `None` fields get a default from the machine or the model at load time."""
+
+    model: str | None = None          # path to a HF directory or a GGUF file; None = embedded default
+    dtype: str | None = None          # "float32" | "bfloat16"; None = best for this CPU
+    threads: int | None = None        # None = physical cores available to this process
+    max_model_len: int | None = None  # None = the model's context length
+    block_size: int = 16              # tokens per KV block
+    num_kv_blocks: int | None = None  # None = enough for max_num_seqs full contexts, capped by kv_cache_bytes
+    kv_cache_bytes: int = 2 << 30     # upper bound on KV pool memory when num_kv_blocks is None
+    max_num_seqs: int = 64            # sequences decoding together
+    max_num_batched_tokens: int = 512  # tokens per engine step (prefill chunks + decodes)
+    enable_prefix_caching: bool = True
+
+    def validate(self) -> None:
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise IronlmError(f"dtype {self.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+        for name in ("threads", "max_model_len", "num_kv_blocks"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise IronlmError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise IronlmError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise IronlmError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
+                f"max_num_seqs ({self.max_num_seqs}) so every running sequence can decode each step"
+            )

@@ -1,0 +1,167 @@
+"""The engine step loop shared by LLM.generate, the server and batch jobs."""
+import time
+
+import torch
+
+from ironlm.config import EngineConfig
+from ironlm.engine.block_manager import BlockManager
+from ironlm.engine.kv_cache import allocate_kv_pool, kv_bytes_per_block
+from ironlm.engine.model_runner import ModelRunner
+from ironlm.engine.output import OutputState, RequestOutput
+from ironlm.engine.scheduler import Scheduler
+from ironlm.engine.sequence import Sequence
+from ironlm.errors import RequestError
+from ironlm.formats import default_model_path, load_checkpoint
+from ironlm.hardware import default_dtype, default_threads
+from ironlm.models.llama import ModelArgs
+from ironlm.models.loader import load_model
+from ironlm.sampling import SamplingParams
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        config.validate()
+        self.config = config
+        self.checkpoint = load_checkpoint(config.model if config.model is not None else default_model_path())
+        self.tokenizer = self.checkpoint.tokenizer
+        self.model_name = self.checkpoint.name
+        self.dtype_name = config.dtype or default_dtype()
+        self.dtype = TORCH_DTYPES[self.dtype_name]
+        self.threads = config.threads or default_threads()
+        torch.set_num_threads(self.threads)
+
+        args = ModelArgs.from_hf(self.checkpoint.config)
+        self.args = args
+        block_size = config.block_size
+        model_len = config.max_model_len or args.max_position_embeddings
+        if config.num_kv_blocks is not None:
+            num_blocks = config.num_kv_blocks
+        else:
+            wanted = config.max_num_seqs * -(-model_len // block_size)
+            affordable = config.kv_cache_bytes // kv_bytes_per_block(args, block_size, self.dtype)
+            num_blocks = max(1, min(wanted, affordable))
+        # One sequence must always fit on its own, or it could never finish.
+        self.max_model_len = min(model_len, num_blocks * block_size)
+        self.model = load_model(self.checkpoint, self.dtype, self.max_model_len)
+        self.kv_pool = allocate_kv_pool(args, num_blocks, block_size, self.dtype)
+        self.block_manager = BlockManager(num_blocks, block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, self.kv_pool, block_size)
+        self.sequences: dict[str, Sequence] = {}
+        self.num_steps = 0
+
+    # --- requests -------------------------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if request_id in self.sequences:
+            raise RequestError(f"request id {request_id!r} is already in use", param="request_id")
+        params.validate(self.args.vocab_size)
+        if not prompt_token_ids:
+            raise RequestError("the prompt is empty; give at least one token", param="prompt")
+        for token_id in prompt_token_ids:
+            if not isinstance(token_id, int) or not 0 <= token_id < self.args.vocab_size:
+                raise RequestError(
+                    f"prompt token id {token_id!r} is outside the vocabulary (0..{self.args.vocab_size - 1})",
+                    param="prompt",
+                )
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise RequestError(
+                f"the prompt has {len(prompt_token_ids)} tokens but this model's context holds {self.max_model_len} "
+                f"(prompt plus at least one new token); shorten the prompt",
+                param="messages", code="context_length_exceeded",
+            )
+        seq = Sequence(request_id, prompt_token_ids, params)
+        seq.output_state = OutputState(self.tokenizer, seq)
+        self.sequences[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> None:
+        seq = self.sequences.pop(request_id, None)
+        if seq is not None and not seq.is_finished:
+            self.scheduler.finish(seq, "abort")
+            self.runner.release(request_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    # --- the step -------------------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        sampled = self.runner.execute(out.scheduled)
+        self.scheduler.after_step(out)
+        self.num_steps += 1
+        now = time.monotonic()
+        outputs = []
+        for seq, _ in out.scheduled:
+            result = sampled.get(seq.request_id)
+            if result is None:
+                continue  # a prompt chunk that did not reach the end yet
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            seq.token_ids.append(result.token_id)
+            state: OutputState = seq.output_state
+            reason = state.add_token(seq, result.token_id, self.max_model_len)
+            if reason is not None:
+                state.finish()
+                self.scheduler.finish(seq, reason)
+                self.runner.release(seq.request_id)
+                self.sequences.pop(seq.request_id, None)
+                seq.finish_time = now
+            outputs.append(self._output(seq, [result]))
+        return outputs
+
+    def _output(self, seq: Sequence, results) -> RequestOutput:
+        state: OutputState = seq.output_state
+        finished = seq.is_finished
+        metrics = {
+            "arrival_time": seq.arrival_time,
+            "ttft_s": (seq.first_token_time - seq.arrival_time) if seq.first_token_time else None,
+            "num_prompt_tokens": seq.num_prompt_tokens,
+            "num_generated_tokens": seq.num_output_tokens,
+            "num_preemptions": seq.num_preemptions,
+        }
+        if finished:
+            metrics["decode_s"] = seq.finish_time - seq.first_token_time
+            metrics["total_s"] = seq.finish_time - seq.arrival_time
+        return RequestOutput(
+            request_id=seq.request_id,
+            new_token_ids=[r.token_id for r in results],
+            new_text=state.take_new_text(finished),
+            token_ids=seq.output_token_ids,
+            text=state.text if finished else state.text[: state.emitted],
+            finished=finished,
+            finish_reason=seq.finish_reason,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_cached_tokens=seq.num_cached_tokens,
+            logprobs=[r for r in results if r.logprob is not None],
+            metrics=metrics,
+        )
+
+    def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Logits at every position of token_ids, (T, V) float32, in one prefill outside the scheduler (for scoring
+        and perplexity). It borrows KV blocks, so call it when no requests are running."""
+        if not token_ids or len(token_ids) > self.max_model_len:
+            raise RequestError(f"score {len(token_ids)} tokens: need 1..{self.max_model_len}", param="token_ids")
+        seq = Sequence("score", token_ids, SamplingParams())
+        if not self.block_manager.can_append(seq, seq.num_tokens):
+            raise RequestError("not enough free KV blocks to score this text now; wait for running requests")
+        self.block_manager.append_slots(seq, seq.num_tokens)
+        try:
+            return self.runner.all_logits(seq)
+        finally:
+            self.block_manager.free(seq)
+
+    def stats(self) -> dict:
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "kv_usage": self.block_manager.usage,
+            "num_kv_blocks": self.block_manager.num_blocks,
+            "prefix_cache_hit_rate": self.block_manager.prefix_hit_rate,
+            "num_steps": self.num_steps,
+        }

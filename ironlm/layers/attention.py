@@ -1,0 +1,96 @@
+"""Attention over the paged KV cache. The step's layout comes in as AttentionMetadata, never as layer state."""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class AttentionMetadata:
+    """Where this step's tokens sit. Sequence i owns query rows [query_starts[i], query_starts[i] + query_lens[i])."""
+
+    slot_mapping: torch.Tensor       # (T,) int64: flat KV slot (block * block_size + offset) of each new token
+    query_starts: list[int]
+    query_lens: list[int]
+    context_lens: list[int]          # tokens in the cache for each sequence once this step is written
+    block_tables: torch.Tensor       # (B, max_blocks) int64, padded with 0
+    context_lens_tensor: torch.Tensor  # (B,) int64
+
+    @property
+    def decode_only(self) -> bool:
+        return all(n == 1 for n in self.query_lens)
+
+
+class PagedAttention(nn.Module):
+    """Writes K/V into the paged pool, then attends each query to its sequence's whole context."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, sliding_window: int | None = None):
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = head_dim ** -0.5
+        self.sliding_window = sliding_window
+        # (num_blocks, block_size, KVH, D) views into the engine's pool, bound once by the model runner
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        # q: (T, H, D); k, v: (T, KVH, D) -> (T, H, D)
+        k_flat = self.k_cache.view(-1, self.num_kv_heads, self.head_dim)  # (slots, KVH, D)
+        v_flat = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)
+        k_flat.index_copy_(0, meta.slot_mapping, k.to(k_flat.dtype))
+        v_flat.index_copy_(0, meta.slot_mapping, v.to(v_flat.dtype))
+        if meta.decode_only:
+            return self._decode(q, meta)
+        out = torch.empty_like(q)
+        for i, (start, length, context) in enumerate(zip(meta.query_starts, meta.query_lens, meta.context_lens)):
+            q_seq = q[start:start + length]
+            if context == length:  # nothing cached before this step: use the fresh K/V directly
+                k_seq, v_seq = k[start:start + length], v[start:start + length]
+            else:
+                k_seq, v_seq = self._gather(meta.block_tables[i], context)
+            out[start:start + length] = self._attend(q_seq, k_seq.to(q.dtype), v_seq.to(q.dtype), context)
+        return out
+
+    def _gather(self, block_table: torch.Tensor, context: int) -> tuple[torch.Tensor, torch.Tensor]:
+        num_blocks = -(-context // self.k_cache.shape[1])
+        blocks = block_table[:num_blocks]
+        k = self.k_cache[blocks].flatten(0, 1)[:context]  # (C, KVH, D)
+        v = self.v_cache[blocks].flatten(0, 1)[:context]
+        return k, v
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: int) -> torch.Tensor:
+        # q: (L, H, D); k, v: (C, KVH, D); query i sits at position context - L + i
+        length = q.shape[0]
+        q_pos = torch.arange(context - length, context).unsqueeze(1)  # (L, 1)
+        k_pos = torch.arange(context).unsqueeze(0)  # (1, C)
+        mask = k_pos <= q_pos
+        if self.sliding_window is not None:
+            mask &= k_pos > q_pos - self.sliding_window
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+            attn_mask=mask, scale=self.scale, enable_gqa=True,
+        )  # (H, L, D)
+        return out.transpose(0, 1)
+
+    def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        # One query per sequence: pad every context to the longest and attend in one call.
+        num_seqs = q.shape[0]
+        block_size = self.k_cache.shape[1]
+        max_context = max(meta.context_lens)
+        blocks = meta.block_tables[:, : -(-max_context // block_size)]  # (B, NB)
+        k = self.k_cache[blocks].flatten(1, 2)[:, :max_context].to(q.dtype)  # (B, C, KVH, D)
+        v = self.v_cache[blocks].flatten(1, 2)[:, :max_context].to(q.dtype)
+        k_pos = torch.arange(max_context).unsqueeze(0)  # (1, C)
+        last = (meta.context_lens_tensor - 1).unsqueeze(1)  # (B, 1)
+        mask = k_pos <= last
+        if self.sliding_window is not None:
+            mask &= k_pos > last - self.sliding_window
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(2),  # (B, H, 1, D)
+            k.transpose(1, 2), v.transpose(1, 2),  # (B, KVH, C, D)
+            attn_mask=mask[:, None, None, :], scale=self.scale, enable_gqa=True,
+        )  # (B, H, 1, D)
+        return out.view(num_seqs, self.num_heads, self.head_dim)
