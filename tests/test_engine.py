@@ -1,0 +1,134 @@
+"""The engine step loop on a tiny model: paged KV equals full recompute, stops, seeds, streaming, bad prompts."""
+import pytest
+import torch
+
+from ironlm import LLM, SamplingParams
+from ironlm.errors import RequestError
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(make_tiny_model):
+    directory, _ = make_tiny_model("llama")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_dir):
+    # Small blocks and a small token budget so prompts are chunked and cross many block boundaries.
+    return LLM(str(tiny_dir), dtype="float32", threads=2, block_size=4, num_kv_blocks=256, max_num_seqs=8,
+               max_num_batched_tokens=16)
+
+
+def full_recompute_greedy(llm: LLM, prompt: list[int], num_tokens: int) -> list[int]:
+    tokens = list(prompt)
+    for _ in range(num_tokens):
+        tokens.append(int(llm.engine.prompt_logits(tokens)[-1].argmax()))  # fresh prefill each time: no cache reuse
+    return tokens[len(prompt):]
+
+
+def test_paged_cache_equals_full_recompute(llm):
+    prompts = [list(range(3, 40)), [7, 8, 9], list(range(200, 221))]
+    results = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                           SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))
+    for prompt, result in zip(prompts, results):
+        assert result.token_ids == full_recompute_greedy(llm, prompt, 20)
+
+
+def test_prefix_cache_hit_gives_same_tokens(llm):
+    shared = list(range(50, 90))
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    first = llm.generate({"prompt_token_ids": shared + [1, 2]}, params)[0]
+    hits_before = llm.engine.block_manager.num_prefix_hits
+    second = llm.generate({"prompt_token_ids": shared + [1, 2]}, params)[0]
+    assert llm.engine.block_manager.num_prefix_hits > hits_before
+    assert second.token_ids == first.token_ids
+
+
+def test_preemption_gives_same_tokens(tiny_dir):
+    # Too few blocks for all sequences at once: some are preempted and recomputed.
+    small = LLM(str(tiny_dir), dtype="float32", threads=2, block_size=4, num_kv_blocks=24, max_num_seqs=8,
+                max_num_batched_tokens=64, enable_prefix_caching=False)
+    prompts = [list(range(10 * i, 10 * i + 12)) for i in range(6)]
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    results = small.generate([{"prompt_token_ids": p} for p in prompts], params)
+    assert any(r.metrics["num_preemptions"] > 0 for r in results)
+    for prompt, result in zip(prompts, results):
+        assert result.token_ids == full_recompute_greedy(small, prompt, 16)
+    assert small.engine.block_manager.num_free_blocks == small.engine.block_manager.num_blocks
+
+
+def test_seed_reproducible_and_independent_of_batch(llm):
+    params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.95, seed=1234, ignore_eos=True)
+    prompt = {"prompt_token_ids": [11, 12, 13]}
+    alone = llm.generate(prompt, params)[0].token_ids
+    batched = llm.generate([{"prompt_token_ids": [99, 98]}, prompt], [SamplingParams(max_tokens=5), params])[1]
+    assert batched.token_ids == alone
+    other_seed = llm.generate(prompt, SamplingParams(max_tokens=12, temperature=1.0, seed=4321, ignore_eos=True))
+    assert other_seed[0].token_ids != alone
+
+
+def test_stop_token_ids_and_max_tokens(llm):
+    greedy = llm.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=10, temperature=0.0,
+                                                                          ignore_eos=True))[0]
+    stop_at = greedy.token_ids[3]
+    stopped = llm.generate({"prompt_token_ids": [5, 6, 7]},
+                           SamplingParams(max_tokens=10, temperature=0.0, stop_token_ids=[stop_at], ignore_eos=True))[0]
+    first = greedy.token_ids.index(stop_at)
+    assert stopped.token_ids == greedy.token_ids[: first + 1]
+    assert stopped.finish_reason == "stop"
+    assert greedy.finish_reason == "length" and len(greedy.token_ids) == 10
+
+
+def test_stop_string_truncates_text(llm):
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, skip_special_tokens=False)
+    full = llm.generate({"prompt_token_ids": [5, 6, 7]}, params)[0]
+    stop = full.text[len(full.text) // 2: len(full.text) // 2 + 3]
+    assert stop
+    params.stop = [stop]
+    stopped = llm.generate({"prompt_token_ids": [5, 6, 7]}, params)[0]
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == full.text[: full.text.index(stop)]
+
+
+def test_streaming_text_equals_final_text(llm):
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, stop=["zzz-never"])
+    pieces, final = [], None
+    for out in llm.stream([21, 22, 23], params):
+        pieces.append(out.new_text)
+        final = out
+    assert final.finished
+    assert "".join(pieces) == final.text
+    assert final.text == llm.tokenizer.decode(final.token_ids)
+
+
+def test_prompt_longer_than_context_is_refused(llm):
+    with pytest.raises(RequestError, match="context"):
+        llm.generate({"prompt_token_ids": [1] * (llm.engine.max_model_len + 5)}, SamplingParams(max_tokens=1))
+    with pytest.raises(RequestError, match="vocabulary"):
+        llm.generate({"prompt_token_ids": [10 ** 9]}, SamplingParams(max_tokens=1))
+    assert not llm.engine.has_unfinished()
+
+
+def test_generation_stops_at_context_end(tiny_dir):
+    short = LLM(str(tiny_dir), dtype="float32", threads=2, max_model_len=24, block_size=4, num_kv_blocks=64)
+    result = short.generate({"prompt_token_ids": list(range(20))},
+                            SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True))[0]
+    assert result.finish_reason == "length"
+    assert len(result.token_ids) == 4
+
+
+def test_bad_sampling_params_are_refused(llm):
+    for bad in (dict(max_tokens=0), dict(temperature=-1.0), dict(top_p=0.0), dict(min_p=2.0), dict(logprobs=99),
+                dict(stop_token_ids=[10 ** 9])):
+        with pytest.raises(RequestError):
+            llm.generate({"prompt_token_ids": [1, 2]}, SamplingParams(**bad))
+    assert not llm.engine.has_unfinished()
+
+
+def test_logprobs_are_log_softmax_of_logits(llm):
+    prompt = [31, 32, 33]
+    out = next(iter(llm.stream(prompt, SamplingParams(max_tokens=1, temperature=0.0, logprobs=3))))
+    expected = torch.log_softmax(llm.engine.prompt_logits(prompt)[-1], -1)
+    result = out.logprobs[0]
+    assert result.logprob == pytest.approx(float(expected.max()), abs=1e-4)
+    assert [t for t, _ in result.top_logprobs] == expected.topk(3).indices.tolist()

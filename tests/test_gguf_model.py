@@ -1,0 +1,64 @@
+"""The shipped SmolLM2-135M-Instruct GGUF against transformers' own GGUF loader."""
+import pytest
+import torch
+
+from ironlm import LLM, SamplingParams
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "请用一句话介绍一下长城。",
+]
+
+
+@pytest.fixture(scope="module")
+def llm(gguf_path):
+    return LLM(str(gguf_path), dtype="float32", max_num_seqs=4, num_kv_blocks=256)
+
+
+@pytest.fixture(scope="module")
+def hf_model(gguf_path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32).eval()
+
+
+def test_logits_match_transformers(llm, hf_model):
+    tokens = llm.chat_prompt([{"role": "user", "content": PROMPTS[0]}])
+    ours = llm.engine.prompt_logits(tokens)  # (T, V)
+    with torch.no_grad():
+        theirs = hf_model(torch.tensor([tokens])).logits[0].float()
+    # Same dequantized weights; only summation order differs across 30 layers.
+    torch.testing.assert_close(ours, theirs, atol=2e-3, rtol=1e-3)
+    assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_chat_matches_transformers(llm, hf_model, prompt):
+    tokens = llm.chat_prompt([{"role": "user", "content": prompt}])
+    result = llm.generate({"prompt_token_ids": tokens}, SamplingParams(max_tokens=24, temperature=0.0))[0]
+    with torch.no_grad():
+        expected = hf_model.generate(torch.tensor([tokens]), max_new_tokens=24, do_sample=False,
+                                     eos_token_id=sorted(llm.tokenizer.eos_token_ids), pad_token_id=2)
+    expected_ids = expected[0, len(tokens):].tolist()
+    assert result.token_ids == expected_ids
+    assert result.text == llm.tokenizer.decode(result.token_ids)
+    assert result.text.strip()
+
+
+def test_default_model_answers_a_question(llm):
+    answer = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                      SamplingParams(max_tokens=32, temperature=0.0))[0]
+    assert "Paris" in answer.text
+    assert answer.finish_reason == "stop"
+
+
+def test_streaming_chinese_never_splits_a_character(llm):
+    tokens = llm.chat_prompt([{"role": "user", "content": "Repeat exactly: 你好，世界！春天来了。"}])
+    pieces, final = [], None
+    for out in llm.stream(tokens, SamplingParams(max_tokens=40, temperature=0.0)):
+        pieces.append(out.new_text)
+        final = out
+    assert all("\ufffd" not in piece for piece in pieces)
+    assert "".join(pieces) == final.text == llm.tokenizer.decode(final.token_ids)
+    assert any("\u4e00" <= ch <= "\u9fff" for ch in final.text)

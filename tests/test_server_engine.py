@@ -1,0 +1,199 @@
+"""The server over the real engine: a tiny random Llama with SmolLM2's tokenizer, and `ironlm serve` itself."""
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from test_server_support import serve
+
+VOCAB = 49152  # SmolLM2's tokenizer, so chat templates and grammars see a real vocabulary
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(make_tiny_model, hf_tokenizer_dir):
+    from ironlm import LLM
+
+    directory, _ = make_tiny_model("llama", vocab_size=VOCAB, max_position_embeddings=512)
+    template = hf_tokenizer_dir / "chat_template.jinja"
+    (directory / template.name).write_bytes(template.read_bytes())
+    return LLM(str(directory), dtype="float32", max_num_seqs=16)
+
+
+@pytest.fixture(scope="module")
+def live(tiny_llm):
+    server, async_engine = serve(tiny_llm.engine, max_concurrent=64, max_queue=64)
+    yield server, async_engine
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(live):
+    with openai.OpenAI(base_url=live[0].url + "/v1", api_key="unused", max_retries=0, timeout=120) as c:
+        yield c
+
+
+def test_chat_and_completions_streaming_match_non_streaming(client):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+    full = client.chat.completions.create(model="default", messages=messages, max_tokens=6, temperature=0)
+    assert full.usage.completion_tokens == 6 and full.choices[0].finish_reason == "length"
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model=client.models.list().data[0].id, messages=messages, max_tokens=6, temperature=0, stream=True) if c.choices)
+    assert streamed == full.choices[0].message.content
+
+    completion = client.completions.create(model="default", prompt="Once upon a time", max_tokens=5,
+                                           temperature=0, logprobs=1)
+    logprobs = completion.choices[0].logprobs
+    assert len(logprobs.tokens) == 5 and all(lp <= 0 for lp in logprobs.token_logprobs)
+    assert "".join(logprobs.tokens) == completion.choices[0].text
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="default", prompt="Once upon a time", max_tokens=5, temperature=0, stream=True) if c.choices)
+    assert streamed == completion.choices[0].text
+
+
+def test_batched_equals_sequential(live):
+    prompts = [[1 + 97 * i + j for j in range(3 + i % 5)] for i in range(16)]
+
+    def body(prompt):
+        return {"model": "default", "prompt": prompt, "max_tokens": 8, "temperature": 0, "logprobs": 0}
+
+    def tokens(response) -> tuple:
+        choice = response.json()["choices"][0]
+        return choice["text"], tuple(choice["logprobs"]["tokens"])
+
+    with httpx.Client(base_url=live[0].url, timeout=120) as http:
+        sequential = [tokens(http.post("/v1/completions", json=body(p))) for p in prompts]
+
+    async def together():
+        async with httpx.AsyncClient(base_url=live[0].url, timeout=120) as http:
+            return await asyncio.gather(*[http.post("/v1/completions", json=body(p)) for p in prompts])
+
+    batched = [tokens(r) for r in asyncio.run(together())]
+    assert all(len(t[1]) == 8 for t in sequential)
+    assert batched == sequential
+
+
+def test_fifty_streaming_clients_disconnect(live):
+    server, async_engine = live
+    body = {"model": "default", "messages": [{"role": "user", "content": "Tell me a long story."}],
+            "max_tokens": 400, "temperature": 0.8, "stream": True}
+
+    async def one(http):
+        async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line.startswith("data: "):
+                    return True  # the first event: admitted to the engine; now hang up
+
+    async def run():
+        limits = httpx.Limits(max_connections=60)
+        async with httpx.AsyncClient(base_url=server.url, timeout=60, limits=limits) as http:
+            return await asyncio.gather(*[one(http) for _ in range(50)])
+
+    assert all(asyncio.run(run()))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        stats = async_engine.stats()
+        if stats.get("num_running") == 0 and stats.get("num_waiting") == 0 and async_engine.num_requests == 0:
+            break
+        time.sleep(0.05)
+    stats = async_engine.stats()
+    assert (stats["num_running"], stats["num_waiting"], async_engine.num_requests) == (0, 0, 0)
+    metrics = httpx.get(server.url + "/metrics").text
+    assert "ironlm_requests_running 0.0" in metrics
+    fresh = httpx.post(server.url + "/v1/completions", timeout=60,
+                       json={"model": "default", "prompt": "Hello", "max_tokens": 3, "temperature": 0})
+    assert fresh.status_code == 200 and fresh.json()["usage"]["completion_tokens"] == 3
+
+
+def test_response_format_json_schema_and_object(client):
+    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"],
+              "additionalProperties": False}
+    r = client.chat.completions.create(
+        model="default", messages=[{"role": "user", "content": "Yes or no?"}], max_tokens=30, n=2,
+        response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}})
+    for choice in r.choices:
+        assert json.loads(choice.message.content)["answer"] in ("yes", "no")
+        assert choice.finish_reason == "stop"
+    r = client.completions.create(model="default", prompt="JSON:", max_tokens=12,
+                                  extra_body={"response_format": {"type": "json_object"}})
+    assert r.choices[0].text.startswith("{")
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(
+            model="default", messages=[{"role": "user", "content": "x"}], max_tokens=5,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}})
+
+
+def test_stop_string_ends_the_choice(client):
+    full = client.completions.create(model="default", prompt="The sea", max_tokens=10, temperature=0).choices[0]
+    words = full.text.split()
+    stop = next((w for w in words[1:] if w.strip()), None)
+    if stop is None:
+        pytest.skip("the random model gave no second word")
+    cut = client.completions.create(model="default", prompt="The sea", max_tokens=10, temperature=0, stop=[stop])
+    assert cut.choices[0].text == full.text[:full.text.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_prompt_over_context_is_400(client):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="default", prompt=[5] * 600, max_tokens=1)
+    assert info.value.body["code"] == "context_length_exceeded"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_ironlm_serve_default_model_drains_on_sigterm():
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen([sys.executable, "-m", "ironlm.cli", "serve", "--port", str(port),
+                                "--max-model-len", "512", "--log-level", "warning"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ))
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None and time.monotonic() < deadline, process.stdout.read().decode()[-2000:]
+            time.sleep(0.2)
+        models = httpx.get(url + "/v1/models").json()
+        assert models["data"][1]["id"] == "default" and "SmolLM2" in models["data"][0]["id"]
+
+        lines, first = [], threading.Event()
+
+        def stream():
+            body = {"model": "default", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 12,
+                    "temperature": 0, "stream": True}
+            with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as r:
+                for line in r.iter_lines():
+                    if line:
+                        lines.append(line)
+                        first.set()
+
+        reader = threading.Thread(target=stream)
+        reader.start()
+        assert first.wait(60)
+        process.send_signal(signal.SIGTERM)
+        reader.join(120)
+        assert lines[-1] == "data: [DONE]"
+        assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] in ("stop", "length")
+        assert process.wait(60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
