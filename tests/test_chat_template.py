@@ -29,7 +29,9 @@ RICH_TEMPLATE = """{{ bos_token }}
 {%- for m in messages -%}
   {%- if m.role == 'system' %}{% set ns.system = m.content %}{% continue %}{% endif -%}
   {%- if m.role not in ['user', 'assistant'] %}{{ raise_exception('Unknown role ' + m.role) }}{% endif -%}
-  <{{ m.role }}>{% if loop.index0 == 1 and ns.system %}[{{ ns.system | trim }}] {% endif %}{{ m.content }}{{ eos_token }}
+  <{{ m.role }}>{% if loop.index0 == 1 and ns.system %}[{{ ns.system | trim }}] {% endif %}
+  {%- if m.role == 'assistant' %}{% generation %}{{ m.content }}{% endgeneration %}{% else %}{{ m.content }}{% endif %}
+  {{- eos_token }}
 {% endfor -%}
 {%- if tools %}TOOLS {{ tools | tojson }}
 {% endif -%}
@@ -130,6 +132,9 @@ def test_sandbox_refuses_escapes(template):
     "{{ 'x' | center(1000000000) }}",
     "{{ '{:>999999999}'.format(1) }}",
     "{{ '%999999999d' % 1 }}",
+    "{{ '%.999999999f' % 1.5 }}",
+    "{{ '%-999999999s' | format('x') }}",
+    "{{ 'x'.ljust(999999999) }}",
     "{{ 9 ** 999999999 }}",
     "{% for i in range(100000) %}{% for j in range(100000) %}{{ j }}{% endfor %}{% endfor %}",
 ])
@@ -172,6 +177,11 @@ def test_syntax_errors_name_the_template():
     ours, _ = tiny_tokenizer(None)
     with pytest.raises(RequestError, match="syntax error"):
         ours.apply_chat_template([{"role": "user", "content": "hi"}], chat_template="{{ x ")
+
+
+def test_numbers_in_plain_strings_are_fine():
+    ours, _ = tiny_tokenizer("{{ 'Cutoff 20241124, {} %s'.format('x') % 'y' }} {{ range(3) }} {{ range(3) | list }}")
+    assert ours.apply_chat_template([{"role": "user", "content": "hi"}]) == "Cutoff 20241124, x y range(0, 3) [0, 1, 2]"
 
 
 def test_no_template_is_a_request_error():

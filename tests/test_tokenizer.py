@@ -8,7 +8,7 @@ from pathlib import Path
 
 import gguf
 import pytest
-from tokenizers import decoders, pre_tokenizers
+from tokenizers import pre_tokenizers
 
 from ironlm.errors import ModelLoadError
 from ironlm.tokenizer import Tokenizer
