@@ -63,21 +63,31 @@ def cmd_chat(args: argparse.Namespace) -> int:
     params.validate()
     llm = load_llm(args)
     interactive = sys.stdin.isatty()
-    messages = [{"role": "system", "content": args.system}] if args.system else []
     if interactive:
         print(f"ironlm chat with {llm.model_name}. /reset clears the conversation, /exit or Ctrl-D leaves.")
-    while True:
+
+    def read_line() -> str | None:
         try:
-            line = input("> " if interactive else "")
+            return input("> " if interactive else "")
         except EOFError:
-            break
+            return None
+
+    chat_loop(llm, read_line, params, args.system)
+    return 0
+
+
+def chat_loop(llm, read_line, params, system: str | None = None) -> list[dict]:
+    """Reads user turns until None or /exit, streams each reply, and keeps the conversation; returns it."""
+    start = [{"role": "system", "content": system}] if system else []
+    messages = list(start)
+    while (line := read_line()) is not None:
         text = line.strip()
         if not text:
             continue
         if text in ("/exit", "/quit"):
             break
         if text == "/reset":
-            messages = messages[:1] if args.system else []
+            messages = list(start)
             continue
         messages.append({"role": "user", "content": text})
         reply = []
@@ -86,7 +96,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             reply.append(out.new_text)
         print()
         messages.append({"role": "assistant", "content": "".join(reply)})
-    return 0
+    return messages
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,5 @@
+import sys
+
+from ironlm.cli import main
+
+sys.exit(main())
