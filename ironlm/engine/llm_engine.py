@@ -13,6 +13,7 @@ from ironlm.engine.sequence import Sequence
 from ironlm.errors import RequestError
 from ironlm.formats import default_model_path, load_checkpoint
 from ironlm.hardware import default_dtype, default_threads
+from ironlm.models import get_model_class
 from ironlm.models.llama import ModelArgs
 from ironlm.models.loader import load_model
 from ironlm.sampling import SamplingParams
@@ -32,6 +33,7 @@ class LLMEngine:
         self.threads = config.threads or default_threads()
         torch.set_num_threads(self.threads)
 
+        get_model_class(self.checkpoint.config)  # an unsupported family fails before anything else is read
         args = ModelArgs.from_hf(self.checkpoint.config)
         self.args = args
         block_size = config.block_size
