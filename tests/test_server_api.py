@@ -48,6 +48,9 @@ def test_chat_non_streaming(client):
     assert r.choices[0].finish_reason == "length"
     prompt_len = len("<user>hi<assistant>")
     assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (prompt_len, 5, prompt_len + 5)
+    r = client.chat.completions.create(model="default", messages=[{"role": "user", "content": "hi"}],
+                                       max_completion_tokens=3, seed=7, top_p=0.5, presence_penalty=1.0, stop=["zz"])
+    assert r.choices[0].message.content == "abc" and r.usage.completion_tokens == 3
 
 
 def test_chat_streaming_with_usage_and_n(client):
@@ -285,5 +288,23 @@ def test_engine_death_is_reported():
         assert not async_engine.is_alive
         assert_error(httpx.get(server.url + "/health"), 503)
         assert_error(httpx.post(server.url + "/v1/completions", json=dict(body, stream=False)), 503)
+    finally:
+        server.stop()
+
+
+def test_drain_refuses_new_work_and_ends_open_streams_at_the_deadline():
+    server, async_engine = serve(FakeEngine(step_s=0.01, max_model_len=100_000))
+    try:
+        body = {"model": "default", "prompt": "a", "max_tokens": 100_000 - 10, "stream": True}
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+            server.app.state.server.drain(0.2)
+            assert_error(httpx.post(server.url + "/v1/completions", json=dict(body, stream=False)), 503,
+                         code="shutting_down")
+            rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]"
+        assert json.loads(rest[-2][6:])["error"]["code"] == "shutting_down"
+        assert async_engine.num_requests == 0
     finally:
         server.stop()

@@ -115,6 +115,7 @@ def test_fifty_streaming_clients_disconnect(live):
 
 
 def test_response_format_json_schema_and_object(client):
+    pytest.importorskip("llguidance")
     schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"],
               "additionalProperties": False}
     r = client.chat.completions.create(
@@ -155,12 +156,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_ironlm_serve_default_model_drains_on_sigterm():
+def test_ironlm_serve_default_model_drains_on_sigterm(tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen([sys.executable, "-m", "ironlm.cli", "serve", "--port", str(port),
-                                "--max-model-len", "512", "--log-level", "warning"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ))
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "ironlm.cli", "serve", "--port", str(port),
+                                    "--max-model-len", "512", "--log-level", "warning"],
+                                   stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ))
     try:
         deadline = time.monotonic() + 90
         while True:
@@ -169,7 +172,7 @@ def test_ironlm_serve_default_model_drains_on_sigterm():
                     break
             except httpx.TransportError:
                 pass
-            assert process.poll() is None and time.monotonic() < deadline, process.stdout.read().decode()[-2000:]
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
             time.sleep(0.2)
         models = httpx.get(url + "/v1/models").json()
         assert models["data"][1]["id"] == "default" and "SmolLM2" in models["data"][0]["id"]
@@ -192,7 +195,7 @@ def test_ironlm_serve_default_model_drains_on_sigterm():
         reader.join(120)
         assert lines[-1] == "data: [DONE]"
         assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] in ("stop", "length")
-        assert process.wait(60) == 0
+        assert process.wait(60) == 0, log.read_text()[-2000:]
     finally:
         if process.poll() is None:
             process.kill()

@@ -1,0 +1,483 @@
+"""The OpenAI-compatible HTTP app: routes, limits, and the bridge from HTTP requests to the async engine."""
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ironlm.engine.async_engine import AsyncEngine, EngineDeadError
+from ironlm.errors import IronlmError, RequestError
+from ironlm.sampling import SamplingParams
+from ironlm.server import protocol
+from ironlm.server.limits import Guard, Slots, to_json
+from ironlm.server.metrics import ServerMetrics
+from ironlm.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, bad_request
+from ironlm.server.structured import GrammarCompiler, grammar_unavailable
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerSettings:
+    """Limits and identity of one server."""
+
+    api_key: str | None = None          # None: no authentication
+    max_concurrent: int = 64            # HTTP generation requests admitted to the engine at once
+    max_queue: int = 256                # more requests wait for a slot; past that, 429
+    max_body_bytes: int = 4 << 20
+    retry_after_s: int = 1
+    grammar_timeout_s: float = 10.0     # response_format schema compile budget
+    served_model_name: str | None = None  # None: the engine's model name
+
+    def validate(self) -> None:
+        for name in ("max_concurrent", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise IronlmError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_queue < 0:
+            raise IronlmError(f"max_queue must be at least 0, got {self.max_queue}")
+
+
+def _sse(obj) -> bytes:
+    return b"data: " + to_json(obj) + b"\n\n"
+
+
+class _ClientGone(Exception):
+    pass
+
+
+async def _until_disconnect(request: Request, awaitable):
+    """Awaits `awaitable` unless the client disconnects first; then cancels it and raises _ClientGone."""
+    async def disconnected():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    work = asyncio.ensure_future(awaitable)
+    watch = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not work.done():
+            work.cancel()
+    if work.done() and not work.cancelled():
+        return work.result()
+    raise _ClientGone
+
+
+class _EventStream(StreamingResponse):
+    """SSE response whose cleanup runs however it ends, even if the body never started."""
+
+    def __init__(self, content, cleanup):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._cleanup = cleanup
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._cleanup()
+
+
+class _Job:
+    """One HTTP generation request: its choices in the engine, their shared output queue, and its slot."""
+
+    def __init__(self, server: "_Server", kind: str, include_usage: bool):
+        self.server = server
+        self.kind = kind  # "chat" | "completion"
+        self.include_usage = include_usage
+        self.arrival = time.monotonic()
+        self.response_id = protocol.new_id("chatcmpl" if kind == "chat" else "cmpl")
+        self.created = protocol.now()
+        self.prompts: list[list[int]] = []
+        self.request_ids: list[str] = []
+        self.outputs: asyncio.Queue = asyncio.Queue()
+        self.holds_slot = False
+        self.closed = False
+        # per choice
+        self.last_time: list[float | None] = []
+        self.num_tokens: list[int] = []
+        self.text_len: list[int] = []
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.server.jobs.discard(self)
+        for request_id in self.request_ids:
+            self.server.engine.abort(request_id)
+        if self.holds_slot:
+            self.server.slots.release()
+
+    def observe(self, choice: int, output) -> None:
+        now = time.monotonic()
+        metrics = self.server.metrics
+        last = self.last_time[choice]
+        num_new = len(output.new_token_ids)
+        if num_new:
+            if last is None:
+                metrics.ttft.observe(now - self.arrival)
+            else:
+                metrics.inter_token.observe((now - last) / num_new)
+            self.last_time[choice] = now
+        self.num_tokens[choice] += num_new
+        metrics.generation_tokens.inc(num_new)
+        if output.finished:
+            metrics.latency.observe(now - self.arrival)
+
+    def usage(self) -> dict:
+        return protocol.usage(sum(len(p) for p in self.prompts), sum(self.num_tokens))
+
+
+class _Server:
+    def __init__(self, engine: AsyncEngine, settings: ServerSettings):
+        self.engine = engine
+        self.settings = settings
+        self.tokenizer = engine.tokenizer
+        self.vocab_size: int = engine.tokenizer.vocab_size
+        self.model_name = settings.served_model_name or engine.model_name
+        self.slots = Slots(settings.max_concurrent, settings.max_queue, settings.retry_after_s)
+        self.grammar = GrammarCompiler(engine.tokenizer, self.vocab_size)
+        self.draining = False
+        self.loop: asyncio.AbstractEventLoop | None = None  # set when the app starts
+        self.jobs: set[_Job] = set()  # open generation requests, to end them if a drain runs out of time
+        self.metrics = ServerMetrics(engine.stats, lambda: {
+            "num_queued": self.slots.num_queued, "num_active": self.slots.num_active, "alive": engine.is_alive})
+        self._token_text: dict[int, str] = {}
+
+    # --- checks --------------------------------------------------------------------------------------------
+
+    def check_model(self, model: str) -> None:
+        if model not in (self.model_name, "default"):
+            raise APIError(404, f"The model '{model}' does not exist; this server serves '{self.model_name}' "
+                           f"(alias 'default')", "invalid_request_error", "model", "model_not_found")
+
+    def check_serving(self) -> None:
+        if self.draining:
+            raise APIError(503, "The server is shutting down", "server_error", None, "shutting_down",
+                           headers={"Retry-After": str(self.settings.retry_after_s)})
+        if not self.engine.is_alive:
+            raise APIError(503, "The engine is not running; see the server log", "server_error", None,
+                           "engine_dead")
+
+    def drain(self, timeout_s: float) -> None:
+        """Refuses new work now; ends whatever is still open after `timeout_s` with a 503 (or an error event).
+        Callable from any thread."""
+        self.draining = True
+
+        def expire():
+            error = APIError(503, "The server shut down before this request finished", "server_error", None,
+                             "shutting_down")
+            for job in list(self.jobs):
+                job.outputs.put_nowait(error)
+
+        self.loop.call_soon_threadsafe(self.loop.call_later, timeout_s, expire)
+
+    # --- preparing a job -----------------------------------------------------------------------------------
+
+    def tokenize(self, req) -> list[list[int]]:
+        """Prompt token ids, one list per prompt; runs in a worker thread."""
+        tok = self.tokenizer
+        if isinstance(req, ChatCompletionRequest):
+            messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+                        for m in req.messages]
+            text = tok.apply_chat_template(messages, add_generation_prompt=True)
+            return [tok.encode(text, add_special_tokens=False)]  # the template writes BOS itself
+        prompts = []
+        for prompt in req.prompts():
+            if isinstance(prompt, str):
+                prompts.append(tok.encode(prompt))
+                continue
+            for token_id in prompt:
+                if not 0 <= token_id < self.vocab_size:
+                    raise bad_request(f"prompt token id {token_id} is outside the vocabulary "
+                                      f"(0..{self.vocab_size - 1})", param="prompt")
+            prompts.append(list(prompt))
+        return prompts
+
+    def sampling_params(self, req, prompt_len: int, choice: int) -> SamplingParams:
+        limit = self.engine.max_model_len
+        if prompt_len >= limit:
+            raise bad_request(f"This model's maximum context length is {limit} tokens, but the prompt has "
+                              f"{prompt_len} tokens; shorten it", param="messages", code="context_length_exceeded")
+        max_tokens = req.requested_max_tokens() if isinstance(req, ChatCompletionRequest) else req.max_tokens
+        if max_tokens is None:
+            max_tokens = limit - prompt_len
+        elif prompt_len + max_tokens > limit:
+            raise bad_request(f"This model's maximum context length is {limit} tokens; you asked for "
+                              f"{prompt_len + max_tokens} ({prompt_len} in the prompt, {max_tokens} to generate); "
+                              f"lower max_tokens or shorten the prompt", param="max_tokens",
+                              code="context_length_exceeded")
+        logprobs = req.num_logprobs() if isinstance(req, ChatCompletionRequest) else req.logprobs
+        params = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=req.top_k,
+            min_p=req.min_p or 0.0,
+            repetition_penalty=req.repetition_penalty or 1.0,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            seed=None if req.seed is None else req.seed + choice,  # n choices must differ
+            stop=req.stop_list(),
+            ignore_eos=req.ignore_eos,
+            logprobs=logprobs,
+        )
+        params.validate(self.vocab_size)
+        return params
+
+    async def prepare(self, job: _Job, req) -> None:
+        """Takes a slot, tokenizes, compiles the grammar and admits every choice to the engine."""
+        await self.slots.acquire()
+        job.holds_slot = True
+        job.prompts = await asyncio.to_thread(self.tokenize, req)
+        num_choices = len(job.prompts) * req.n
+        params = [self.sampling_params(req, len(job.prompts[i // req.n]), i % req.n) for i in range(num_choices)]
+        fmt = req.response_format
+        if fmt is not None and fmt.type != "text":
+            if not self.grammar.available():
+                raise grammar_unavailable()
+            await asyncio.to_thread(self.grammar.prepare)
+            try:
+                processors = await asyncio.wait_for(asyncio.to_thread(self.grammar.compile, fmt, num_choices),
+                                                    self.settings.grammar_timeout_s)
+            except TimeoutError:
+                raise bad_request(f"the JSON schema did not compile within {self.settings.grammar_timeout_s} s; "
+                                  f"simplify it", param="response_format") from None
+            for p, processor in zip(params, processors):
+                p.logits_processor = processor
+        job.last_time = [None] * num_choices
+        job.num_tokens = [0] * num_choices
+        job.text_len = [0] * num_choices
+        job.request_ids = [f"{job.response_id}-{i}" for i in range(num_choices)]
+        self.metrics.prompt_tokens.inc(sum(len(p) for p in job.prompts))
+        results = await asyncio.gather(*[
+            self.engine.add_request(job.request_ids[i], job.prompts[i // req.n], params[i], job.outputs)
+            for i in range(num_choices)], return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    # --- results -------------------------------------------------------------------------------------------
+
+    def token_text(self, token_id: int) -> str:
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self._token_text[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return text
+
+    def logprob_entries(self, output) -> list[tuple[str, float, list[tuple[str, float]]]]:
+        return [(self.token_text(r.token_id), r.logprob,
+                 [(self.token_text(t), lp) for t, lp in (r.top_logprobs or [])]) for r in output.logprobs]
+
+    def choice_logprobs(self, job: _Job, choice: int, output, want: bool):
+        if not want:
+            return None
+        entries = self.logprob_entries(output)
+        if job.kind == "chat":
+            return protocol.chat_logprobs(entries)
+        return protocol.completion_logprobs(entries, job.text_len[choice])
+
+    async def collect(self, job: _Job, want_logprobs: bool) -> dict:
+        num_choices = len(job.request_ids)
+        index = {rid: i for i, rid in enumerate(job.request_ids)}
+        texts = [[] for _ in range(num_choices)]
+        entries = [[] for _ in range(num_choices)]
+        finish = [None] * num_choices
+        remaining = num_choices
+        while remaining:
+            output = await job.outputs.get()
+            if isinstance(output, BaseException):
+                raise output
+            i = index[output.request_id]
+            job.observe(i, output)
+            texts[i].append(output.new_text)
+            if want_logprobs:
+                entries[i] += self.logprob_entries(output)
+            if output.finished:
+                finish[i] = output.finish_reason
+                remaining -= 1
+        choices = []
+        for i in range(num_choices):
+            text = "".join(texts[i])
+            if job.kind == "chat":
+                choices.append({"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
+                                "logprobs": protocol.chat_logprobs(entries[i]) if want_logprobs else None,
+                                "finish_reason": finish[i]})
+            else:
+                choices.append({"index": i, "text": text, "finish_reason": finish[i],
+                                "logprobs": protocol.completion_logprobs(entries[i]) if want_logprobs else None})
+        return {"id": job.response_id, "object": "chat.completion" if job.kind == "chat" else "text_completion",
+                "created": job.created, "model": self.model_name, "system_fingerprint": None,
+                "choices": choices, "usage": job.usage()}
+
+    async def stream(self, job: _Job, want_logprobs: bool):
+        chunk = protocol.chat_chunk if job.kind == "chat" else protocol.completion_chunk
+        num_choices = len(job.request_ids)
+        index = {rid: i for i, rid in enumerate(job.request_ids)}
+
+        def event(choices: list[dict]) -> bytes:
+            return _sse(chunk(job.response_id, job.created, self.model_name, choices, job.include_usage))
+
+        try:
+            if job.kind == "chat":
+                for i in range(num_choices):
+                    yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                  "finish_reason": None}])
+            remaining = num_choices
+            while remaining:
+                output = await job.outputs.get()
+                if isinstance(output, BaseException):
+                    raise output
+                i = index[output.request_id]
+                job.observe(i, output)
+                if output.new_text or (want_logprobs and output.logprobs):
+                    logprobs = self.choice_logprobs(job, i, output, want_logprobs)
+                    job.text_len[i] += len(output.new_text)
+                    if job.kind == "chat":
+                        yield event([{"index": i, "delta": {"content": output.new_text}, "logprobs": logprobs,
+                                      "finish_reason": None}])
+                    else:
+                        yield event([{"index": i, "text": output.new_text, "logprobs": logprobs,
+                                      "finish_reason": None}])
+                if output.finished:
+                    remaining -= 1
+                    if job.kind == "chat":
+                        yield event([{"index": i, "delta": {}, "logprobs": None,
+                                      "finish_reason": output.finish_reason}])
+                    else:
+                        yield event([{"index": i, "text": "", "logprobs": None,
+                                      "finish_reason": output.finish_reason}])
+            if job.include_usage:
+                final = chunk(job.response_id, job.created, self.model_name, [], False)
+                final["usage"] = job.usage()
+                yield _sse(final)
+        except Exception as exc:  # mid-stream: an error event, then [DONE]
+            yield _sse(_api_error(exc).body())
+        finally:
+            job.close()
+        yield b"data: [DONE]\n\n"
+
+    # --- the two generation endpoints --------------------------------------------------------------------
+
+    async def generate(self, request: Request, kind: str) -> Response:
+        model = ChatCompletionRequest if kind == "chat" else CompletionRequest
+        req = protocol.parse_request(model, await request.body())
+        self.check_model(req.model)
+        self.check_serving()
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        want_logprobs = (req.logprobs if kind == "chat" else req.logprobs is not None)
+        job = _Job(self, kind, include_usage)
+        self.jobs.add(job)
+        handed_off = False
+        try:
+            await _until_disconnect(request, self.prepare(job, req))
+            if req.stream:
+                handed_off = True
+                return _EventStream(self.stream(job, want_logprobs), job.close)
+            result = await _until_disconnect(request, self.collect(job, want_logprobs))
+            return Response(to_json(result), media_type="application/json")
+        except _ClientGone:
+            return Response(status_code=499)
+        except Exception as exc:
+            raise _api_error(exc) from None
+        finally:
+            if not handed_off:
+                job.close()
+
+
+def _api_error(exc: BaseException) -> APIError:
+    """Any failure as the APIError a client should see; unexpected ones are logged, never shown."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, RequestError):
+        return bad_request(str(exc), exc.param, exc.code)
+    if isinstance(exc, IronlmError):
+        return bad_request(str(exc))
+    if isinstance(exc, EngineDeadError):
+        return APIError(503, str(exc), "server_error", None, "engine_dead")
+    logger.error("internal error while serving a request", exc_info=exc)
+    return APIError(500, "Internal server error; see the server log", "server_error", None, "internal_error")
+
+
+def _error_response(error: APIError) -> Response:
+    return Response(to_json(error.body()), status_code=error.status, media_type="application/json",
+                    headers=error.headers)
+
+
+def create_app(async_engine: AsyncEngine, settings: ServerSettings | None = None) -> FastAPI:
+    """The FastAPI app serving `async_engine`; starting the app starts the engine thread, stopping it stops it."""
+    settings = settings or ServerSettings()
+    settings.validate()
+    server = _Server(async_engine, settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        server.loop = asyncio.get_running_loop()
+        async_engine.start()
+        try:
+            yield
+        finally:
+            await async_engine.shutdown()
+
+    app = FastAPI(title="ironlm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+
+    @app.exception_handler(APIError)
+    async def on_api_error(request, exc: APIError):
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+        return _error_response(bad_request(f"Invalid value for '{param}': {first.get('msg', 'invalid')}", param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return _error_response(APIError(exc.status_code, str(exc.detail), "invalid_request_error", None, code))
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request, exc: Exception):
+        return _error_response(_api_error(exc))
+
+    @app.get("/health")
+    async def health():
+        if not async_engine.is_alive:
+            return _error_response(APIError(503, "The engine is not running", "server_error", None, "engine_dead"))
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [_model_card(name) for name in (server.model_name, "default")]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str):
+        server.check_model(model)
+        return _model_card(model)
+
+    @app.get("/metrics")
+    async def metrics():
+        body, content_type = server.metrics.render()
+        return Response(body, media_type=content_type)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await server.generate(request, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await server.generate(request, "completion")
+
+    app.add_middleware(Guard, settings=settings, metrics=server.metrics)
+    return app
+
+
+def _model_card(name: str) -> dict:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "ironlm"}

@@ -1,0 +1,74 @@
+"""`ironlm serve`: load a model and serve the OpenAI API with uvicorn until SIGTERM/SIGINT."""
+import argparse
+import logging
+import os
+import signal
+
+import uvicorn
+
+from ironlm.errors import IronlmError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-m", "--model", help="HF model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: best for this CPU)")
+    parser.add_argument("--threads", type=int, help="threads (default: physical cores)")
+    parser.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
+    parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together (default 64)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=os.environ.get("IRONLM_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on every route but /health (default: $IRONLM_API_KEY)")
+    parser.add_argument("--served-model-name", help="name the model answers to besides 'default' (default: its own)")
+    parser.add_argument("--max-concurrent", type=int, default=64, help="requests generating at once (default 64)")
+    parser.add_argument("--max-queue", type=int, default=256,
+                        help="requests waiting for a slot; past this, 429 with Retry-After (default 256)")
+    parser.add_argument("--max-body-bytes", type=int, default=4 << 20, help="request body limit (default 4 MiB)")
+    parser.add_argument("--drain-timeout", type=float, default=30.0,
+                        help="seconds to finish in-flight requests after SIGTERM (default 30)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serves until SIGTERM or SIGINT; then stops taking requests, drains, and returns 0."""
+    from ironlm import LLM
+    from ironlm.engine.async_engine import AsyncEngine
+    from ironlm.server.app import ServerSettings, create_app
+
+    settings = ServerSettings(api_key=args.api_key or None, max_concurrent=args.max_concurrent,
+                              max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
+                              served_model_name=args.served_model_name)
+    settings.validate()
+    if not 0 < args.port < 65536:
+        raise IronlmError(f"--port {args.port} is not a TCP port; use 1..65535")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine_kwargs = {"max_num_seqs": args.max_num_seqs}
+    if args.max_model_len is not None:
+        engine_kwargs["max_model_len"] = args.max_model_len
+    if args.max_num_seqs > 512:
+        engine_kwargs["max_num_batched_tokens"] = args.max_num_seqs
+    llm = LLM(model=args.model, dtype=args.dtype, threads=args.threads, **engine_kwargs)
+    app = create_app(AsyncEngine(llm.engine), settings)
+    # uvicorn's own deadline comes after ours, so open streams end with an error event and [DONE], not a cut
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=args.drain_timeout + 5, lifespan="on")
+    server = _DrainingServer(config, app.state.server, args.drain_timeout)
+    # uvicorn re-raises the signal it caught after shutting down; a no-op handler makes that a clean exit 0.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    logging.getLogger(__name__).info("serving %s on http://%s:%d/v1", app.state.server.model_name, args.host, args.port)
+    server.run()
+    return 0
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn.Server that, on shutdown, has the app refuse new work and end what is still open at the deadline."""
+
+    def __init__(self, config: uvicorn.Config, app_server, drain_timeout_s: float):
+        super().__init__(config)
+        self.app_server = app_server
+        self.drain_timeout_s = drain_timeout_s
+
+    def handle_exit(self, sig, frame):
+        if not self.app_server.draining:
+            self.app_server.drain(self.drain_timeout_s)
+        super().handle_exit(sig, frame)

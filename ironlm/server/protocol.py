@@ -1,0 +1,234 @@
+"""OpenAI request models, their validation, and errors in OpenAI's shape."""
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+MAX_N = 16                 # choices per prompt
+MAX_PROMPTS = 64           # prompts in one /v1/completions request
+MAX_SEQUENCES = 64         # prompts x n
+MAX_STOP = 16
+MAX_TOP_LOGPROBS = 20
+MAX_COMPLETION_LOGPROBS = 5
+
+
+class APIError(Exception):
+    """An error the client sees as {"error": {"message", "type", "param", "code"}} with an HTTP status."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, "invalid_request_error", param, code)
+
+
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+
+def validation_error_to_api(exc: ValidationError) -> APIError:
+    """The first pydantic error as a 400 naming the field, without echoing large inputs."""
+    first = exc.errors(include_url=False, include_input=False)[0]
+    if first["type"] == "json_invalid":
+        return bad_request(f"Request body is not valid JSON: {first['msg']}", code="invalid_json")
+    # locations also name the union member tried ("str", "list[int]"); keep the field path only
+    param = ".".join(str(p) for p in first["loc"] if isinstance(p, int) or ("[" not in p and p not in _TYPE_TAGS))
+    return bad_request(f"Invalid value for '{param or 'body'}': {first['msg']}", param=param or None)
+
+
+class _Strict(BaseModel):
+    # strict: "5" is not an integer; unknown fields (sent by LangChain and others) are ignored
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class JsonSchemaFormat(_Strict):
+    name: str = Field("response", max_length=256)
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class _SamplingFields(_Strict):
+    model: str = Field(max_length=512)
+    n: int = Field(1, ge=1, le=MAX_N)
+    max_tokens: int | None = Field(None, ge=1, le=1 << 31)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    seed: int | None = Field(None, ge=-(1 << 63), lt=1 << 64)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
+    user: str | None = None
+    # extensions shared with vLLM and llama.cpp's server
+    top_k: int | None = Field(None, ge=0, le=1 << 20)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    ignore_eos: bool = False
+
+    def stop_list(self) -> list[str] | None:
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop
+        if not stop:
+            return None
+        if len(stop) > MAX_STOP or not all(stop):
+            raise bad_request(f"'stop' must hold 1 to {MAX_STOP} non-empty strings", param="stop")
+        return stop
+
+    def check_common(self) -> None:
+        if self.stream_options is not None and not self.stream:
+            raise bad_request("'stream_options' is only allowed when 'stream' is true", param="stream_options")
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_schema" and (fmt.json_schema is None or fmt.json_schema.schema_ is None):
+            raise bad_request("response_format json_schema needs 'json_schema.schema'", param="response_format")
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=1 << 31)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    def check(self) -> None:
+        self.check_common()
+        if self.top_logprobs is not None and not self.logprobs:
+            raise bad_request("'top_logprobs' needs 'logprobs' set to true", param="top_logprobs")
+        for i, message in enumerate(self.messages):
+            if message.role != "assistant" and message.content is None:
+                raise bad_request(f"messages[{i}] has no content", param=f"messages.{i}.content")
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1, le=MAX_N)
+
+    def check(self) -> None:
+        self.check_common()
+        if self.echo:
+            raise bad_request("'echo' is not supported", param="echo")
+        if self.suffix:
+            raise bad_request("'suffix' is not supported", param="suffix")
+        if self.best_of is not None and self.best_of != self.n:
+            raise bad_request("'best_of' other than n is not supported", param="best_of")
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts as text or token ids; each becomes n choices."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            prompts = [prompt]
+        elif prompt and all(isinstance(p, int) for p in prompt):
+            prompts = [prompt]
+        else:
+            prompts = list(prompt)
+        if not prompts or len(prompts) > MAX_PROMPTS:
+            raise bad_request(f"'prompt' must hold 1 to {MAX_PROMPTS} prompts", param="prompt")
+        if len(prompts) * self.n > MAX_SEQUENCES:
+            raise bad_request(f"prompts x n must be at most {MAX_SEQUENCES}", param="n")
+        for p in prompts:
+            if len(p) == 0:
+                raise bad_request("a prompt is empty", param="prompt")
+        return prompts
+
+
+def parse_request(model: type[BaseModel], body: bytes):
+    """Validate a JSON body into `model`; any problem is a 400 in OpenAI's shape."""
+    try:
+        request = model.model_validate_json(body)
+    except ValidationError as exc:
+        raise validation_error_to_api(exc) from None
+    request.check()
+    return request
+
+
+# ---- responses --------------------------------------------------------------------------------
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def usage(num_prompt_tokens: int, num_completion_tokens: int) -> dict:
+    return {"prompt_tokens": num_prompt_tokens, "completion_tokens": num_completion_tokens,
+            "total_tokens": num_prompt_tokens + num_completion_tokens}
+
+
+def chat_chunk(response_id: str, created: int, model: str, choices: list[dict], include_usage: bool) -> dict:
+    chunk = {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": model,
+             "system_fingerprint": None, "choices": choices}
+    if include_usage:
+        chunk["usage"] = None
+    return chunk
+
+
+def completion_chunk(response_id: str, created: int, model: str, choices: list[dict], include_usage: bool) -> dict:
+    chunk = {"id": response_id, "object": "text_completion", "created": created, "model": model,
+             "system_fingerprint": None, "choices": choices}
+    if include_usage:
+        chunk["usage"] = None
+    return chunk
+
+
+def chat_logprobs(entries: list[tuple[str, float, list[tuple[str, float]]]]) -> dict:
+    """entries: (token text, logprob, [(top token text, logprob)]) per generated token."""
+    def item(text: str, logprob: float) -> dict:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+    return {"content": [dict(item(t, lp), top_logprobs=[item(tt, tlp) for tt, tlp in top]) for t, lp, top in entries],
+            "refusal": None}
+
+
+def completion_logprobs(entries: list[tuple[str, float, list[tuple[str, float]]]], text_offset: int = 0) -> dict:
+    offsets = []
+    for text, _, _ in entries:
+        offsets.append(text_offset)
+        text_offset += len(text)
+    return {"tokens": [t for t, _, _ in entries], "token_logprobs": [lp for _, lp, _ in entries],
+            "top_logprobs": [dict(top) for _, _, top in entries], "text_offset": offsets}
+
+
+def now() -> int:
+    return int(time.time())

@@ -1,0 +1,105 @@
+"""response_format json_object / json_schema: sampling constrained by an llguidance grammar.
+
+llguidance (no torch dependency) compiles a JSON schema into a token-level matcher; each step the matcher gives
+the set of tokens that keep the output valid, and every other logit is set to -inf.
+"""
+import json
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from ironlm.server.protocol import APIError, ResponseFormat, bad_request
+
+# Bounds on grammar work so a hostile schema cannot stall a worker: lexer fuel, grammar size, per-step work.
+GRAMMAR_LIMITS = dict(initial_lexer_fuel=1_000_000, step_lexer_fuel=200_000, step_max_items=50_000,
+                      max_lexer_states=50_000, max_grammar_size=200_000, verbose_errors=False)
+# Compact JSON: a flexible-whitespace grammar lets a small model emit newlines forever.
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+MAX_SCHEMA_BYTES = 64 * 1024
+
+
+class JsonLogitsProcessor:
+    """SamplingParams.logits_processor for one sequence: masks every token the grammar forbids next."""
+
+    def __init__(self, matcher, eos_token_ids: frozenset[int]):
+        self.matcher = matcher
+        self.eos_token_ids = eos_token_ids
+        self.num_consumed = 0
+
+    def __call__(self, generated_token_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+        # logits: (V,)
+        if len(generated_token_ids) < self.num_consumed:  # cannot happen with recompute, but stay exact
+            self.matcher.reset()
+            self.num_consumed = 0
+        for token_id in generated_token_ids[self.num_consumed:]:
+            self.matcher.consume_token(token_id)
+        self.num_consumed = len(generated_token_ids)
+        allowed = torch.zeros(logits.shape[0], dtype=torch.bool)  # (V,)
+        if self.matcher.is_error():
+            allowed[list(self.eos_token_ids)] = True  # end the output rather than emit anything invalid
+        else:
+            bias = torch.frombuffer(bytearray(self.matcher.compute_logit_bias()), dtype=torch.uint8)  # (V_tok,)
+            n = min(bias.numel(), logits.shape[0])
+            allowed[:n] = bias[:n] > 0
+        return logits.masked_fill(~allowed, float("-inf"))
+
+
+class GrammarCompiler:
+    """Turns a response_format into per-choice logits processors. Thread-safe; methods block (run them off the loop)."""
+
+    def __init__(self, tokenizer, vocab_size: int):
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self._ll_tokenizer = None
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def available() -> bool:
+        try:
+            import llguidance  # noqa: F401
+        except ImportError:
+            return False
+        return True
+
+    def prepare(self) -> None:
+        """Builds the llguidance view of the vocabulary (about a second, once)."""
+        import llguidance
+
+        with self._lock:
+            if self._ll_tokenizer is not None:
+                return
+            with tempfile.TemporaryDirectory() as directory:
+                self.tokenizer.save(directory)
+                tokenizer_json = (Path(directory) / "tokenizer.json").read_text(encoding="utf-8")
+            self._ll_tokenizer = llguidance.LLTokenizer(
+                tokenizer_json, n_vocab=self.vocab_size, eos_token=sorted(self.tokenizer.eos_token_ids))
+
+    def compile(self, response_format: ResponseFormat, num_choices: int) -> list[JsonLogitsProcessor]:
+        """One processor per choice; a schema llguidance rejects is a 400."""
+        import llguidance
+
+        self.prepare()
+        if response_format.type == "json_object":
+            schema = {"type": "object"}
+        else:
+            schema = response_format.json_schema.schema_
+        if len(json.dumps(schema)) > MAX_SCHEMA_BYTES:
+            raise bad_request(f"the JSON schema is larger than {MAX_SCHEMA_BYTES} bytes", param="response_format")
+        try:
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+        except ValueError as exc:
+            raise bad_request(f"invalid JSON schema: {exc}", param="response_format") from None
+        limits = llguidance.LLParserLimits(**GRAMMAR_LIMITS)
+        matcher = llguidance.LLMatcher(self._ll_tokenizer, grammar, log_level=0, limits=limits)
+        if matcher.is_error():
+            raise bad_request(f"unsupported JSON schema: {matcher.get_error()[:500]}", param="response_format")
+        eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
+        return [JsonLogitsProcessor(matcher if i == 0 else matcher.deep_copy(), eos_token_ids)
+                for i in range(num_choices)]
+
+
+def grammar_unavailable() -> APIError:
+    return bad_request("response_format json_object/json_schema needs the llguidance package: pip install llguidance",
+                       param="response_format")
