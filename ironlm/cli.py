@@ -17,6 +17,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-m", "--model", help="HF model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: best for this CPU)")
     parser.add_argument("--threads", type=int, help="threads (default: physical cores)")
+    parser.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,9 +38,11 @@ def sampling_params(args: argparse.Namespace):
                           seed=args.seed, stop=args.stop)
 
 
-def load_llm(args: argparse.Namespace):
+def load_llm(args: argparse.Namespace, **engine_settings):
+    """The LLM that add_model_arguments' flags describe; engine_settings are further EngineConfig fields."""
     from ironlm import LLM
-    return LLM(model=args.model, dtype=args.dtype, threads=args.threads)
+    return LLM(model=args.model, dtype=args.dtype, threads=args.threads, max_model_len=args.max_model_len,
+               **engine_settings)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

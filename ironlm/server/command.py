@@ -6,14 +6,12 @@ import signal
 
 import uvicorn
 
+from ironlm.cli import add_model_arguments, load_llm
 from ironlm.errors import IronlmError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-m", "--model", help="HF model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: best for this CPU)")
-    parser.add_argument("--threads", type=int, help="threads (default: physical cores)")
-    parser.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
+    add_model_arguments(parser)
     parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together (default 64)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=8000)
@@ -31,7 +29,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Serves until SIGTERM or SIGINT; then stops taking requests, drains, and returns 0."""
-    from ironlm import LLM
     from ironlm.engine.async_engine import AsyncEngine
     from ironlm.server.app import ServerSettings, create_app
 
@@ -42,12 +39,10 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise IronlmError(f"--port {args.port} is not a TCP port; use 1..65535")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    engine_kwargs = {"max_num_seqs": args.max_num_seqs}
-    if args.max_model_len is not None:
-        engine_kwargs["max_model_len"] = args.max_model_len
+    engine_settings = {"max_num_seqs": args.max_num_seqs}
     if args.max_num_seqs > 512:
-        engine_kwargs["max_num_batched_tokens"] = args.max_num_seqs
-    llm = LLM(model=args.model, dtype=args.dtype, threads=args.threads, **engine_kwargs)
+        engine_settings["max_num_batched_tokens"] = args.max_num_seqs
+    llm = load_llm(args, **engine_settings)
     app = create_app(AsyncEngine(llm.engine), settings)
     # uvicorn's own deadline comes after ours, so open streams end with an error event and [DONE], not a cut
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
