@@ -135,7 +135,7 @@ def _unit_ok(key: str) -> bool:
     units = ("_tok_s", "_tok_s_min", "_tok_s_max", "_s", "_pct", "_bytes", "_gb_s", "_gflop_s", "_tokens", "_cpus",
              "_cores", "_per_token")
     counts = ("batch", "threads", "num_params", "numa_nodes", "vocab_size", "warmup_runs", "repeats", "prompt_tokens")
-    return key.endswith(units) or key in counts or key.startswith("best_threads")
+    return key.endswith(units) or key in counts or "threads" in key
 
 
 def _numeric_keys(obj, path=""):
@@ -186,3 +186,28 @@ def test_bench_json_table_and_plot(tmp_path, cache, capsys):
     table = capsys.readouterr().out
     for text in ("Prefill", "Decode", "roofline", "GB/s", "Peak RSS"):
         assert text in table
+
+
+def test_compare_gguf_conversion_keeps_the_weights(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+
+    from ironlm.formats import load_checkpoint
+
+    spec = importlib.util.spec_from_file_location("compare", Path(__file__).parent.parent / "benchmarks" / "compare.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    model_dir = build_shape_model("tiny", tmp_path, config=TINY)
+    gguf_path = tmp_path / "tiny.gguf"
+    compare.hf_to_gguf_bf16(model_dir, gguf_path)
+    assert compare.gguf_format(gguf_path) == "BF16"
+    sizes = compare.gguf_sizes(str(gguf_path))
+    matmul = num_params(TINY) - 1024 * 64 - 5 * 64  # all but the (untied) embedding table and the norms
+    assert sizes["flop_params_per_token"] == matmul
+    assert sizes["weight_bytes_per_token"] == 2 * matmul + 2 * 64 + 4 * 5 * 64  # + one embedding row + F32 norms
+    hf, gguf = load_checkpoint(model_dir), load_checkpoint(gguf_path)
+    assert set(hf.tensors) == set(gguf.tensors)
+    for name, source in hf.tensors.items():  # q/k are permuted for llama.cpp and un-permuted by our reader
+        assert torch.equal(source.tensor(torch.float32), gguf.tensors[name].tensor(torch.float32)), name

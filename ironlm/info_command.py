@@ -1,0 +1,165 @@
+"""`ironlm info [-m MODEL]`: what this machine offers, what ironlm will use, and (with a model) what the model is."""
+import argparse
+import json
+from collections import Counter
+
+from rich.console import Console
+from rich.table import Table
+
+from ironlm.errors import IronlmError
+
+# (feature key from ironlm._kernels.cpu_features(), label)
+FEATURE_LABELS = [
+    ("avx2", "AVX2 + FMA"),
+    ("f16c", "F16C"),
+    ("avx512f", "AVX-512 F"),
+    ("avx512bw", "AVX-512 BW"),
+    ("avx512vl", "AVX-512 VL"),
+    ("avx512_vnni", "AVX512-VNNI"),
+    ("avx512_bf16", "AVX512-BF16"),
+    ("avx_vnni", "AVX-VNNI"),
+    ("amx_tile", "AMX tile"),
+    ("amx_int8", "AMX int8"),
+    ("amx_bf16", "AMX bf16"),
+]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-m", "--model", help="model to describe: HF directory or .gguf (default: the embedded model)")
+    parser.add_argument("--no-model", action="store_true", help="describe the machine only")
+    parser.add_argument("--json", action="store_true", help="print the facts as JSON")
+
+
+def machine_facts() -> dict:
+    """Everything `ironlm info` reports about the machine, JSON-ready; absent facts are None."""
+    from ironlm.hardware import available_cores, cpu_info, default_dtype, default_threads
+
+    info = cpu_info()
+    amx = {k: info.features.get(k) for k in ("amx_tile", "amx_int8", "amx_bf16")}
+    return {
+        "cpu_model": info.model_name,
+        "physical_cores": info.physical_cores,
+        "logical_cpus": info.logical_cpus,
+        "machine_logical_cpus": info.total_logical_cpus,
+        "cpu_quota_cpus": info.cpu_quota,
+        "usable_cores": available_cores(info),
+        "features": {key: bool(info.features.get(key)) for key, _ in FEATURE_LABELS},
+        "amx_os_enabled": info.features.get("amx_os_enabled") if any(amx.values()) else None,
+        "amx_permitted": info.features.get("amx_permitted") if any(amx.values()) else None,
+        "memory_bytes": info.memory_bytes,
+        "numa_nodes": info.numa_nodes,
+        "active_isa": info.active_isa,
+        "isa_reason": info.isa_reason,
+        "default_threads": default_threads(),
+        "default_dtype": default_dtype(info),
+    }
+
+
+def model_facts(path: str | None) -> dict:
+    """Architecture, sizes and storage of a checkpoint (read from its header; weights are not materialised)."""
+    from ironlm.formats import default_model_path, load_checkpoint
+
+    ckpt = load_checkpoint(path if path else default_model_path())
+    c = ckpt.config
+    heads = c.get("num_attention_heads")
+    tensors = {n: t for n, t in ckpt.tensors.items() if n != "rope_freqs"}
+    params = 0
+    for t in tensors.values():
+        n = 1
+        for d in t.shape:
+            n *= d
+        params += n
+    by_dtype = Counter(t.dtype for t in tensors.values())
+    bytes_by_dtype = Counter()
+    for t in tensors.values():
+        bytes_by_dtype[t.dtype] += t.nbytes
+    return {
+        "name": ckpt.name,
+        "path": str(ckpt.path),
+        "format": ckpt.format,
+        "model_type": c.get("model_type"),
+        "num_hidden_layers": c.get("num_hidden_layers"),
+        "hidden_size": c.get("hidden_size"),
+        "intermediate_size": c.get("intermediate_size"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": c.get("num_key_value_heads") or heads,
+        "head_dim": c.get("head_dim") or (c["hidden_size"] // heads if heads and c.get("hidden_size") else None),
+        "max_position_embeddings": c.get("max_position_embeddings"),
+        "vocab_size": c.get("vocab_size"),
+        "tie_word_embeddings": bool(c.get("tie_word_embeddings", False)),
+        "num_params": params,
+        "num_tensors": len(tensors),
+        "tensors_by_dtype": dict(by_dtype.most_common()),
+        "bytes_by_dtype": dict(bytes_by_dtype.most_common()),
+        "weight_bytes": sum(bytes_by_dtype.values()),
+        "file_bytes": ckpt.path.stat().st_size if ckpt.path.is_file() else None,
+    }
+
+
+def _gib(n: int | None) -> str:
+    return "not detected" if n is None else f"{n / 2**30:.1f} GiB"
+
+
+def _yes(v: bool | None) -> str:
+    return "[green]yes[/green]" if v else "no"
+
+
+def print_facts(machine: dict, model: dict | None, console: Console | None = None) -> None:
+    console = console or Console()
+    t = Table(title="Machine", show_header=False)
+    t.add_column(style="bold")
+    t.add_column()
+    t.add_row("CPU", machine["cpu_model"] or "not detected")
+    cores = f"{machine['physical_cores']} physical / {machine['logical_cpus']} logical (available to this process)"
+    if machine["machine_logical_cpus"] and machine["machine_logical_cpus"] != machine["logical_cpus"]:
+        cores += f"; {machine['machine_logical_cpus']} logical in the machine"
+    if machine["cpu_quota_cpus"] is not None:
+        cores += f"; cgroup quota {machine['cpu_quota_cpus']:g} CPUs"
+    t.add_row("Cores", cores)
+    for key, label in FEATURE_LABELS:
+        t.add_row(label, _yes(machine["features"][key]))
+    if machine["amx_permitted"] is not None:
+        t.add_row("AMX enabled by the OS", _yes(machine["amx_os_enabled"] and machine["amx_permitted"]))
+    t.add_row("Memory", _gib(machine["memory_bytes"]))
+    t.add_row("NUMA nodes", str(machine["numa_nodes"]) if machine["numa_nodes"] else "not detected")
+    t.add_row("Kernel ISA", f"{machine['active_isa'] or 'none'} ({machine['isa_reason']})")
+    t.add_row("Default threads", f"{machine['default_threads']} (IRONLM_THREADS or --threads to change)")
+    t.add_row("Default dtype", machine["default_dtype"])
+    console.print(t)
+    if model is None:
+        return
+    t = Table(title=f"Model: {model['name']}", show_header=False)
+    t.add_column(style="bold")
+    t.add_column()
+    t.add_row("Path", f"{model['path']} ({model['format']})")
+    t.add_row("Architecture", str(model["model_type"]))
+    t.add_row("Layers / hidden / intermediate", f"{model['num_hidden_layers']} / {model['hidden_size']} / "
+                                                f"{model['intermediate_size']}")
+    t.add_row("Heads / KV heads / head dim", f"{model['num_attention_heads']} / {model['num_key_value_heads']} / "
+                                             f"{model['head_dim']}")
+    t.add_row("Context", str(model["max_position_embeddings"]))
+    t.add_row("Vocabulary", f"{model['vocab_size']} ({'tied' if model['tie_word_embeddings'] else 'untied'} embeddings)")
+    t.add_row("Parameters", f"{model['num_params']:,}")
+    t.add_row("Storage", ", ".join(f"{d}: {n} tensors, {model['bytes_by_dtype'][d] / 2**20:,.1f} MiB"
+                                   for d, n in model["tensors_by_dtype"].items()))
+    t.add_row("Weight bytes", f"{model['weight_bytes']:,} ({model['weight_bytes'] / 2**20:,.1f} MiB)")
+    console.print(t)
+
+
+def run(args: argparse.Namespace) -> int:
+    machine = machine_facts()
+    model, note = None, None
+    if args.model:
+        model = model_facts(args.model)  # a model the user named must load: errors go to the CLI
+    elif not args.no_model:
+        try:
+            model = model_facts(None)
+        except IronlmError as e:
+            note = f"no model described: {e}"
+    if args.json:
+        print(json.dumps({"machine": machine, "model": model, "note": note}, indent=2))
+    else:
+        print_facts(machine, model)
+        if note:
+            Console().print(note)
+    return 0
