@@ -1,0 +1,89 @@
+"""One batch item's body -> engine requests, and the engine's results -> the endpoint's response body.
+
+The request models, their checks and the request -> SamplingParams translation are the server's own
+(ironlm.server), so a batch line behaves exactly as the same request sent to the server would.
+"""
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+from pydantic import ValidationError
+
+from ironlm.errors import IronlmError, RequestError
+from ironlm.jobs.batch_file import error_line
+from ironlm.sampling import SamplingParams
+from ironlm.server import protocol
+from ironlm.server.app import _Server
+from ironlm.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, bad_request
+
+
+@dataclass
+class PreparedBody:
+    kind: str                      # "chat" | "completion"
+    prompts: list[list[int]]       # token ids per prompt
+    params: list[SamplingParams]   # one per choice; choice i answers prompts[i // n]
+    n: int
+
+    @property
+    def requests(self) -> list[tuple[list[int], SamplingParams]]:
+        return [(self.prompts[i // self.n], p) for i, p in enumerate(self.params)]
+
+
+@dataclass
+class Completion:
+    """What one finished engine request gave."""
+
+    text: str
+    num_tokens: int
+    finish_reason: str | None
+
+
+def prepare_body(url: str, body: dict, tokenizer, max_model_len: int, model_name: str) -> PreparedBody:
+    """Validates the body as the server would and tokenizes it; raises APIError or RequestError."""
+    kind = "chat" if url == "/v1/chat/completions" else "completion"
+    model = ChatCompletionRequest if kind == "chat" else CompletionRequest
+    try:
+        req = model.model_validate({**body, "model": body.get("model") or model_name})
+    except ValidationError as exc:
+        raise protocol.validation_error_to_api(exc) from None
+    req.check()
+    if req.stream:
+        raise bad_request("'stream' is not supported in a batch; leave it out", param="stream")
+    if req.response_format is not None and req.response_format.type != "text":
+        raise bad_request("'response_format' is not supported in a batch yet", param="response_format")
+    if (req.logprobs if kind == "chat" else req.logprobs is not None):
+        raise bad_request("'logprobs' is not supported in a batch yet", param="logprobs")
+    # The server's own translation; it reads only these attributes of its _Server.
+    view = SimpleNamespace(tokenizer=tokenizer, vocab_size=tokenizer.vocab_size,
+                           engine=SimpleNamespace(max_model_len=max_model_len))
+    prompts = _Server.tokenize(view, req)
+    params = [_Server.sampling_params(view, req, len(prompts[i // req.n]), i % req.n)
+              for i in range(len(prompts) * req.n)]
+    return PreparedBody(kind, prompts, params, req.n)
+
+
+def response_body(prepared: PreparedBody, model_name: str, results: list[Completion], response_id: str,
+                  created: int) -> dict:
+    """The chat.completion or text_completion object the server would have answered with."""
+    choices = []
+    for i, result in enumerate(results):
+        if prepared.kind == "chat":
+            choices.append({"index": i, "message": {"role": "assistant", "content": result.text, "refusal": None},
+                            "logprobs": None, "finish_reason": result.finish_reason})
+        else:
+            choices.append({"index": i, "text": result.text, "logprobs": None,
+                            "finish_reason": result.finish_reason})
+    num_prompt = sum(len(p) for p in prepared.prompts)
+    return {"id": response_id, "object": "chat.completion" if prepared.kind == "chat" else "text_completion",
+            "created": created, "model": model_name, "system_fingerprint": None, "choices": choices,
+            "usage": protocol.usage(num_prompt, sum(r.num_tokens for r in results))}
+
+
+def failure_line(custom_id: str, exc: BaseException) -> dict:
+    """An error-file line for an item that could not be served; the message is the user-facing one."""
+    if isinstance(exc, APIError):
+        return error_line(custom_id, exc.message, exc.code, exc.param, exc.status, exc.type)
+    if isinstance(exc, RequestError):
+        return error_line(custom_id, str(exc), exc.code, exc.param)
+    if isinstance(exc, IronlmError):
+        return error_line(custom_id, str(exc))
+    raise exc

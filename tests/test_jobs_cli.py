@@ -1,0 +1,152 @@
+"""`batch` and `summarize` end to end on a tiny random model: outputs, failures, refusals, torn lines."""
+import json
+import random
+
+import pytest
+
+from ironlm.jobs.command import main
+from test_jobs_support import chat_line, fake_note_en, fake_note_zh, read_jsonl, tiny_chat_model, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def model_dir(make_tiny_model, hf_tokenizer_dir):
+    return tiny_chat_model(make_tiny_model, hf_tokenizer_dir)
+
+
+def batch(model_dir, input_path, output, *extra) -> int:
+    return main(["batch", str(input_path), "-o", str(output), "-m", str(model_dir), "--dtype", "float32",
+                 "--threads", "1", "-q", *extra])
+
+
+def test_batch_writes_openai_output_and_per_item_failures(model_dir, tmp_path, capsys):
+    rng = random.Random(0)
+    lines = [chat_line(f"note-{i}", fake_note_en(rng) if i % 2 else fake_note_zh(rng)) for i in range(6)]
+    lines[1]["body"]["model"] = "default"
+    lines[2]["body"]["model"] = model_dir.name
+    lines.append(chat_line("two-choices", "hello", n=2, temperature=0.5, seed=1))
+    lines.append({"custom_id": "completion", "method": "POST", "url": "/v1/completions",
+                  "body": {"prompt": "Patient notes:", "max_tokens": 3}})
+    lines.append(chat_line("bad-body", "x", temperature="hot"))
+    lines.append({"custom_id": "too-long", "method": "POST", "url": "/v1/completions",
+                  "body": {"prompt": "word " * 600, "max_tokens": 3}})
+    lines.append(chat_line("too-many-tokens", "x", max_tokens=5000))
+    input_path = write_jsonl(tmp_path / "in.jsonl", lines)
+    output = tmp_path / "out.jsonl"
+    assert batch(model_dir, input_path, output) == 3  # complete, with failures
+
+    results = {r["custom_id"]: r for r in read_jsonl(output)}
+    failures = {r["custom_id"]: r for r in read_jsonl(tmp_path / "out.errors.jsonl")}
+    assert set(results) == {f"note-{i}" for i in range(6)} | {"two-choices", "completion"}
+    assert set(failures) == {"bad-body", "too-long", "too-many-tokens"}
+    chat = results["note-0"]
+    assert chat["response"]["status_code"] == 200 and chat["error"] is None
+    assert chat["id"] == chat["response"]["request_id"]
+    body = chat["response"]["body"]
+    assert body["object"] == "chat.completion" and body["model"] == model_dir.name
+    assert body["usage"]["completion_tokens"] == len(body["choices"]) * 4 or body["choices"][0]["finish_reason"] == "stop"
+    assert [c["index"] for c in results["two-choices"]["response"]["body"]["choices"]] == [0, 1]
+    assert results["completion"]["response"]["body"]["object"] == "text_completion"
+    assert failures["bad-body"]["response"]["status_code"] == 400
+    assert failures["bad-body"]["response"]["body"]["error"]["param"] == "temperature"
+    assert failures["too-long"]["response"]["body"]["error"]["code"] == "context_length_exceeded"
+    assert failures["too-many-tokens"]["response"]["body"]["error"]["param"] == "max_tokens"
+
+    # Running it again finds nothing to do and changes nothing.
+    before = output.read_bytes()
+    assert batch(model_dir, input_path, output) == 3
+    assert output.read_bytes() == before
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_bad_lines_refuse_the_job_with_line_numbers(model_dir, tmp_path, capsys):
+    good = chat_line("a", "hi")
+    input_path = write_jsonl(tmp_path / "in.jsonl", [
+        good, "", "{oops", dict(good), dict(good, custom_id="b", url="/v1/images"),
+        dict(good, custom_id="c", method="PUT"), {"method": "POST"},
+        dict(good, custom_id="d", body=dict(good["body"], model="llama-70b"))])
+    output = tmp_path / "out.jsonl"
+    assert batch(model_dir, input_path, output) == 2
+    err = capsys.readouterr().err
+    for number, words in [(2, "blank line"), (3, "not valid JSON"), (4, "duplicate custom_id"), (5, "url"),
+                          (6, "method"), (7, "missing custom_id"), (8, "llama-70b")]:
+        assert f"in.jsonl: line {number}: " in err and words in err, (number, err)
+    assert err.strip().splitlines()[-1].startswith("error: ") and "7 bad line" in err
+    assert "Traceback" not in err and not output.exists()
+
+
+def test_changed_input_or_parameters_are_refused_without_force(model_dir, tmp_path, capsys):
+    input_path = write_jsonl(tmp_path / "in.jsonl", [chat_line(f"n{i}", "hi") for i in range(3)])
+    output = tmp_path / "out.jsonl"
+    assert batch(model_dir, input_path, output) == 0
+    write_jsonl(input_path, [chat_line(f"n{i}", "hi") for i in range(4)])
+    assert batch(model_dir, input_path, output) == 2
+    assert "input changed" in capsys.readouterr().err
+    assert batch(model_dir, input_path, output, "--max-model-len", "256") == 2
+    assert "max_model_len: 512 -> 256" in capsys.readouterr().err
+    assert len(read_jsonl(output)) == 3
+    assert batch(model_dir, input_path, output, "--force") == 0  # keeps the 3, does the new one
+    assert sorted(r["custom_id"] for r in read_jsonl(output)) == ["n0", "n1", "n2", "n3"]
+
+
+def test_torn_last_line_is_dropped_and_redone(model_dir, tmp_path):
+    input_path = write_jsonl(tmp_path / "in.jsonl", [chat_line(f"n{i}", "hello") for i in range(4)])
+    output = tmp_path / "out.jsonl"
+    assert batch(model_dir, input_path, output) == 0
+    data = output.read_bytes()
+    last_start = data.rstrip(b"\n").rfind(b"\n") + 1
+    torn_id = json.loads(data[last_start:])["custom_id"]
+    output.write_bytes(data[: last_start + 30])  # a crash in the middle of writing the last line
+    assert batch(model_dir, input_path, output) == 0
+    records = read_jsonl(output)  # every line parses: the torn one is gone
+    assert sorted(r["custom_id"] for r in records) == [f"n{i}" for i in range(4)]
+    assert records[-1]["custom_id"] == torn_id
+
+
+def test_summarize_notes_in_both_languages_with_map_reduce(model_dir, tmp_path):
+    rng = random.Random(7)
+    docs = tmp_path / "notes"
+    (docs / "ward").mkdir(parents=True)
+    long_zh = fake_note_zh(rng, num_visits=5)
+    (docs / "ward" / "zh_long.txt").write_text(long_zh, encoding="utf-8")
+    (docs / "en.md").write_text(fake_note_en(rng, 2), encoding="utf-8")
+    (docs / "skip.csv").write_text("not a document")
+    write_jsonl(docs / "records.jsonl", [
+        {"id": "r1", "note": fake_note_en(rng)}, {"id": 2, "note": fake_note_zh(rng)},
+        {"id": "empty", "note": "  "}, {"id": "huge", "note": fake_note_en(rng, 40)}])
+    output = tmp_path / "summaries.jsonl"
+    code = main(["summarize", str(docs), "-o", str(output), "-m", str(model_dir), "--dtype", "float32",
+                 "--threads", "1", "-q", "--text-field", "note", "--max-summary-tokens", "6", "--chunk-tokens", "120",
+                 "--max-chunks", "12"])
+    assert code == 3
+    results = {r["custom_id"]: r for r in read_jsonl(output)}
+    failures = {r["custom_id"]: r for r in read_jsonl(tmp_path / "summaries.errors.jsonl")}
+    zh_id = str(docs / "ward" / "zh_long.txt")
+    assert set(results) == {zh_id, str(docs / "en.md"), "r1", "2"}
+    assert set(failures) == {"empty", "huge"}
+    assert "--max-chunks" in failures["huge"]["error"]["message"]
+    assert failures["huge"]["line"] == 4
+    zh = results[zh_id]
+    assert zh["lang"] == "zh" and zh["num_chunks"] > 2 and zh["num_reduce_steps"] >= 1
+    assert results["r1"]["lang"] == "en" and results["2"]["lang"] == "zh" and results["r1"]["num_chunks"] == 1
+    assert all(isinstance(r["summary"], str) and r["usage"]["completion_tokens"] > 0 for r in results.values())
+
+
+def test_summarize_reports_bad_records_with_their_line(model_dir, tmp_path, capsys):
+    path = write_jsonl(tmp_path / "notes.jsonl", [{"text": "a"}, {"body": "b"}, "{broken"])
+    code = main(["summarize", str(path), "-o", str(tmp_path / "o.jsonl"), "-m", str(model_dir), "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and "notes.jsonl line 2: no string field 'text'" in err and "line 3: not valid JSON" in err
+
+
+def test_real_tokenizer_chunks_of_a_long_chinese_note_are_whole(model_dir):
+    from ironlm.jobs.summarize import split_text
+    from ironlm.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(model_dir)
+    text = fake_note_zh(random.Random(11), num_visits=8).replace("\n\n", "", 3)
+    count = lambda s: len(tokenizer.encode(s, add_special_tokens=False))
+    chunks = split_text(text, 100, count)
+    assert len(chunks) > 3 and "".join(chunks) == text
+    for chunk in chunks:
+        assert count(chunk) <= 100 and "\ufffd" not in tokenizer.decode(tokenizer.encode(chunk, add_special_tokens=False))
+    assert all(c.rstrip()[-1] in "。！？；" for c in chunks)
