@@ -5,11 +5,16 @@ import sys
 
 from ironlm.errors import IronlmError
 
-# Subcommands that live in their own module, each exposing add_arguments(parser) and run(args) -> int.
+# Subcommands that live in their own module: (module, help, function adding arguments, function running).
 EXTERNAL_COMMANDS = {
-    "info": ("ironlm.info_command", "describe this machine (and a model) and what ironlm will use"),
-    "bench": ("ironlm.bench.command", "measure speed against this machine's limits"),
-    "serve": ("ironlm.server.command", "OpenAI-compatible HTTP server"),
+    "info": ("ironlm.info_command", "describe this machine (and a model) and what ironlm will use",
+             "add_arguments", "run"),
+    "bench": ("ironlm.bench.command", "measure speed against this machine's limits", "add_arguments", "run"),
+    "serve": ("ironlm.server.command", "OpenAI-compatible HTTP server", "add_arguments", "run"),
+    "batch": ("ironlm.jobs.command", "run an OpenAI Batch file (JSONL), resumably", "add_batch_arguments",
+              "run_batch"),
+    "summarize": ("ironlm.jobs.command", "summarise documents (.txt, .md, .jsonl), resumably",
+                  "add_summarize_arguments", "run_summarize"),
 }
 
 
@@ -120,9 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_arguments(chat)
     chat.set_defaults(func=cmd_chat)
 
-    for name, (module_name, help_text) in EXTERNAL_COMMANDS.items():
-        command = sub.add_parser(name, help=help_text)
-        command.set_defaults(module=module_name)
+    for name, (_, help_text, _, _) in EXTERNAL_COMMANDS.items():
+        sub.add_parser(name, help=help_text)
     return parser
 
 
@@ -131,11 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # External subcommands add their own arguments; resolve the module first, then parse fully.
     if argv and argv[0] in EXTERNAL_COMMANDS:
-        module = importlib.import_module(EXTERNAL_COMMANDS[argv[0]][0])
-        sub = argparse.ArgumentParser(prog=f"ironlm {argv[0]}", description=EXTERNAL_COMMANDS[argv[0]][1])
-        module.add_arguments(sub)
+        module_name, help_text, add_name, run_name = EXTERNAL_COMMANDS[argv[0]]
+        module = importlib.import_module(module_name)
+        sub = argparse.ArgumentParser(prog=f"ironlm {argv[0]}", description=help_text)
+        getattr(module, add_name)(sub)
         args = sub.parse_args(argv[1:])
-        func = module.run
+        func = getattr(module, run_name)
     else:
         args = parser.parse_args(argv)
         func = args.func

@@ -4,7 +4,6 @@ The request models, their checks and the request -> SamplingParams translation a
 (ironlm.server), so a batch line behaves exactly as the same request sent to the server would.
 """
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 from pydantic import ValidationError
 
@@ -12,7 +11,7 @@ from ironlm.errors import IronlmError, RequestError
 from ironlm.jobs.batch_file import error_line
 from ironlm.sampling import SamplingParams
 from ironlm.server import protocol
-from ironlm.server.app import _Server
+from ironlm.server.translate import request_sampling_params, tokenize_request
 from ironlm.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, bad_request
 
 
@@ -52,11 +51,8 @@ def prepare_body(url: str, body: dict, tokenizer, max_model_len: int, model_name
         raise bad_request("'response_format' is not supported in a batch yet", param="response_format")
     if (req.logprobs if kind == "chat" else req.logprobs is not None):
         raise bad_request("'logprobs' is not supported in a batch yet", param="logprobs")
-    # The server's own translation; it reads only these attributes of its _Server.
-    view = SimpleNamespace(tokenizer=tokenizer, vocab_size=tokenizer.vocab_size,
-                           engine=SimpleNamespace(max_model_len=max_model_len))
-    prompts = _Server.tokenize(view, req)
-    params = [_Server.sampling_params(view, req, len(prompts[i // req.n]), i % req.n)
+    prompts = tokenize_request(tokenizer, req)
+    params = [request_sampling_params(req, len(prompts[i // req.n]), i % req.n, max_model_len, tokenizer.vocab_size)
               for i in range(len(prompts) * req.n)]
     return PreparedBody(kind, prompts, params, req.n)
 

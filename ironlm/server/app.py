@@ -18,6 +18,7 @@ from ironlm.server.limits import Guard, Slots, to_json
 from ironlm.server.metrics import ServerMetrics
 from ironlm.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, bad_request
 from ironlm.server.structured import GrammarCompiler, grammar_unavailable
+from ironlm.server.translate import request_sampling_params, tokenize_request
 
 logger = logging.getLogger(__name__)
 
@@ -182,54 +183,10 @@ class _Server:
 
     def tokenize(self, req) -> list[list[int]]:
         """Prompt token ids, one list per prompt; runs in a worker thread."""
-        tok = self.tokenizer
-        if isinstance(req, ChatCompletionRequest):
-            messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-                        for m in req.messages]
-            text = tok.apply_chat_template(messages, add_generation_prompt=True)
-            return [tok.encode(text, add_special_tokens=False)]  # the template writes BOS itself
-        prompts = []
-        for prompt in req.prompts():
-            if isinstance(prompt, str):
-                prompts.append(tok.encode(prompt))
-                continue
-            for token_id in prompt:
-                if not 0 <= token_id < self.vocab_size:
-                    raise bad_request(f"prompt token id {token_id} is outside the vocabulary "
-                                      f"(0..{self.vocab_size - 1})", param="prompt")
-            prompts.append(list(prompt))
-        return prompts
+        return tokenize_request(self.tokenizer, req)
 
     def sampling_params(self, req, prompt_len: int, choice: int) -> SamplingParams:
-        limit = self.engine.max_model_len
-        if prompt_len >= limit:
-            raise bad_request(f"This model's maximum context length is {limit} tokens, but the prompt has "
-                              f"{prompt_len} tokens; shorten it", param="messages", code="context_length_exceeded")
-        max_tokens = req.requested_max_tokens() if isinstance(req, ChatCompletionRequest) else req.max_tokens
-        if max_tokens is None:
-            max_tokens = limit - prompt_len
-        elif prompt_len + max_tokens > limit:
-            raise bad_request(f"This model's maximum context length is {limit} tokens; you asked for "
-                              f"{prompt_len + max_tokens} ({prompt_len} in the prompt, {max_tokens} to generate); "
-                              f"lower max_tokens or shorten the prompt", param="max_tokens",
-                              code="context_length_exceeded")
-        logprobs = req.num_logprobs() if isinstance(req, ChatCompletionRequest) else req.logprobs
-        params = SamplingParams(
-            max_tokens=max_tokens,
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
-            top_k=req.top_k,
-            min_p=req.min_p or 0.0,
-            repetition_penalty=req.repetition_penalty or 1.0,
-            presence_penalty=req.presence_penalty or 0.0,
-            frequency_penalty=req.frequency_penalty or 0.0,
-            seed=None if req.seed is None else req.seed + choice,  # n choices must differ
-            stop=req.stop_list(),
-            ignore_eos=req.ignore_eos,
-            logprobs=logprobs,
-        )
-        params.validate(self.vocab_size)
-        return params
+        return request_sampling_params(req, prompt_len, choice, self.engine.max_model_len, self.vocab_size)
 
     async def prepare(self, job: _Job, req) -> None:
         """Takes a slot, tokenizes, compiles the grammar and admits every choice to the engine."""

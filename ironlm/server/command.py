@@ -3,11 +3,17 @@ import argparse
 import logging
 import os
 import signal
+from pathlib import Path
 
 import uvicorn
 
 from ironlm.cli import add_model_arguments, load_llm
 from ironlm.errors import IronlmError
+
+
+def default_batch_dir() -> Path:
+    data_home = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(data_home) / "ironlm" / "batches"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,6 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue", type=int, default=256,
                         help="requests waiting for a slot; past this, 429 with Retry-After (default 256)")
     parser.add_argument("--max-body-bytes", type=int, default=4 << 20, help="request body limit (default 4 MiB)")
+    parser.add_argument("--batch-dir", default=str(default_batch_dir()),
+                        help="where /v1/files and /v1/batches keep their state; batches resume after a restart "
+                             "(default: %(default)s)")
+    parser.add_argument("--max-file-bytes", type=int, default=512 << 20, help="batch file upload limit (default 512 MiB)")
     parser.add_argument("--drain-timeout", type=float, default=30.0,
                         help="seconds to finish in-flight requests after SIGTERM (default 30)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -30,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Serves until SIGTERM or SIGINT; then stops taking requests, drains, and returns 0."""
     from ironlm.engine.async_engine import AsyncEngine
+    from ironlm.jobs.batch_api import create_batch_router
     from ironlm.server.app import ServerSettings, create_app
 
     settings = ServerSettings(api_key=args.api_key or None, max_concurrent=args.max_concurrent,
@@ -43,7 +54,10 @@ def run(args: argparse.Namespace) -> int:
     if args.max_num_seqs > 512:
         engine_settings["max_num_batched_tokens"] = args.max_num_seqs
     llm = load_llm(args, **engine_settings)
-    app = create_app(AsyncEngine(llm.engine), settings)
+    async_engine = AsyncEngine(llm.engine)
+    app = create_app(async_engine, settings)
+    app.include_router(create_batch_router(async_engine, args.batch_dir, (app.state.server.model_name, "default"),
+                                           max_file_bytes=args.max_file_bytes))
     # uvicorn's own deadline comes after ours, so open streams end with an error event and [DONE], not a cut
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.drain_timeout + 5, lifespan="on")

@@ -75,6 +75,9 @@ class Guard:
                 return await send_error(send, APIError(
                     401, "Incorrect or missing API key; send it as 'Authorization: Bearer <key>'",
                     "invalid_request_error", None, "invalid_api_key"))
+        if scope["path"] == "/v1/files" and scope["method"] == "POST":
+            # Batch uploads stream to disk under their own, larger limit (enforced by the upload parser).
+            return await self.app(scope, receive, send)
         limit = self.settings.max_body_bytes
         too_large = APIError(413, f"Request body is larger than {limit} bytes", "invalid_request_error",
                              None, "request_too_large")
