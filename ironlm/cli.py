@@ -23,6 +23,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: best for this CPU)")
     parser.add_argument("--threads", type=int, help="threads (default: physical cores)")
     parser.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
+    parser.add_argument("--quant", default="auto", choices=["auto", "none", "int8", "int4", "int4_sym", "bf16"],
+                        help="linear weight format: auto keeps GGUF Q4_0/Q4_1/Q8_0 blocks as stored and runs other "
+                             "weights in bf16 with ironlm's kernels; none uses torch; or quantize at load")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,7 +50,7 @@ def load_llm(args: argparse.Namespace, **engine_settings):
     """The LLM that add_model_arguments' flags describe; engine_settings are further EngineConfig fields."""
     from ironlm import LLM
     return LLM(model=args.model, dtype=args.dtype, threads=args.threads, max_model_len=args.max_model_len,
-               **engine_settings)
+               quant=args.quant, **engine_settings)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -4,6 +4,7 @@ from dataclasses import dataclass
 from ironlm.errors import IronlmError
 
 DTYPES = ("float32", "bfloat16")
+QUANTS = ("auto", "none", "int8", "int4", "int4_sym", "bf16")
 
 
 @dataclass
@@ -12,6 +13,8 @@ class EngineConfig:
 
     model: str | None = None          # path to a HF directory or a GGUF file; None = embedded default
     dtype: str | None = None          # "float32" | "bfloat16"; None = best for this CPU
+    quant: str = "auto"               # linear weights: "auto" (GGUF blocks as stored, else bf16), "none" (torch),
+                                      # or a format to quantize to: "int8", "int4", "int4_sym", "bf16"
     threads: int | None = None        # None = physical cores available to this process
     max_model_len: int | None = None  # None = the model's context length
     block_size: int = 16              # tokens per KV block
@@ -24,6 +27,8 @@ class EngineConfig:
     def validate(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:
             raise IronlmError(f"dtype {self.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+        if self.quant not in QUANTS:
+            raise IronlmError(f"quant {self.quant!r} is not supported; use one of {', '.join(QUANTS)}")
         for name in ("threads", "max_model_len", "num_kv_blocks"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):

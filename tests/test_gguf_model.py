@@ -13,7 +13,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def llm(gguf_path):
-    return LLM(str(gguf_path), dtype="float32", max_num_seqs=4, num_kv_blocks=256)
+    return LLM(str(gguf_path), dtype="float32", quant="none", max_num_seqs=4, num_kv_blocks=256)
 
 
 @pytest.fixture(scope="module")

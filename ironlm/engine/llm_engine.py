@@ -46,7 +46,7 @@ class LLMEngine:
             num_blocks = max(1, min(wanted, affordable))
         # One sequence must always fit on its own, or it could never finish.
         self.max_model_len = min(model_len, num_blocks * block_size)
-        self.model = load_model(self.checkpoint, self.dtype, self.max_model_len)
+        self.model = load_model(self.checkpoint, self.dtype, self.max_model_len, config.quant)
         self.kv_pool = allocate_kv_pool(args, num_blocks, block_size, self.dtype)
         self.block_manager = BlockManager(num_blocks, block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)

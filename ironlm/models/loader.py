@@ -1,17 +1,24 @@
-"""Build a model from a Checkpoint: fuse projections by the packing map, keep unfused weights zero-copy."""
+"""Build a model from a Checkpoint: fuse projections by the packing map, keep unfused weights zero-copy, and
+give every linear layer its weight format (GGUF blocks kept as they are, or quantized once here)."""
+import numpy as np
 import torch
 from torch import nn
 
 from ironlm.errors import ModelLoadError
-from ironlm.formats.checkpoint import Checkpoint
+from ironlm.formats.checkpoint import Checkpoint, WeightSource
 from ironlm.models import get_model_class
 from ironlm.models.llama import LlamaForCausalLM, ModelArgs
+from ironlm.quant import QuantLinear
+from ironlm.quant.formats import GGUF_FORMATS
+from ironlm.quant.kquants import KQUANT_TARGETS
 
 # Tensors some checkpoints carry that are not parameters of ours.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+DENSE_TYPES = ("F32", "F16", "BF16")
 
 
-def load_model(checkpoint: Checkpoint, dtype: torch.dtype, max_model_len: int | None = None) -> LlamaForCausalLM:
+def load_model(checkpoint: Checkpoint, dtype: torch.dtype, max_model_len: int | None = None,
+               quant: str = "auto") -> LlamaForCausalLM:
     model_cls = get_model_class(checkpoint.config)
     args = ModelArgs.from_hf(checkpoint.config)
     if max_model_len is not None:
@@ -19,42 +26,89 @@ def load_model(checkpoint: Checkpoint, dtype: torch.dtype, max_model_len: int | 
     freq_factors = checkpoint.tensors["rope_freqs"].tensor(torch.float32) if "rope_freqs" in checkpoint.tensors else None
     with torch.device("meta"):
         model = model_cls(args, freq_factors)
-    _load_weights(model, checkpoint, dtype)
-    model.eval()
-    return model
-
-
-def _load_weights(model: LlamaForCausalLM, checkpoint: Checkpoint, dtype: torch.dtype) -> None:
-    shards: dict[str, dict[int, torch.Tensor]] = {}
-    for name, source in checkpoint.tensors.items():
-        if name == "rope_freqs" or name.endswith(IGNORED_SUFFIXES):
-            continue
-        target, shard = _target_name(model, name)
-        tensor = source.tensor(dtype)
-        if shard is None:
-            _set_parameter(model, target, tensor, checkpoint)
-        else:
-            shards.setdefault(target, {})[shard] = tensor
-    for target, pieces in shards.items():
-        expected = 3 if ".qkv_proj." in target else 2
-        if sorted(pieces) != list(range(expected)):
-            raise ModelLoadError(f"{checkpoint.path}: {target} is missing some of its parts (have shards {sorted(pieces)})")
-        _set_parameter(model, target, torch.cat([pieces[i] for i in range(expected)], dim=0), checkpoint)
-    if model.args.tie_word_embeddings and model.lm_head.weight.is_meta:
+    groups = _group_sources(model, checkpoint)
+    if quant == "auto":
+        quant = _auto_quant(groups, dtype)
+    linears = {name for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    for target, pieces in groups.items():
+        module_name, _, param_name = target.rpartition(".")
+        if quant != "none" and module_name in linears and param_name == "weight":
+            continue  # built below as a QuantLinear
+        _set_parameter(model, target, _dense(pieces, dtype), checkpoint)
+    if quant != "none":
+        if args.tie_word_embeddings and "lm_head.weight" not in groups:
+            groups["lm_head.weight"] = groups.get("model.embed_tokens.weight", {})
+        for module_name in sorted(linears):
+            pieces = groups.get(f"{module_name}.weight")
+            if pieces:
+                dense = model.get_submodule(module_name)
+                bias = None if dense.bias is None or dense.bias.is_meta else dense.bias
+                model.set_submodule(module_name, _quant_linear(pieces, bias, quant))
+    elif args.tie_word_embeddings and model.lm_head.weight.is_meta:
         model.lm_head.weight = model.model.embed_tokens.weight
     missing = [name for name, p in model.named_parameters() if p.is_meta]
     if missing:
         raise ModelLoadError(
             f"{checkpoint.path}: the checkpoint lacks {len(missing)} weight(s) the model needs, e.g. {missing[0]}"
         )
+    model.eval()
+    return model
 
 
-def _target_name(model: LlamaForCausalLM, name: str) -> tuple[str, int | None]:
+def _auto_quant(groups: dict[str, dict[int, WeightSource]], dtype: torch.dtype) -> str:
+    """Quantized files keep their blocks; dense weights run in bf16 on our kernels when the compute dtype is
+    bf16, and on torch's float32 matmul when it is float32 (the exact reference path)."""
+    if any(s.dtype not in DENSE_TYPES for pieces in groups.values() for s in pieces.values()):
+        return "auto"
+    return "bf16" if dtype == torch.bfloat16 else "none"
+
+
+def _group_sources(model: LlamaForCausalLM, checkpoint: Checkpoint) -> dict[str, dict[int, WeightSource]]:
+    """Our parameter name -> {shard index: source}; unfused parameters have the single shard 0."""
+    groups: dict[str, dict[int, WeightSource]] = {}
+    for name, source in checkpoint.tensors.items():
+        if name == "rope_freqs" or name.endswith(IGNORED_SUFFIXES):
+            continue
+        target, shard = _target_name(model, name)
+        groups.setdefault(target, {})[shard] = source
+    for target, pieces in groups.items():
+        expected = _num_shards(model, target)
+        if sorted(pieces) != list(range(expected)):
+            raise ModelLoadError(f"{checkpoint.path}: {target} is missing some of its parts (have {sorted(pieces)})")
+    return groups
+
+
+def _num_shards(model: LlamaForCausalLM, target: str) -> int:
+    module = target.rpartition(".")[0].rpartition(".")[2]
+    return 1 + max((shard for fused, shard in model.packed_modules_mapping.values() if fused == module), default=0)
+
+
+def _target_name(model: LlamaForCausalLM, name: str) -> tuple[str, int]:
     parts = name.split(".")
     if len(parts) >= 2 and parts[-2] in model.packed_modules_mapping:
         fused, shard = model.packed_modules_mapping[parts[-2]]
         return ".".join(parts[:-2] + [fused, parts[-1]]), shard
-    return name, None
+    return name, 0
+
+
+def _dense(pieces: dict[int, WeightSource], dtype: torch.dtype) -> torch.Tensor:
+    if len(pieces) == 1:
+        return pieces[0].tensor(dtype)  # zero-copy when the file already holds this dtype
+    return torch.cat([pieces[i].tensor(dtype) for i in range(len(pieces))], dim=0)
+
+
+def _quant_linear(pieces: dict[int, WeightSource], bias: torch.Tensor | None, quant: str) -> QuantLinear:
+    sources = [pieces[i] for i in range(len(pieces))]
+    kinds = {s.dtype for s in sources}
+    num_rows = sum(s.shape[0] for s in sources)
+    shape = (num_rows, sources[0].shape[1])
+    native = kinds <= GGUF_FORMATS.keys() or kinds <= KQUANT_TARGETS.keys()
+    if len(kinds) == 1 and native and quant in ("auto", GGUF_FORMATS.get(next(iter(kinds)))):
+        # Fused rows of GGML blocks are just their rows stacked: no dequantizing, no requantizing.
+        raw = np.concatenate([s.raw() for s in sources], axis=0) if len(sources) > 1 else sources[0].raw()
+        return QuantLinear.from_gguf(raw, next(iter(kinds)), shape, bias)
+    fmt = quant if quant != "auto" else "int8"  # auto reaches here only for GGML types without a native kernel
+    return QuantLinear.from_dense(_dense(pieces, torch.float32), bias, fmt)
 
 
 def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor, checkpoint: Checkpoint) -> None:
