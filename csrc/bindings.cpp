@@ -1,12 +1,115 @@
-// Python bindings: the only file that includes nanobind.
+// Python bindings: the only file that includes nanobind. Kernels release the GIL.
 #include <nanobind/nanobind.h>
-#include <nanobind/stl/string.h>
 #include <nanobind/stl/pair.h>
+#include <nanobind/stl/string.h>
+
+#include <stdexcept>
 
 #include "dispatch.h"
+#include "gemm.h"
+#include "ops.h"
+#include "quantize.h"
+#include "repack.h"
+#include "threadpool.h"
 
 namespace nb = nanobind;
 using namespace ironlm;
+
+namespace {
+
+// Tensors cross as raw addresses plus strides: torch's __dlpack__ costs about 3 us per tensor,
+// which at ~200 kernel calls per token of a small model is a large share of decode time. The
+// Python wrappers (ironlm/quant/linear.py, ironlm/kernels.py) check dtypes, shapes and strides.
+template <typename T>
+T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
+
+DType dt(bool bf16) { return bf16 ? DType::bf16 : DType::f32; }
+
+void check(bool ok, const char* what) {
+    if (!ok) throw std::invalid_argument(what);
+}
+
+void gemm_py(int fmt, uintptr_t w, int64_t n, int64_t k_padded, int64_t m, int64_t k, uintptr_t x, int64_t ldx,
+             bool x_bf16, uintptr_t y, int64_t ldy, bool y_bf16, uintptr_t bias) {
+    check(fmt >= 0 && fmt <= 3, "gemm: unknown weight format");
+    check(k_padded > 0 && k_padded % kBlock == 0 && k <= k_padded && k_padded - k < kBlock, "gemm: bad k / k_padded");
+    check(m >= 0 && n >= 0 && ldx >= k && ldy >= n, "gemm: bad shape or row stride");
+    if (m == 0 || n == 0) return;
+    GemmArgs a{fmt, ptr<const uint8_t>(w), n, k_padded, m, k, ptr<const void>(x), ldx, x_bf16,
+               ptr<void>(y), ldy, y_bf16, ptr<const float>(bias)};
+    nb::gil_scoped_release release;
+    gemm(a);
+}
+
+void rms_norm_py(int64_t rows, int64_t dim, uintptr_t x, int64_t ldx, bool x_bf16, uintptr_t residual, int64_t ldr,
+                 bool r_bf16, uintptr_t weight, bool w_bf16, uintptr_t out, int64_t ldo, bool o_bf16, float eps) {
+    check(rows >= 0 && dim > 0 && ldx >= dim && ldo >= dim && (!residual || ldr >= dim), "rms_norm: bad shape or stride");
+    NormArgs a{rows, dim, ptr<const void>(x), ldx, dt(x_bf16), ptr<void>(residual), ldr, dt(r_bf16),
+               ptr<const void>(weight), dt(w_bf16), ptr<void>(out), ldo, dt(o_bf16), eps};
+    nb::gil_scoped_release release;
+    ops().rms_norm(a);
+}
+
+void silu_mul_py(int64_t rows, int64_t inter, uintptr_t gate_up, int64_t ldg, bool g_bf16, uintptr_t out, int64_t ldo,
+                 bool o_bf16) {
+    check(rows >= 0 && inter > 0 && ldg >= 2 * inter && ldo >= inter, "silu_mul: bad shape or stride");
+    SiluMulArgs a{rows, inter, ptr<const void>(gate_up), ldg, dt(g_bf16), ptr<void>(out), ldo, dt(o_bf16)};
+    nb::gil_scoped_release release;
+    ops().silu_mul(a);
+}
+
+void rope_py(int64_t tokens, int64_t dim, int64_t rot_dim, uintptr_t q, int64_t q_heads, int64_t q_token_stride,
+             int64_t q_head_stride, bool q_bf16, uintptr_t k, int64_t k_heads, int64_t k_token_stride,
+             int64_t k_head_stride, bool k_bf16, uintptr_t positions, uintptr_t cos, uintptr_t sin, int64_t max_positions) {
+    check(rot_dim > 0 && rot_dim % 2 == 0 && rot_dim <= dim, "rope: bad rot_dim");
+    const int64_t* pos = ptr<const int64_t>(positions);
+    for (int64_t i = 0; i < tokens; ++i)
+        check(pos[i] >= 0 && pos[i] < max_positions, "rope: position outside the cos/sin cache");
+    RopeArgs a{tokens, dim, rot_dim, ptr<void>(q), q_heads, q_token_stride, q_head_stride, dt(q_bf16),
+               ptr<void>(k), k_heads, k_token_stride, k_head_stride, dt(k_bf16), pos, ptr<const float>(cos),
+               ptr<const float>(sin)};
+    nb::gil_scoped_release release;
+    ops().rope(a);
+}
+
+void attention_py(int64_t batch, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t block_size,
+                  int64_t max_blocks, int64_t num_blocks, uintptr_t q, bool q_bf16, int64_t q_stride_b,
+                  int64_t q_stride_h, uintptr_t k_cache, uintptr_t v_cache, bool kv_bf16, uintptr_t block_tables,
+                  uintptr_t context_lens, float scale, uintptr_t out, bool o_bf16) {
+    check(kv_heads > 0 && heads % kv_heads == 0 && head_dim > 0 && head_dim <= 256,
+          "paged_attention_decode: H must be a multiple of KVH and head_dim at most 256");
+    const int32_t* tables = ptr<const int32_t>(block_tables);
+    const int32_t* lens = ptr<const int32_t>(context_lens);
+    for (int64_t b = 0; b < batch; ++b) {
+        const int64_t len = lens[b];
+        check(len >= 0 && len <= max_blocks * block_size, "paged_attention_decode: context length exceeds the block table");
+        for (int64_t i = 0; i < (len + block_size - 1) / block_size; ++i) {
+            const int32_t blk = tables[b * max_blocks + i];
+            check(blk >= 0 && blk < num_blocks, "paged_attention_decode: block table entry outside the cache");
+        }
+    }
+    AttentionArgs a{batch, heads, kv_heads, head_dim, block_size, max_blocks, ptr<const void>(q), dt(q_bf16),
+                    q_stride_b, q_stride_h, ptr<const void>(k_cache), ptr<const void>(v_cache), dt(kv_bf16),
+                    tables, lens, scale, ptr<void>(out), dt(o_bf16)};
+    nb::gil_scoped_release release;
+    ops().attention(a);
+}
+
+void repack_ggml_py(int fmt, uintptr_t src, int64_t src_row_bytes, int64_t n, int64_t k, uintptr_t dst) {
+    check(fmt >= 0 && fmt <= 2, "repack_ggml: fmt must be int8, int4 or int4_sym");
+    check(n >= 0 && k > 0 && k % kBlock == 0, "repack_ggml: k must be a positive multiple of 32");
+    nb::gil_scoped_release release;
+    repack_ggml(fmt, ptr<const uint8_t>(src), src_row_bytes, n, k, ptr<uint8_t>(dst));
+}
+
+void quantize_pack_py(int fmt, uintptr_t src, int64_t ld, bool src_bf16, int64_t n, int64_t k, uintptr_t dst) {
+    check(fmt >= 0 && fmt <= 2, "quantize_pack: fmt must be int8, int4 or int4_sym");
+    check(n >= 0 && k > 0 && ld >= k, "quantize_pack: bad shape or row stride");
+    nb::gil_scoped_release release;
+    quantize_pack(fmt, ptr<const void>(src), src_bf16, ld, n, k, ptr<uint8_t>(dst));
+}
+
+}  // namespace
 
 NB_MODULE(_kernels, m) {
     m.def("cpu_features", []() {
@@ -30,7 +133,25 @@ NB_MODULE(_kernels, m) {
     m.def("best_isa", []() { return std::string(isa_name(best_isa(cpu_features()))); });
     m.def("active_isa", []() {
         std::string why;
-        const Isa isa = active_isa(&why);
-        return std::make_pair(std::string(isa_name(isa)), why);
-    });
+        const Isa chosen = active_isa(&why);
+        const Isa now = current_isa();
+        if (now != chosen) why = "set by ironlm._kernels.set_isa";
+        return std::make_pair(std::string(isa_name(now)), why);
+    }, "(level, reason): the ISA level the kernels use now.");
+    m.def("set_isa", [](const std::string& name) {
+        Isa isa;
+        if (!parse_isa(name, &isa)) throw std::invalid_argument("set_isa: unknown level " + name);
+        if (!set_isa(isa)) throw std::invalid_argument("set_isa: this CPU/OS cannot run " + name);
+    }, nb::arg("name"), "Switch every kernel to ISA level `name` (at most best_isa()).");
+    m.def("set_num_threads", [](int n) { set_num_threads(n); }, nb::arg("n"), "Resize the kernel thread pool.");
+    m.def("num_threads", []() { return num_threads(); });
+    m.def("gemm_kernel_name", &gemm_kernel_name, nb::arg("fmt"));
+    // Raw-address kernels: call them through ironlm.quant.QuantLinear and ironlm.kernels.
+    m.def("gemm", &gemm_py);
+    m.def("rms_norm", &rms_norm_py);
+    m.def("silu_mul", &silu_mul_py);
+    m.def("rope", &rope_py);
+    m.def("paged_attention_decode", &attention_py);
+    m.def("repack_ggml", &repack_ggml_py);
+    m.def("quantize_pack", &quantize_pack_py);
 }

@@ -1,5 +1,6 @@
 #include "dispatch.h"
 
+#include <atomic>
 #include <cpuid.h>
 #include <cstdlib>
 #include <cstring>
@@ -109,6 +110,21 @@ Isa active_isa(std::string* why) {
         if (f.amx_tile && !f.amx_permitted) *why += " (AMX present but not enabled by the OS)";
     }
     return best;
+}
+
+namespace {
+std::atomic<int>& current_level() {
+    static std::atomic<int> level{static_cast<int>(active_isa())};
+    return level;
+}
+}  // namespace
+
+Isa current_isa() { return static_cast<Isa>(current_level().load(std::memory_order_relaxed)); }
+
+bool set_isa(Isa isa) {
+    if (isa > best_isa(cpu_features())) return false;
+    current_level().store(static_cast<int>(isa), std::memory_order_relaxed);
+    return true;
 }
 
 }  // namespace ironlm

@@ -21,6 +21,10 @@ Isa best_isa(const CpuFeatures& f);
 // The level in use: the best one, lowered by IRONLM_ISA if set. `why` explains the choice.
 Isa active_isa(std::string* why = nullptr);
 const char* isa_name(Isa isa);
+// The level the kernels use now: active_isa() on first use, then whatever set_isa chose.
+Isa current_isa();
+// Switches the kernels to `isa` (tests use it to cover every level); false if the CPU lacks it.
+bool set_isa(Isa isa);
 bool parse_isa(const std::string& name, Isa* out);
 
 }  // namespace ironlm

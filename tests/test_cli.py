@@ -11,9 +11,10 @@ def ironlm(*args: str, stdin: str | None = None, timeout: int = 300) -> subproce
 
 
 def test_generate_answers_with_default_model():
-    result = ironlm("generate", "--temperature", "0", "--max-tokens", "24", "What is the capital of France?")
+    # The README's own question, on the default (native Q4_1) path.
+    result = ironlm("generate", "--temperature", "0", "--max-tokens", "32", "Who wrote Romeo and Juliet?")
     assert result.returncode == 0, result.stderr
-    assert "Paris" in result.stdout
+    assert "Shakespeare" in result.stdout
 
 
 def test_generate_stream_from_stdin():

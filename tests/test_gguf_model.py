@@ -62,3 +62,31 @@ def test_streaming_chinese_never_splits_a_character(llm):
     assert all("\ufffd" not in piece for piece in pieces)
     assert "".join(pieces) == final.text == llm.tokenizer.decode(final.token_ids)
     assert any("\u4e00" <= ch <= "\u9fff" for ch in final.text)
+
+
+# Prompts whose greedy answer is stable under the int8 activations of the native kernels; llama.cpp's Q4_1 path
+# quantizes activations the same way and flips near-ties too (e.g. "What is the capital of France?").
+NATIVE_PROMPTS = ["What is photosynthesis?", "Give me a tip for staying healthy.", "Who wrote Romeo and Juliet?",
+                  "Explain gravity in one sentence."]
+
+
+@pytest.fixture(scope="module")
+def native_llm(gguf_path):
+    return LLM(str(gguf_path), dtype="float32", quant="auto", max_num_seqs=4, num_kv_blocks=256)
+
+
+def test_native_q4_1_path_keeps_gguf_blocks(native_llm):
+    from ironlm.quant import QuantLinear
+
+    layer = native_llm.engine.model.model.layers[0]
+    assert isinstance(layer.self_attn.qkv_proj, QuantLinear) and layer.self_attn.qkv_proj.fmt == "int4"
+    assert native_llm.engine.model.lm_head.fmt == "int8"  # tied to the Q8_0 token embedding
+
+
+@pytest.mark.parametrize("prompt", NATIVE_PROMPTS)
+def test_native_q4_1_greedy_matches_dequantized_reference(llm, native_llm, prompt):
+    params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+    messages = [{"role": "user", "content": prompt}]
+    reference = llm.chat(messages, params)[0].token_ids
+    native = native_llm.chat(messages, params)[0].token_ids
+    assert native == reference

@@ -1,0 +1,267 @@
+// The GEMM algorithm shared by the SIMD levels. Included inside an anonymous namespace by each
+// gemm_<isa>.cpp after it defines its vector primitives, so every level is compiled with its own
+// flags and nothing here is shared between translation units.
+//
+// Primitives the includer provides:
+//   VI (16 x int32), VF (16 x float);
+//   kMaxR, kMaxRBf16: rows of x per micro-tile for integer and bf16 formats;
+//   kT: 16-row weight tiles per micro-tile, kTSmall of them when x has at most kSmallRows rows;
+//   kQ8Offset: what int8 weights are stored offset by, as seen by dot_q8;
+//   wload, nib_lo, nib_hi, iset1, fzero, fset1, fmul, fmadd, cvt, load_h16, fstore, dot_q4, dot_q8,
+//   quantize_block, and either bf16_dot (with IRONLM_BF16_DOT defined) or bf16_even/bf16_odd.
+
+// Software prefetch distance along each tile's weight stream; the hardware prefetchers alone
+// leave single-core bandwidth on the table.
+constexpr int64_t kPrefetchBytes = 2048;
+
+inline void prefetch(const uint8_t* p) { __builtin_prefetch(p, 0, 3); }
+
+inline int32_t load_i32(const int8_t* p) {
+    int32_t v;
+    __builtin_memcpy(&v, p, 4);
+    return v;
+}
+
+inline int32_t load_i32(const uint16_t* p) {
+    int32_t v;
+    __builtin_memcpy(&v, p, 4);
+    return v;
+}
+
+inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    __builtin_memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // quiet NaN
+    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+    return static_cast<uint16_t>(u >> 16);
+}
+
+inline float bf16_to_f32(uint16_t h) {
+    const uint32_t u = static_cast<uint32_t>(h) << 16;
+    float f;
+    __builtin_memcpy(&f, &u, 4);
+    return f;
+}
+
+// Activations prepared once per call: int8 blocks for the integer formats, bf16 or float rows for bf16.
+struct Prepared {
+    const GemmArgs* a;
+    int64_t num_tiles;
+    int8_t* xq;      // (m, k_padded)
+    float* xs;       // (m, k_padded / 32) block scales
+    int32_t* xsum;   // (m, k_padded / 32) sums of the quantized block
+    uint16_t* xb;    // (m, k_padded) bf16
+    float* xf;       // (m, k_padded) float
+};
+
+void prepare_rows(void* ctx, int64_t begin, int64_t end) {
+    const Prepared& p = *static_cast<const Prepared*>(ctx);
+    const GemmArgs& a = *p.a;
+    const int64_t kp = a.k_padded, kb = kp / kBlock;
+    alignas(64) float row[kBlock];
+    for (int64_t r = begin; r < end; ++r) {
+        for (int64_t b = 0; b < kb; ++b) {
+            // Typed loops without a per-element branch, so the compiler vectorizes the load.
+            const int64_t c0 = b * kBlock;
+            const int n = a.k - c0 >= kBlock ? kBlock : static_cast<int>(a.k - c0);
+            if (a.x_bf16) {
+                const uint16_t* src = static_cast<const uint16_t*>(a.x) + r * a.ldx + c0;
+                for (int i = 0; i < n; ++i) row[i] = bf16_to_f32(src[i]);
+            } else {
+                const float* src = static_cast<const float*>(a.x) + r * a.ldx + c0;
+                for (int i = 0; i < n; ++i) row[i] = src[i];
+            }
+            for (int i = n; i < kBlock; ++i) row[i] = 0.0f;
+            if (p.xq) {
+                quantize_block(row, p.xq + r * kp + b * kBlock, p.xs + r * kb + b, p.xsum + r * kb + b);
+            } else if (p.xb) {
+                for (int i = 0; i < kBlock; ++i) p.xb[r * kp + b * kBlock + i] = f32_to_bf16(row[i]);
+            } else {
+                for (int i = 0; i < kBlock; ++i) p.xf[r * kp + b * kBlock + i] = row[i];
+            }
+        }
+    }
+}
+
+void store_tile(const GemmArgs& a, int64_t r, int64_t tile, VF acc) {
+    alignas(64) float out[kTileRows];
+    fstore(out, acc);
+    const int64_t c0 = tile * kTileRows;
+    const int64_t cols = a.n - c0 < kTileRows ? a.n - c0 : kTileRows;
+    for (int64_t j = 0; j < cols; ++j) {
+        const float v = out[j] + (a.bias ? a.bias[c0 + j] : 0.0f);
+        if (a.y_bf16) static_cast<uint16_t*>(a.y)[r * a.ldy + c0 + j] = f32_to_bf16(v);
+        else static_cast<float*>(a.y)[r * a.ldy + c0 + j] = v;
+    }
+}
+
+// R rows of x times T tiles of 16 output rows, over all of K.
+template <int FMT, int R, int T>
+void int_micro(const Prepared& p, int64_t r0, int64_t tile0) {
+    const GemmArgs& a = *p.a;
+    const int64_t kp = a.k_padded, kb = kp / kBlock;
+    const int64_t tb = tile_block_bytes(FMT);
+    constexpr int64_t qbytes = FMT == static_cast<int>(WeightFormat::int8) ? 8 * 64 : 4 * 64;
+    constexpr int32_t offset = FMT == static_cast<int>(WeightFormat::int8) ? kQ8Offset
+                               : FMT == static_cast<int>(WeightFormat::int4_sym) ? 8 : 0;
+    VF acc[R][T];
+    for (int r = 0; r < R; ++r)
+        for (int t = 0; t < T; ++t) acc[r][t] = fzero();
+    const uint8_t* wt[T];
+    for (int t = 0; t < T; ++t) wt[t] = a.w + (tile0 + t) * kb * tb;
+    for (int64_t b = 0; b < kb; ++b) {
+        const int8_t* xr[R];
+        VI ai[R][T];
+        for (int r = 0; r < R; ++r) {
+            xr[r] = p.xq + (r0 + r) * kp + b * kBlock;
+            const VI init = iset1(-offset * p.xsum[(r0 + r) * kb + b]);
+            for (int t = 0; t < T; ++t) ai[r][t] = init;
+        }
+        if (FMT == static_cast<int>(WeightFormat::int8)) {
+            for (int g = 0; g < 8; ++g) {
+                for (int t = 0; t < T; ++t) {
+                    const VI w = wload(wt[t] + g * 64);
+                    for (int r = 0; r < R; ++r) ai[r][t] = dot_q8(ai[r][t], w, load_i32(xr[r] + 4 * g));
+                }
+            }
+        } else {
+            for (int v = 0; v < 4; ++v) {
+                for (int t = 0; t < T; ++t) {
+                    const VI w = wload(wt[t] + v * 64);
+                    const VI lo = nib_lo(w), hi = nib_hi(w);
+                    for (int r = 0; r < R; ++r) {
+                        ai[r][t] = dot_q4(ai[r][t], lo, load_i32(xr[r] + 4 * v));
+                        ai[r][t] = dot_q4(ai[r][t], hi, load_i32(xr[r] + 16 + 4 * v));
+                    }
+                }
+            }
+        }
+        for (int t = 0; t < T; ++t)
+            for (int64_t off = 0; off < tb; off += 64) prefetch(wt[t] + kPrefetchBytes + off);
+        VF d[T];
+        for (int t = 0; t < T; ++t) d[t] = load_h16(wt[t] + qbytes);
+        for (int r = 0; r < R; ++r) {
+            const VF s = fset1(p.xs[(r0 + r) * kb + b]);
+            for (int t = 0; t < T; ++t) acc[r][t] = fmadd(cvt(ai[r][t]), fmul(d[t], s), acc[r][t]);
+        }
+        if (FMT == static_cast<int>(WeightFormat::int4)) {
+            for (int t = 0; t < T; ++t) d[t] = load_h16(wt[t] + qbytes + 32);  // the block minimums
+            for (int r = 0; r < R; ++r) {
+                const int64_t i = (r0 + r) * kb + b;
+                const VF s = fset1(p.xs[i] * static_cast<float>(p.xsum[i]));
+                for (int t = 0; t < T; ++t) acc[r][t] = fmadd(d[t], s, acc[r][t]);
+            }
+        }
+        for (int t = 0; t < T; ++t) wt[t] += tb;
+    }
+    for (int r = 0; r < R; ++r)
+        for (int t = 0; t < T; ++t) store_tile(a, r0 + r, tile0 + t, acc[r][t]);
+}
+
+template <int R, int T>
+void bf16_micro(const Prepared& p, int64_t r0, int64_t tile0) {
+    const GemmArgs& a = *p.a;
+    const int64_t kp = a.k_padded, pairs = kp / 2;
+    VF acc[R][T];
+    for (int r = 0; r < R; ++r)
+        for (int t = 0; t < T; ++t) acc[r][t] = fzero();
+    const uint8_t* wt[T];
+    for (int t = 0; t < T; ++t) wt[t] = a.w + (tile0 + t) * pairs * 64;
+    for (int64_t q = 0; q < pairs; ++q) {
+        for (int t = 0; t < T; ++t) {
+            prefetch(wt[t] + q * 64 + kPrefetchBytes);
+            const VI w = wload(wt[t] + q * 64);
+#ifdef IRONLM_BF16_DOT
+            for (int r = 0; r < R; ++r) acc[r][t] = bf16_dot(acc[r][t], w, load_i32(p.xb + (r0 + r) * kp + 2 * q));
+#else
+            const VF we = bf16_even(w), wo = bf16_odd(w);
+            for (int r = 0; r < R; ++r) {
+                const float* x = p.xf + (r0 + r) * kp + 2 * q;
+                acc[r][t] = fmadd(wo, fset1(x[1]), fmadd(we, fset1(x[0]), acc[r][t]));
+            }
+#endif
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int t = 0; t < T; ++t) store_tile(a, r0 + r, tile0 + t, acc[r][t]);
+}
+
+template <int FMT, int R, int T>
+void micro(const Prepared& p, int64_t r0, int64_t tile0) {
+    if constexpr (FMT == static_cast<int>(WeightFormat::bf16)) bf16_micro<R, T>(p, r0, tile0);
+    else int_micro<FMT, R, T>(p, r0, tile0);
+}
+
+// Rows [r0, r0 + rest) with rest < kMaxRows, as one micro-tile of exactly `rest` rows.
+template <int FMT, int T, int R>
+void row_tail(const Prepared& p, int64_t r0, int64_t rest, int64_t tile0) {
+    if constexpr (R > 0) {
+        if (rest == R) micro<FMT, R, T>(p, r0, tile0);
+        else row_tail<FMT, T, R - 1>(p, r0, rest, tile0);
+    }
+}
+
+template <int FMT, int T>
+void rows_for_tiles(const Prepared& p, int64_t r_begin, int64_t r_end, int64_t tile0) {
+    // bf16 needs no integer accumulators, so it affords more rows per micro-tile.
+    constexpr int kRows = FMT == static_cast<int>(WeightFormat::bf16) ? kMaxRBf16 : kMaxR;
+    int64_t r0 = r_begin;
+    for (; r0 + kRows <= r_end; r0 += kRows) micro<FMT, kRows, T>(p, r0, tile0);
+    row_tail<FMT, T, kRows - 1>(p, r0, r_end - r0, tile0);
+}
+
+constexpr int64_t kRowBlock = 64;  // rows of x kept in L2 while a thread sweeps its tiles
+
+template <int FMT, int T>
+void gemm_units(void* ctx, int64_t begin, int64_t end) {
+    const Prepared& p = *static_cast<const Prepared*>(ctx);
+    for (int64_t rb = 0; rb < p.a->m; rb += kRowBlock) {
+        const int64_t re = rb + kRowBlock < p.a->m ? rb + kRowBlock : p.a->m;
+        for (int64_t u = begin; u < end; ++u) {
+            const int64_t tile0 = u * T;
+            if (tile0 + T <= p.num_tiles) rows_for_tiles<FMT, T>(p, rb, re, tile0);
+            else
+                for (int64_t t = tile0; t < p.num_tiles; ++t) rows_for_tiles<FMT, 1>(p, rb, re, t);
+        }
+    }
+}
+
+template <int FMT>
+void run_units(const Prepared& p) {
+    // Few rows: more tiles per micro-tile, for more independent accumulator chains.
+    if (p.a->m <= kSmallRows) parallel_for((p.num_tiles + kTSmall - 1) / kTSmall, gemm_units<FMT, kTSmall>, const_cast<Prepared*>(&p));
+    else parallel_for((p.num_tiles + kT - 1) / kT, gemm_units<FMT, kT>, const_cast<Prepared*>(&p));
+}
+
+void gemm_impl(const GemmArgs& a) {
+    Prepared p{};
+    p.a = &a;
+    p.num_tiles = (a.n + kTileRows - 1) / kTileRows;
+    const int64_t kp = a.k_padded, kb = kp / kBlock;
+    const bool is_bf16 = a.fmt == static_cast<int>(WeightFormat::bf16);
+    void* scratch;
+    if (!is_bf16) {
+        scratch = scratch_alloc(a.m * (kp + 8 * kb) + 64);
+        p.xq = static_cast<int8_t*>(scratch);
+        p.xs = reinterpret_cast<float*>(p.xq + ((a.m * kp + 63) / 64) * 64);
+        p.xsum = reinterpret_cast<int32_t*>(p.xs + a.m * kb);
+    } else {
+#ifdef IRONLM_BF16_DOT
+        scratch = scratch_alloc(a.m * kp * 2);
+        p.xb = static_cast<uint16_t*>(scratch);
+#else
+        scratch = scratch_alloc(a.m * kp * 4);
+        p.xf = static_cast<float*>(scratch);
+#endif
+    }
+    // Preparing activations is cheap for decode; split it only when there are many rows.
+    if (a.m >= 16) parallel_for(a.m, prepare_rows, &p);
+    else prepare_rows(&p, 0, a.m);
+    switch (static_cast<WeightFormat>(a.fmt)) {
+        case WeightFormat::int8: run_units<static_cast<int>(WeightFormat::int8)>(p); break;
+        case WeightFormat::int4: run_units<static_cast<int>(WeightFormat::int4)>(p); break;
+        case WeightFormat::int4_sym: run_units<static_cast<int>(WeightFormat::int4_sym)>(p); break;
+        case WeightFormat::bf16: run_units<static_cast<int>(WeightFormat::bf16)>(p); break;
+    }
+    scratch_free(scratch);
+}

@@ -1,0 +1,56 @@
+// Fused small ops and decode attention: entry points on the current ISA level.
+#pragma once
+#include <cstdint>
+
+namespace ironlm {
+
+// A tensor element type the ops accept.
+enum class DType : int { f32 = 0, bf16 = 1 };
+
+struct NormArgs {
+    int64_t rows, dim;
+    const void* x; int64_t ldx; DType x_type;    // (rows, dim)
+    void* residual; int64_t ldr; DType r_type;   // (rows, dim) or nullptr; updated to residual + x
+    const void* weight; DType w_type;            // (dim)
+    void* out; int64_t ldo; DType o_type;        // (rows, dim)
+    float eps;
+};
+
+struct SiluMulArgs {
+    int64_t rows, inter;                         // gate_up is (rows, 2 * inter)
+    const void* gate_up; int64_t ldg; DType g_type;
+    void* out; int64_t ldo; DType o_type;        // (rows, inter)
+};
+
+struct RopeArgs {
+    int64_t tokens, dim, rot_dim;                // rotate the first rot_dim of dim (neox halves)
+    void* q; int64_t q_heads, q_token_stride, q_head_stride; DType q_type;
+    void* k; int64_t k_heads, k_token_stride, k_head_stride; DType k_type;
+    const int64_t* positions;                    // (tokens)
+    const float* cos; const float* sin;          // (max_positions, rot_dim / 2)
+};
+
+struct AttentionArgs {
+    int64_t batch, heads, kv_heads, head_dim, block_size, max_blocks;
+    const void* q; DType q_type; int64_t q_stride_b, q_stride_h;   // (B, H, D)
+    const void* k_cache; const void* v_cache; DType kv_type;      // (blocks, block_size, KVH, D), contiguous
+    const int32_t* block_tables;                                  // (B, max_blocks)
+    const int32_t* context_lens;                                  // (B)
+    float scale;
+    void* out; DType o_type;                                      // (B, H, D) contiguous
+};
+
+struct OpsTable {
+    void (*rms_norm)(const NormArgs&);
+    void (*silu_mul)(const SiluMulArgs&);
+    void (*rope)(const RopeArgs&);
+    void (*attention)(const AttentionArgs&);
+};
+
+const OpsTable& ops_scalar();
+const OpsTable& ops_avx2();
+const OpsTable& ops_avx512();
+// The table of the current ISA level.
+const OpsTable& ops();
+
+}  // namespace ironlm

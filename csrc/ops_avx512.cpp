@@ -1,0 +1,12 @@
+// Fused ops and decode attention at the avx512 level: ops_impl.h compiled with this level's flags.
+#include "ops.h"
+#include "threadpool.h"
+
+namespace ironlm {
+namespace {
+#include "ops_impl.h"
+}  // namespace
+
+const OpsTable& ops_avx512() { return kTable; }
+
+}  // namespace ironlm

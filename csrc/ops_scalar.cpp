@@ -1,0 +1,26 @@
+// Fused ops and decode attention at the scalar level: ops_impl.h compiled with this level's flags.
+#include "ops.h"
+#include "threadpool.h"
+
+namespace ironlm {
+namespace {
+#include "ops_impl.h"
+}  // namespace
+
+const OpsTable& ops_scalar() { return kTable; }
+
+}  // namespace ironlm
+
+#include "dispatch.h"
+
+namespace ironlm {
+
+const OpsTable& ops() {
+    switch (current_isa()) {
+        case Isa::scalar: return ops_scalar();
+        case Isa::avx2: return ops_avx2();
+        default: return ops_avx512();
+    }
+}
+
+}  // namespace ironlm

@@ -1,0 +1,44 @@
+// AVX2 + FMA probe kernels (compiled with -mavx2 -mfma; called only when the CPU and OS support them).
+#include <immintrin.h>
+
+#include "probe.h"
+
+namespace ironlm::probe {
+
+uint64_t read_avx2(const uint8_t* p, size_t n) {
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+    size_t i = 0;
+    for (; i + 128 <= n; i += 128) {
+        a0 = _mm256_add_epi64(a0, _mm256_load_si256(reinterpret_cast<const __m256i*>(p + i)));
+        a1 = _mm256_add_epi64(a1, _mm256_load_si256(reinterpret_cast<const __m256i*>(p + i + 32)));
+        a2 = _mm256_add_epi64(a2, _mm256_load_si256(reinterpret_cast<const __m256i*>(p + i + 64)));
+        a3 = _mm256_add_epi64(a3, _mm256_load_si256(reinterpret_cast<const __m256i*>(p + i + 96)));
+    }
+    const __m256i s = _mm256_add_epi64(_mm256_add_epi64(a0, a1), _mm256_add_epi64(a2, a3));
+    alignas(32) uint64_t lanes[4];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), s);
+    uint64_t sum = lanes[0] + lanes[1] + lanes[2] + lanes[3];
+    for (; i < n; ++i) sum += p[i];
+    return sum;
+}
+
+double fp32_fma_avx2(int64_t iters, float* sink) {
+    // 12 independent chains cover FMA latency (4-5 cycles) times 2 FMA ports.
+    constexpr int kChains = 12;
+    __m256 acc[kChains];
+    _Pragma("GCC unroll 16")
+    for (int c = 0; c < kChains; ++c) acc[c] = _mm256_set1_ps(static_cast<float>(c));
+    const __m256 a = _mm256_set1_ps(1.0001f), b = _mm256_set1_ps(1e-4f);
+    for (int64_t i = 0; i < iters; ++i) {
+        _Pragma("GCC unroll 16")
+        for (int c = 0; c < kChains; ++c) acc[c] = _mm256_fmadd_ps(a, b, acc[c]);
+    }
+    __m256 s = acc[0];
+    for (int c = 1; c < kChains; ++c) s = _mm256_add_ps(s, acc[c]);
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, s);
+    *sink = lanes[0];
+    return static_cast<double>(iters) * kChains * 8 * 2;
+}
+
+}  // namespace ironlm::probe

@@ -1,0 +1,177 @@
+"""ironlm's fused CPU ops and paged decode attention (csrc/ops_impl.h), and the plain PyTorch
+reference each one is tested against. Inputs are float32 or bfloat16; outputs take x's dtype."""
+
+import torch
+
+from ironlm import _kernels
+
+
+_FLOAT_TYPES = (torch.float32, torch.bfloat16)
+
+
+def set_num_threads(n: int) -> None:
+    """Size the kernels' thread pool (default: online CPUs; use the physical core count)."""
+    if n < 1:
+        raise ValueError(f"threads must be at least 1, got {n}")
+    _kernels.set_num_threads(n)
+
+
+def num_threads() -> int:
+    return _kernels.num_threads()
+
+
+def isa() -> tuple[str, str]:
+    """(level, reason): the ISA level the kernels use and why (IRONLM_ISA, CPU, OS)."""
+    return _kernels.active_isa()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim, as Hugging Face Llama computes it."""
+    x2 = _rows(x, "x")  # (T, D)
+    out = torch.empty(x2.shape, dtype=x2.dtype)
+    w = _vector(weight, x2.shape[1], "weight")
+    _kernels.rms_norm(x2.shape[0], x2.shape[1], x2.data_ptr(), _row_stride(x2), x2.dtype is torch.bfloat16, 0, 0, False,
+                      w.data_ptr(), w.dtype is torch.bfloat16, out.data_ptr(), x2.shape[1], out.dtype is torch.bfloat16, eps)
+    return out.reshape(x.shape)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """residual += x (in place), then return RMSNorm(residual) in x's dtype."""
+    x2 = _rows(x, "x")  # (T, D)
+    r2 = residual.view(-1, residual.shape[-1])
+    if r2.shape != x2.shape or r2.dtype not in _FLOAT_TYPES or r2.stride(-1) != 1:
+        raise ValueError(f"add_rms_norm: residual {tuple(residual.shape)} {residual.dtype} must match x and have contiguous rows")
+    out = torch.empty(x2.shape, dtype=x2.dtype)
+    w = _vector(weight, x2.shape[1], "weight")
+    _kernels.rms_norm(x2.shape[0], x2.shape[1], x2.data_ptr(), _row_stride(x2), x2.dtype is torch.bfloat16,
+                      r2.data_ptr(), _row_stride(r2), r2.dtype is torch.bfloat16, w.data_ptr(), w.dtype is torch.bfloat16,
+                      out.data_ptr(), x2.shape[1], out.dtype is torch.bfloat16, eps)
+    return out.reshape(x.shape)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """(T, 2I) -> (T, I): silu(gate) * up with gate_up = [gate | up]."""
+    g2 = _rows(gate_up, "gate_up")
+    inter = g2.shape[1] // 2
+    if g2.shape[1] % 2:
+        raise ValueError(f"silu_mul: last dim {g2.shape[1]} of gate_up must be even")
+    out = torch.empty((g2.shape[0], inter), dtype=g2.dtype)
+    _kernels.silu_mul(g2.shape[0], inter, g2.data_ptr(), _row_stride(g2), g2.dtype is torch.bfloat16, out.data_ptr(),
+                      inter, out.dtype is torch.bfloat16)
+    return out.reshape(*gate_up.shape[:-1], inter)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin caches (max_positions, rot_dim / 2) float32 for apply_rope."""
+    freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq.float())
+    return freqs.cos().contiguous(), freqs.sin().contiguous()
+
+
+def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Neox-style (rotate_half) rotary embedding, in place on q (T, H, D) and k (T, KVH, D).
+
+    cos/sin are float32 (max_positions, rot_dim / 2); only the first rot_dim of D rotate.
+    q and k may be strided views (e.g. of a fused qkv output) as long as D is contiguous."""
+    if q.dim() != 3 or k.dim() != 3 or q.stride(2) != 1 or k.stride(2) != 1 or q.shape[0] != k.shape[0] \
+            or q.shape[2] != k.shape[2] or q.dtype not in _FLOAT_TYPES or k.dtype not in _FLOAT_TYPES:
+        raise ValueError(f"apply_rope: q {tuple(q.shape)} and k {tuple(k.shape)} must be (T, heads, D) float32/bfloat16 with contiguous D")
+    if cos.dtype != torch.float32 or sin.dtype != torch.float32 or cos.shape != sin.shape or cos.dim() != 2 \
+            or not cos.is_contiguous() or not sin.is_contiguous() or 2 * cos.shape[1] > q.shape[2]:
+        raise ValueError(f"apply_rope: cos/sin {tuple(cos.shape)} must be contiguous float32 (max_positions, rot_dim / 2)")
+    pos = positions.to(torch.int64).contiguous()
+    if pos.shape != (q.shape[0],):
+        raise ValueError(f"apply_rope: positions {tuple(positions.shape)} must be ({q.shape[0]},)")
+    _kernels.rope(q.shape[0], q.shape[2], 2 * cos.shape[1], q.data_ptr(), q.shape[1], q.stride(0), q.stride(1),
+                  q.dtype is torch.bfloat16, k.data_ptr(), k.shape[1], k.stride(0), k.stride(1), k.dtype is torch.bfloat16,
+                  pos.data_ptr(), cos.data_ptr(), sin.data_ptr(), cos.shape[0])
+
+
+def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                           context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """One new token per sequence attends to its cached tokens. q (B, H, D); caches
+    (num_blocks, block_size, KVH, D) contiguous, bf16 or float32 (e.g. pool[layer, 0] and
+    pool[layer, 1]); block_tables (B, max_blocks) int32; context_lens (B,) int32 counting the
+    new token, whose K/V are already written. Returns (B, H, D) in q's dtype."""
+    if q.dim() != 3 or q.stride(2) != 1 or q.dtype not in _FLOAT_TYPES:
+        raise ValueError(f"paged_attention_decode: q {tuple(q.shape)} {q.dtype} must be (B, H, D) float32/bfloat16")
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.dtype != v_cache.dtype \
+            or k_cache.dtype not in _FLOAT_TYPES or not k_cache.is_contiguous() or not v_cache.is_contiguous() \
+            or k_cache.shape[3] != q.shape[2]:
+        raise ValueError(f"paged_attention_decode: caches {tuple(k_cache.shape)} must be contiguous (blocks, block_size, KVH, {q.shape[2]})")
+    batch = q.shape[0]
+    if block_tables.dtype != torch.int32 or block_tables.dim() != 2 or block_tables.shape[0] != batch \
+            or not block_tables.is_contiguous():
+        raise ValueError("paged_attention_decode: block_tables must be contiguous int32 (B, max_blocks)")
+    if context_lens.dtype != torch.int32 or context_lens.shape != (batch,) or not context_lens.is_contiguous():
+        raise ValueError("paged_attention_decode: context_lens must be contiguous int32 (B,)")
+    out = torch.empty(q.shape, dtype=q.dtype)
+    _kernels.paged_attention_decode(batch, q.shape[1], k_cache.shape[2], q.shape[2], k_cache.shape[1],
+                                    block_tables.shape[1], k_cache.shape[0], q.data_ptr(), q.dtype is torch.bfloat16,
+                                    q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(),
+                                    k_cache.dtype is torch.bfloat16, block_tables.data_ptr(), context_lens.data_ptr(),
+                                    float(scale), out.data_ptr(), out.dtype is torch.bfloat16)
+    return out
+
+
+def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
+    """x as a 2-D float32/bfloat16 view (rows, last dim) with contiguous rows, copying only if needed."""
+    if x.dtype not in _FLOAT_TYPES:
+        raise ValueError(f"{name} has dtype {x.dtype}; the kernels take float32 or bfloat16")
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < x2.shape[1]):
+        x2 = x2.contiguous()
+    return x2
+
+
+def _row_stride(x2: torch.Tensor) -> int:
+    """Elements between rows of a 2-D tensor from _rows() (a single row may report any stride)."""
+    return x2.stride(0) if x2.shape[0] > 1 else x2.shape[1]
+
+
+def _vector(w: torch.Tensor, size: int, name: str) -> torch.Tensor:
+    if w.shape != (size,) or w.dtype not in _FLOAT_TYPES:
+        raise ValueError(f"{name} {tuple(w.shape)} {w.dtype} must be float32/bfloat16 ({size},)")
+    return w if w.is_contiguous() else w.contiguous()
+
+
+# ---- references (plain PyTorch)
+
+def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight.float() * h.to(x.dtype).float()).to(x.dtype)
+
+
+def reference_silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    return (torch.nn.functional.silu(gate) * up).to(gate_up.dtype)
+
+
+def reference_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def rotate(x):  # (T, heads, D)
+        rot = 2 * cos.shape[1]
+        c = torch.cat([cos, cos], dim=-1)[positions][:, None, :]  # (T, 1, rot)
+        s = torch.cat([sin, sin], dim=-1)[positions][:, None, :]
+        xr = x[..., :rot].float()
+        x1, x2 = xr.chunk(2, dim=-1)
+        out = xr * c + torch.cat([-x2, x1], dim=-1) * s
+        return torch.cat([out.to(x.dtype), x[..., rot:]], dim=-1)
+
+    return rotate(q), rotate(k)
+
+
+def reference_paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale) -> torch.Tensor:
+    batch, heads, d = q.shape
+    block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    out = torch.zeros(batch, heads, d)
+    for b in range(batch):
+        n = int(context_lens[b])
+        blocks = block_tables[b, : -(-n // block_size)].long()
+        k = k_cache[blocks].reshape(-1, kv_heads, d)[:n].float()  # (n, KVH, D)
+        v = v_cache[blocks].reshape(-1, kv_heads, d)[:n].float()
+        k = k.repeat_interleave(heads // kv_heads, dim=1)  # (n, H, D)
+        v = v.repeat_interleave(heads // kv_heads, dim=1)
+        scores = torch.einsum("hd,nhd->hn", q[b].float(), k) * scale
+        out[b] = torch.einsum("hn,nhd->hd", scores.softmax(-1), v)
+    return out.to(q.dtype)

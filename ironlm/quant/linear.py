@@ -1,0 +1,155 @@
+"""QuantLinear: a drop-in for torch.nn.Linear whose weight is packed for ironlm's own kernels."""
+
+import numpy as np
+import torch
+from torch import nn
+
+from ironlm import _kernels
+from ironlm.quant import formats
+from ironlm.quant.formats import FORMAT_IDS, FORMATS, GGUF_FORMATS, PlainWeight
+from ironlm.quant.pack import pack, unpack
+
+
+# Packed bytes per (16-row tile, block of 32 columns); csrc/kernels.h tile_block_bytes.
+_UNIT_BYTES = {"int8": 8 * 64 + 32, "int4_sym": 4 * 64 + 32, "int4": 4 * 64 + 64, "bf16": 16 * 64}
+
+
+class QuantLinear(nn.Module):
+    """y = x @ W^T + b with W (N, K) in one of FORMATS, packed once at construction.
+
+    forward takes x (..., K) float32 or bfloat16 and returns (..., N) in x's dtype.
+    """
+
+    def __init__(self, packed: torch.Tensor, fmt: str, in_features: int, out_features: int,
+                 bias: torch.Tensor | None = None):
+        super().__init__()
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown weight format {fmt!r}; use one of {FORMATS}")
+        self.fmt = fmt
+        self._fmt_id = FORMAT_IDS[fmt]
+        self.in_features = in_features
+        self.out_features = out_features
+        self.k_padded = -(-in_features // formats.BLOCK) * formats.BLOCK
+        expected = -(-out_features // 16) * (self.k_padded // formats.BLOCK) * _UNIT_BYTES[fmt]
+        if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != expected or not packed.is_contiguous():
+            raise ValueError(f"packed {fmt} weight for ({out_features}, {in_features}) must be {expected} contiguous uint8 bytes")
+        self.register_buffer("packed", packed)
+        if bias is not None and bias.shape != (out_features,):
+            raise ValueError(f"bias {tuple(bias.shape)} must be ({out_features},)")
+        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
+        self.conversion_error: float | None = None  # relative RMS error added by a lossy conversion
+
+    @classmethod
+    def from_plain(cls, plain: PlainWeight, bias: torch.Tensor | None = None) -> "QuantLinear":
+        """Pack a plain-form weight (ironlm.quant.formats)."""
+        return cls(pack(plain), plain.fmt, plain.k, plain.n, bias)
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None, fmt: str) -> "QuantLinear":
+        """Quantize a dense HF-shaped (N, K) weight into `fmt` (GGML's rounding for the integer formats)."""
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown weight format {fmt!r}; use one of {FORMATS}")
+        if fmt == "bf16":
+            return cls.from_plain(formats.quantize(weight, fmt), bias)
+        n, k = weight.shape
+        w = weight.detach()
+        if w.dtype not in (torch.float32, torch.bfloat16):
+            w = w.float()
+        if w.stride(1) != 1 or (n > 1 and w.stride(0) < k):
+            w = w.contiguous()
+        k_padded = -(-k // formats.BLOCK) * formats.BLOCK
+        packed = torch.zeros(-(-n // 16) * (k_padded // formats.BLOCK) * _UNIT_BYTES[fmt], dtype=torch.uint8)
+        _kernels.quantize_pack(FORMAT_IDS[fmt], w.data_ptr(), w.stride(0) if n > 1 else k, w.dtype is torch.bfloat16,
+                               n, k, packed.data_ptr())
+        return cls(packed, fmt, k, n, bias)
+
+    @classmethod
+    def from_gguf(cls, raw: np.ndarray, ggml_type: str, shape: tuple[int, int],
+                  bias: torch.Tensor | None = None) -> "QuantLinear":
+        """GGML blocks (N, bytes_per_row): Q8_0/Q4_0/Q4_1 load bit-exactly; K-quants are converted
+        (see ironlm.quant.kquants) and the added error is kept in `conversion_error`."""
+        if ggml_type in GGUF_FORMATS:
+            return cls(_repack_gguf(raw, ggml_type, shape), GGUF_FORMATS[ggml_type], shape[1], shape[0], bias)
+        from ironlm.quant.kquants import convert_kquant
+
+        plain, error = convert_kquant(raw, ggml_type, shape)
+        layer = cls.from_plain(plain, bias)
+        layer.conversion_error = error
+        return layer
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of packed weight read per forward (scales included, bias excluded)."""
+        return self.packed.numel()
+
+    @property
+    def kernel(self) -> str:
+        """The kernel this layer runs on the current ISA level."""
+        return _kernels.gemm_kernel_name(FORMAT_IDS[self.fmt])
+
+    def plain(self) -> PlainWeight:
+        """The weight in plain form, unpacked from the tiles."""
+        return unpack(self.packed, self.fmt, self.out_features, self.in_features)
+
+    def dequantize(self) -> torch.Tensor:
+        """Dense float32 (N, K) weight (reference path and tests)."""
+        return formats.dequantize(self.plain())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k, n = self.in_features, self.out_features
+        if x.dtype is not torch.bfloat16 and x.dtype is not torch.float32:
+            x = x.float()
+        if x.shape[-1] != k:
+            raise ValueError(f"QuantLinear expects {k} input features, got shape {tuple(x.shape)}")
+        x2 = x if x.dim() == 2 else x.reshape(-1, k)  # (T, K)
+        t = x2.shape[0]
+        if x2.stride(1) != 1 or (t > 1 and x2.stride(0) < k):
+            x2 = x2.contiguous()
+        bf16 = x2.dtype is torch.bfloat16
+        y = torch.empty((t, n), dtype=x2.dtype)  # (T, N)
+        # _buffers directly: nn.Module attribute lookup costs ~1 us, and forward runs hundreds of
+        # times per token on small models.
+        buffers = self._buffers
+        bias = buffers["bias"]
+        _kernels.gemm(self._fmt_id, buffers["packed"].data_ptr(), n, self.k_padded, t, k, x2.data_ptr(),
+                      x2.stride(0) if t > 1 else k, bf16, y.data_ptr(), n, bf16, 0 if bias is None else bias.data_ptr())
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}, bias={self.bias is not None}"
+
+
+def _repack_gguf(raw: np.ndarray, ggml_type: str, shape: tuple[int, int]) -> torch.Tensor:
+    """GGML rows -> packed tiles in one C++ pass (the same bytes pack(from_gguf_blocks(...)) makes)."""
+    n, k = shape
+    block_bytes = formats.GGUF_BLOCK_BYTES[ggml_type]
+    if k % formats.BLOCK or raw.shape != (n, k // formats.BLOCK * block_bytes) or raw.dtype != np.uint8:
+        raise ValueError(f"{ggml_type} data of shape {raw.shape} does not fit a ({n}, {k}) weight")
+    fmt = GGUF_FORMATS[ggml_type]
+    src = np.ascontiguousarray(raw)
+    packed = torch.zeros(-(-n // 16) * (k // formats.BLOCK) * _UNIT_BYTES[fmt], dtype=torch.uint8)
+    _kernels.repack_ggml(FORMAT_IDS[fmt], src.ctypes.data, src.strides[0], n, k, packed.data_ptr())
+    return packed
+
+
+def kernel_report() -> dict[str, str]:
+    """Which kernel each weight format runs on the current ISA level (for `ironlm info`)."""
+    return {fmt: _kernels.gemm_kernel_name(FORMAT_IDS[fmt]) for fmt in FORMATS}
+
+
+def quantize_model(model: nn.Module, fmt: str, skip: set[str] = frozenset()) -> nn.Module:
+    """Swap every nn.Linear in `model` for a QuantLinear in `fmt`, in place (lm_head included).
+
+    `skip` holds module names to leave dense, matched against the full dotted name or its last part.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown weight format {fmt!r}; use one of {FORMATS}")
+    targets = []
+    for name, module in model.named_modules():
+        for child_name, child in module.named_children():
+            full = f"{name}.{child_name}" if name else child_name
+            if type(child) is nn.Linear and full not in skip and child_name not in skip:
+                targets.append((module, child_name, child))
+    for parent, child_name, child in targets:
+        setattr(parent, child_name, QuantLinear.from_dense(child.weight, child.bias, fmt))
+    return model

@@ -1,0 +1,105 @@
+"""Fused ops and paged decode attention on every ISA level, against the PyTorch references."""
+
+import pytest
+import torch
+
+from ironlm import _kernels, kernels
+
+LEVELS = ["scalar", "avx2", "avx512", "avx512_vnni", "avx512_bf16", "amx"]
+RUNNABLE = LEVELS[: LEVELS.index(_kernels.best_isa()) + 1]
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.fixture(params=RUNNABLE)
+def isa(request):
+    before = _kernels.active_isa()[0]
+    _kernels.set_isa(request.param)
+    yield request.param
+    _kernels.set_isa(before)
+
+
+def close(actual, expected, dtype):
+    # bf16 results may differ by a rounding of the last bit after float32 math in another order.
+    tol = dict(rtol=1.6e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(actual.float(), expected.float(), **tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,dim", [(1, 64), (3, 100), (17, 576)])
+def test_rms_norm(isa, dtype, rows, dim):
+    g = torch.Generator().manual_seed(rows + dim)
+    x = (torch.randn(rows, dim, generator=g) * 3).to(dtype)
+    w = torch.randn(dim, generator=g).to(dtype)
+    close(kernels.rms_norm(x, w, 1e-5), kernels.reference_rms_norm(x, w, 1e-5), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_rms_norm_updates_residual(isa, dtype):
+    g = torch.Generator().manual_seed(1)
+    x, residual = torch.randn(9, 200, generator=g).to(dtype), torch.randn(9, 200, generator=g).to(dtype)
+    w = torch.rand(200, generator=g).to(dtype)
+    expected_residual = residual + x
+    expected = kernels.reference_rms_norm(expected_residual, w, 1e-6)
+    out = kernels.add_rms_norm(x, residual, w, 1e-6)
+    assert torch.equal(residual, expected_residual)
+    close(out, expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,inter", [(1, 16), (2, 37), (5, 1536)])
+def test_silu_mul(isa, dtype, rows, inter):
+    g = torch.Generator().manual_seed(inter)
+    gate_up = (torch.randn(rows, 2 * inter, generator=g) * 4).to(dtype)
+    gate_up[0, :3] = torch.tensor([-100.0, 100.0, 0.0])  # exp overflow and underflow
+    close(kernels.silu_mul(gate_up), kernels.reference_silu_mul(gate_up), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim,rot_dim", [(64, 64), (128, 128), (80, 48)])
+def test_rope(isa, dtype, head_dim, rot_dim):
+    g = torch.Generator().manual_seed(head_dim)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, rot_dim, 2).float() / rot_dim))
+    cos, sin = kernels.rope_cos_sin(inv_freq, 4096)
+    positions = torch.tensor([0, 5, 4095, 17])
+    qkv = torch.randn(4, 9 * head_dim, generator=g).to(dtype)
+    q = qkv[:, : 6 * head_dim].view(4, 6, head_dim)  # strided views into a fused qkv, as models use
+    k = qkv[:, 6 * head_dim : 8 * head_dim].view(4, 2, head_dim)
+    ref_q, ref_k = kernels.reference_rope(q.clone(), k.clone(), positions, cos, sin)
+    kernels.apply_rope(q, k, positions, cos, sin)
+    close(q, ref_q, dtype)
+    close(k, ref_k, dtype)
+
+
+def test_rope_rejects_position_outside_cache():
+    cos, sin = torch.zeros(8, 32), torch.zeros(8, 32)
+    q, k = torch.zeros(1, 2, 64), torch.zeros(1, 2, 64)
+    with pytest.raises(ValueError, match="position"):
+        kernels.apply_rope(q, k, torch.tensor([8]), cos, sin)
+
+
+@pytest.mark.parametrize("kv_dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 64), (9, 3, 64), (8, 2, 128), (6, 1, 40)])
+def test_paged_attention_decode(isa, kv_dtype, heads, kv_heads, head_dim):
+    g = torch.Generator().manual_seed(heads * head_dim)
+    num_blocks, block_size = 20, 16
+    pool = torch.randn(2, 2, num_blocks, block_size, kv_heads, head_dim, generator=g).to(kv_dtype)
+    k_cache, v_cache = pool[1, 0], pool[1, 1]  # layer 1 of a [layers, 2, ...] pool
+    context_lens = torch.tensor([1, 16, 37, 70], dtype=torch.int32)
+    block_tables = torch.zeros(4, 5, dtype=torch.int32)
+    perm = torch.randperm(num_blocks, generator=g).to(torch.int32)
+    block_tables[0, :1], block_tables[1, :1], block_tables[2, :3], block_tables[3, :5] = (
+        perm[0:1], perm[1:2], perm[2:5], perm[5:10])
+    q = torch.randn(4, heads, head_dim, generator=g).to(kv_dtype)
+    scale = head_dim ** -0.5
+    out = kernels.paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale)
+    ref = kernels.reference_paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    close(out, ref, kv_dtype)
+
+
+def test_paged_attention_rejects_bad_block_table():
+    k = torch.zeros(4, 16, 2, 64)
+    q = torch.zeros(1, 2, 64)
+    tables = torch.tensor([[7]], dtype=torch.int32)
+    with pytest.raises(ValueError, match="block table"):
+        kernels.paged_attention_decode(q, k, k, tables, torch.tensor([5], dtype=torch.int32), 1.0)
