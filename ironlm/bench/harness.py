@@ -35,6 +35,8 @@ class ModelFacts:
     tied_embeddings: bool
     weight_bytes_note: str
     vocab_size: int
+    num_matmuls_by_format: dict[str, int]  # weight format -> number of matrix-product modules using it
+    compute_dtype: str              # "int8" when integer weight kernels run, else the activation dtype
 
 
 def _numel(shape) -> int:
@@ -91,6 +93,22 @@ def _live_weight_entries(model) -> tuple[dict[str, tuple[tuple[int, ...], int]],
     return entries, tied
 
 
+def _matmul_formats(model) -> dict[str, int]:
+    """Counts of the weight formats of a module's matrix products: QuantLinear's `fmt`, or nn.Linear's dtype."""
+    from torch import nn
+
+    counts: dict[str, int] = {}
+    if not isinstance(model, nn.Module):
+        return counts
+    for module in model.modules():
+        fmt = getattr(module, "fmt", None)
+        if not isinstance(fmt, str) and isinstance(module, nn.Linear):
+            fmt = str(module.weight.dtype).removeprefix("torch.")
+        if isinstance(fmt, str):
+            counts[fmt] = counts.get(fmt, 0) + 1
+    return counts
+
+
 def model_facts(llm) -> ModelFacts:
     """Sizes that the roofline needs, from the loaded engine (falling back to the checkpoint's storage sizes)."""
     ckpt = llm.checkpoint
@@ -107,15 +125,20 @@ def model_facts(llm) -> ModelFacts:
         source = "the checkpoint's storage sizes"
     total, per_token = weight_bytes(entries, tied)
     embed = "tied with lm_head, so the whole table is read" if tied else "untied: one row read per token"
+    dtype = getattr(llm.engine, "dtype_name", None) or llm.config.dtype or "unknown"
+    formats = _matmul_formats(getattr(llm.engine, "model", None))
+    # Integer weight kernels may run on int8 dot products: hold them to the (higher) int8 peak.
+    compute = "int8" if any(f.startswith("int") for f in formats) else dtype
     return ModelFacts(
         name=ckpt.name, path=str(ckpt.path), format=ckpt.format,
-        dtype=getattr(llm.engine, "dtype_name", None) or llm.config.dtype or "unknown",
+        dtype=dtype,
         threads=getattr(llm.engine, "threads", None) or llm.config.threads or 0,
         num_params=sum(_numel(s) for s in shapes.values()),
         flop_params_per_token=flop_params(shapes, tied),
         weight_bytes=total, weight_bytes_per_token=per_token, tied_embeddings=tied,
         weight_bytes_note=f"from {source}; embedding {embed}",
         vocab_size=int(config.get("vocab_size") or llm.tokenizer.vocab_size),
+        num_matmuls_by_format=formats, compute_dtype=compute,
     )
 
 
@@ -246,10 +269,12 @@ def bench_decode(runner: Runner, facts: ModelFacts, probe, batches: list[int], p
     return rows
 
 
-def compute_peak(probe, dtype: str) -> tuple[float | None, str]:
-    """Peak GFLOP/s for the engine's compute dtype: bf16 dot where the CPU has it, else fp32 FMA."""
-    if dtype == "bfloat16" and probe.peak_gflop_s.get("bf16"):
-        return probe.peak_gflop_s["bf16"], "bf16"
+def compute_peak(probe, compute_dtype: str) -> tuple[float | None, str]:
+    """Peak G(FL)OP/s for a compute dtype ("int8", "bfloat16", "float32"); fp32 FMA where the CPU lacks the
+    dtype's instructions."""
+    key = {"int8": "int8", "bfloat16": "bf16"}.get(compute_dtype)
+    if key and probe.peak_gflop_s.get(key):
+        return probe.peak_gflop_s[key], key
     return probe.peak_gflop_s.get("fp32"), "fp32"
 
 
@@ -257,7 +282,7 @@ def bench_model(llm, probe, lengths: list[int], batches: list[int], prompt_token
                 warmup: int, repeats: int, seed: int = 0) -> dict:
     """All figures for one loaded LLM, as JSON-ready dicts."""
     facts = model_facts(llm)
-    peak, peak_dtype = compute_peak(probe, facts.dtype)
+    peak, peak_dtype = compute_peak(probe, facts.compute_dtype)
     runner = Runner(llm, seed)
     max_len = getattr(llm.engine, "max_model_len", None)
     return {

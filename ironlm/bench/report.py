@@ -31,7 +31,8 @@ def print_report(report: dict, console: Console | None = None) -> None:
                   f"peak GFLOP/s {peaks}" + (" (cached; --remeasure to refresh)" if probes.get("cached") else ""))
     console.print(f"[bold]{model['name']}[/bold] ({model['format']}, {model['dtype']}, {model['threads']} threads): "
                   f"{model['num_params'] / 1e6:,.1f} M params, {_gb(model['weight_bytes'])} of weights, "
-                  f"{_gb(model['weight_bytes_per_token'])} read per token ({model['weight_bytes_note']})")
+                  f"{_gb(model['weight_bytes_per_token'])} read per token ({model['weight_bytes_note']}); "
+                  "matmul weights: " + ", ".join(f"{k} x{v}" for k, v in model["num_matmuls_by_format"].items()))
     if report.get("prefill"):
         table = Table(title=f"Prefill (roofline: {report['compute_peak_dtype']} peak)")
         for col in ("prompt tokens", "tok/s", "min–max", "TTFT s", "roofline tok/s", "bound", "% of roofline"):

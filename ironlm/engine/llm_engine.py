@@ -3,6 +3,7 @@ import time
 
 import torch
 
+from ironlm import kernels
 from ironlm.config import EngineConfig
 from ironlm.engine.block_manager import BlockManager
 from ironlm.engine.kv_cache import allocate_kv_pool, kv_bytes_per_block
@@ -32,6 +33,7 @@ class LLMEngine:
         self.dtype = TORCH_DTYPES[self.dtype_name]
         self.threads = config.threads or default_threads()
         torch.set_num_threads(self.threads)
+        kernels.set_num_threads(self.threads)  # our pool and torch's both sized to the physical cores
 
         get_model_class(self.checkpoint.config)  # an unsupported family fails before anything else is read
         args = ModelArgs.from_hf(self.checkpoint.config)

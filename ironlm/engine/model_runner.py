@@ -53,16 +53,15 @@ class ModelRunner:
                 sampling_rows.append(len(input_ids) - 1)
                 sampling_seqs.append(seq)
         max_blocks = max(len(seq.block_table) for seq, _ in scheduled)
-        block_tables = torch.zeros((len(scheduled), max_blocks), dtype=torch.long)  # (B, max_blocks)
-        for row, (seq, _) in enumerate(scheduled):
-            block_tables[row, : len(seq.block_table)] = torch.tensor(seq.block_table)
+        block_tables = torch.tensor([seq.block_table + [0] * (max_blocks - len(seq.block_table))
+                                     for seq, _ in scheduled], dtype=torch.int32)  # (B, max_blocks)
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long),
             query_starts=query_starts,
             query_lens=query_lens,
             context_lens=context_lens,
             block_tables=block_tables,
-            context_lens_tensor=torch.tensor(context_lens, dtype=torch.long),
+            context_lens_tensor=torch.tensor(context_lens, dtype=torch.int32),
         )
         hidden = self.model(torch.tensor(input_ids), torch.tensor(positions), meta)  # (T, hidden)
         return hidden, sampling_rows, sampling_seqs

@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ironlm import kernels
+
 
 @dataclass
 class AttentionMetadata:
@@ -14,8 +16,8 @@ class AttentionMetadata:
     query_starts: list[int]
     query_lens: list[int]
     context_lens: list[int]          # tokens in the cache for each sequence once this step is written
-    block_tables: torch.Tensor       # (B, max_blocks) int64, padded with 0
-    context_lens_tensor: torch.Tensor  # (B,) int64
+    block_tables: torch.Tensor       # (B, max_blocks) int32, padded with 0
+    context_lens_tensor: torch.Tensor  # (B,) int32
 
     @property
     def decode_only(self) -> bool:
@@ -42,7 +44,7 @@ class PagedAttention(nn.Module):
         v_flat = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)
         k_flat.index_copy_(0, meta.slot_mapping, k.to(k_flat.dtype))
         v_flat.index_copy_(0, meta.slot_mapping, v.to(v_flat.dtype))
-        if meta.decode_only:
+        if meta.decode_only and self.sliding_window is None:
             return self._decode(q, meta)
         out = torch.empty_like(q)
         for i, (start, length, context) in enumerate(zip(meta.query_starts, meta.query_lens, meta.context_lens)):
@@ -57,8 +59,8 @@ class PagedAttention(nn.Module):
     def _gather(self, block_table: torch.Tensor, context: int) -> tuple[torch.Tensor, torch.Tensor]:
         num_blocks = -(-context // self.k_cache.shape[1])
         blocks = block_table[:num_blocks]
-        k = self.k_cache[blocks].flatten(0, 1)[:context]  # (C, KVH, D)
-        v = self.v_cache[blocks].flatten(0, 1)[:context]
+        k = self.k_cache.index_select(0, blocks).flatten(0, 1)[:context]  # (C, KVH, D)
+        v = self.v_cache.index_select(0, blocks).flatten(0, 1)[:context]
         return k, v
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: int) -> torch.Tensor:
@@ -76,24 +78,6 @@ class PagedAttention(nn.Module):
         return out.transpose(0, 1)
 
     def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        # One query per sequence: pad every context to the longest and attend with two batched matmuls
-        # (for a single query row this beats the flash kernel, which is tuned for long query blocks).
-        num_seqs, dtype = q.shape[0], q.dtype
-        block_size = self.k_cache.shape[1]
-        max_context = max(meta.context_lens)
-        blocks = meta.block_tables[:, : -(-max_context // block_size)].flatten()  # (B * NB,)
-        shape = (num_seqs, -1, self.num_kv_heads, self.head_dim)
-        k = self.k_cache.index_select(0, blocks).view(shape)[:, :max_context]  # (B, C, KVH, D)
-        v = self.v_cache.index_select(0, blocks).view(shape)[:, :max_context]
-        group = self.num_heads // self.num_kv_heads
-        q = q.view(num_seqs, self.num_kv_heads, group, self.head_dim).float()  # (B, KVH, G, D)
-        scores = torch.matmul(q, k.permute(0, 2, 3, 1).float()) * self.scale  # (B, KVH, G, C)
-        k_pos = torch.arange(max_context)
-        last = (meta.context_lens_tensor - 1).unsqueeze(1)  # (B, 1)
-        mask = k_pos <= last  # (B, C)
-        if self.sliding_window is not None:
-            mask &= k_pos > last - self.sliding_window
-        scores.masked_fill_(~mask[:, None, None, :], float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        out = torch.matmul(probs, v.transpose(1, 2).float())  # (B, KVH, G, D)
-        return out.view(num_seqs, self.num_heads, self.head_dim).to(dtype)
+        # q: (B, H, D), one new token per sequence, its K/V already in the cache
+        return kernels.paged_attention_decode(q, self.k_cache, self.v_cache, meta.block_tables,
+                                              meta.context_lens_tensor, self.scale)

@@ -4,6 +4,7 @@ import math
 import torch
 from torch import nn
 
+from ironlm import kernels
 from ironlm.errors import ModelLoadError
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "llama3_freqs")
@@ -43,18 +44,10 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         inv_freq = inverse_frequencies(head_dim, theta, scaling, freq_factors)
         angles = torch.outer(torch.arange(max_positions, dtype=torch.float32, device="cpu"), inv_freq)  # (P, D/2)
-        self.register_buffer("cos", angles.cos().repeat(1, 2), persistent=False)  # (P, D)
-        self.register_buffer("sin", angles.sin().repeat(1, 2), persistent=False)  # (P, D)
+        self.register_buffer("cos", angles.cos(), persistent=False)  # (P, D/2)
+        self.register_buffer("sin", angles.sin(), persistent=False)  # (P, D/2)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions: (T,); q: (T, H, D); k: (T, KVH, D)
-        cos = self.cos.index_select(0, positions).unsqueeze(1)  # (T, 1, D)
-        sin = self.sin.index_select(0, positions).unsqueeze(1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x32 = x.float()
-    x1, x2 = x32.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return (x32 * cos + rotated * sin).to(x.dtype)
+        # positions: (T,); q: (T, H, D); k: (T, KVH, D), rotated in place (rotate_half layout)
+        kernels.apply_rope(q, k, positions, self.cos, self.sin)
+        return q, k
