@@ -11,6 +11,8 @@ EXTERNAL_COMMANDS = {
              "add_arguments", "run"),
     "bench": ("ironlm.bench.command", "measure speed against this machine's limits", "add_arguments", "run"),
     "serve": ("ironlm.server.command", "OpenAI-compatible HTTP server", "add_arguments", "run"),
+    "convert": ("ironlm.convert", "pack a model's weights as int8, int4, int4_sym or bf16 for ironlm's kernels",
+                "add_arguments", "run"),
     "batch": ("ironlm.jobs.command", "run an OpenAI Batch file (JSONL), resumably", "add_batch_arguments",
               "run_batch"),
     "summarize": ("ironlm.jobs.command", "summarise documents (.txt, .md, .jsonl), resumably",

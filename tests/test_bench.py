@@ -160,8 +160,8 @@ def test_bench_json_table_and_plot(tmp_path, cache, capsys):
     report = json.loads(capsys.readouterr().out)
     assert plot.stat().st_size > 1000
     for key, where in _numeric_keys(report):
-        if where.startswith(".probes.peak_gflop_s"):
-            continue  # keyed by dtype under a unit-named parent
+        if where.startswith((".probes.peak_gflop_s", ".model.num_matmuls_by_format")):
+            continue  # keyed by dtype / format under a unit-named parent
         assert _unit_ok(key), f"{where} has no unit in its name"
     assert [r["prompt_tokens"] for r in report["prefill"]] == [8, 16]
     assert [r["batch"] for r in report["decode"]] == [1, 2]

@@ -66,8 +66,8 @@ def test_streaming_chinese_never_splits_a_character(llm):
 
 # Prompts whose greedy answer is stable under the int8 activations of the native kernels; llama.cpp's Q4_1 path
 # quantizes activations the same way and flips near-ties too (e.g. "What is the capital of France?").
-NATIVE_PROMPTS = ["What is photosynthesis?", "Give me a tip for staying healthy.", "Who wrote Romeo and Juliet?",
-                  "Explain gravity in one sentence."]
+NATIVE_PROMPTS = ["What is photosynthesis?", "Give me a tip for staying healthy.", "Explain gravity in one sentence.",
+                  "How do bees make honey?", "What is a computer?"]
 
 
 @pytest.fixture(scope="module")

@@ -118,13 +118,17 @@ def model_facts(llm) -> ModelFacts:
     live = _live_weight_entries(getattr(llm.engine, "model", None))
     if live is not None:
         entries, live_tied = live
-        tied = live_tied or tied
+        # The engine may keep its own (e.g. quantized) lm_head copy: then the embedding is only a lookup.
+        has_lm_head = any(name.startswith("lm_head.") for name in entries)
+        tied_bytes = live_tied or not has_lm_head
         source = "the engine's loaded weights"
     else:
         entries = {n: (tuple(s.shape), s.nbytes) for n, s in ckpt.tensors.items() if not n.endswith(SKIPPED_TENSORS)}
+        tied_bytes = tied
         source = "the checkpoint's storage sizes"
-    total, per_token = weight_bytes(entries, tied)
-    embed = "tied with lm_head, so the whole table is read" if tied else "untied: one row read per token"
+    total, per_token = weight_bytes(entries, tied_bytes)
+    embed = ("shared with the lm_head, so the whole table is read" if tied_bytes
+             else "a lookup (one row per token); the lm_head has its own weights")
     dtype = getattr(llm.engine, "dtype_name", None) or llm.config.dtype or "unknown"
     formats = _matmul_formats(getattr(llm.engine, "model", None))
     # Integer weight kernels may run on int8 dot products: hold them to the (higher) int8 peak.

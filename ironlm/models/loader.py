@@ -8,13 +8,26 @@ from ironlm.errors import ModelLoadError
 from ironlm.formats.checkpoint import Checkpoint, WeightSource
 from ironlm.models import get_model_class
 from ironlm.models.llama import LlamaForCausalLM, ModelArgs
-from ironlm.quant import QuantLinear
+from ironlm.quant import FORMATS, QuantLinear
 from ironlm.quant.formats import GGUF_FORMATS
 from ironlm.quant.kquants import KQUANT_TARGETS
 
 # Tensors some checkpoints carry that are not parameters of ours.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 DENSE_TYPES = ("F32", "F16", "BF16")
+PACKED_SUFFIX = "packed"  # a converted model's QuantLinear bytes, beside the HF names
+
+
+def stored_quantization(config: dict) -> dict | None:
+    """The quantization_config that `ironlm convert` writes: {"quant_method": "ironlm", "format": ...}."""
+    qc = config.get("quantization_config")
+    if isinstance(qc, dict) and qc.get("quant_method") == "ironlm":
+        formats = [qc.get("format"), *dict(qc.get("module_formats") or {}).values()]
+        if any(f not in FORMATS for f in formats):
+            raise ModelLoadError(f"quantization_config formats {formats} must each be one of {', '.join(FORMATS)}; "
+                                 f"convert the model again")
+        return qc
+    return None
 
 
 def load_model(checkpoint: Checkpoint, dtype: torch.dtype, max_model_len: int | None = None,
@@ -26,24 +39,39 @@ def load_model(checkpoint: Checkpoint, dtype: torch.dtype, max_model_len: int | 
     freq_factors = checkpoint.tensors["rope_freqs"].tensor(torch.float32) if "rope_freqs" in checkpoint.tensors else None
     with torch.device("meta"):
         model = model_cls(args, freq_factors)
+    stored = stored_quantization(checkpoint.config)
+    if stored and quant not in ("auto", stored["format"]):
+        raise ModelLoadError(f"{checkpoint.path} is already converted to {stored['format']}; load it with --quant auto, "
+                             f"or convert the original model to {quant}")
     groups = _group_sources(model, checkpoint)
-    if quant == "auto":
+    if stored:
+        quant = stored["format"]
+    elif quant == "auto":
         quant = _auto_quant(groups, dtype)
     linears = {name for name, module in model.named_modules() if isinstance(module, nn.Linear)}
     for target, pieces in groups.items():
         module_name, _, param_name = target.rpartition(".")
-        if quant != "none" and module_name in linears and param_name == "weight":
+        if quant != "none" and module_name in linears and param_name in ("weight", PACKED_SUFFIX):
             continue  # built below as a QuantLinear
         _set_parameter(model, target, _dense(pieces, dtype), checkpoint)
     if quant != "none":
         if args.tie_word_embeddings and "lm_head.weight" not in groups:
             groups["lm_head.weight"] = groups.get("model.embed_tokens.weight", {})
         for module_name in sorted(linears):
+            dense = model.get_submodule(module_name)
+            bias = None if dense.bias is None or dense.bias.is_meta else dense.bias
+            if stored:  # packed by `ironlm convert`: a zero-copy view of the file
+                packed = groups.pop(f"{module_name}.{PACKED_SUFFIX}", None)
+                if packed is not None:
+                    fmt = stored.get("module_formats", {}).get(module_name, quant)
+                    model.set_submodule(module_name, QuantLinear(packed[0].tensor(torch.uint8), fmt,
+                                                                 dense.in_features, dense.out_features, bias))
+                continue
             pieces = groups.get(f"{module_name}.weight")
             if pieces:
-                dense = model.get_submodule(module_name)
-                bias = None if dense.bias is None or dense.bias.is_meta else dense.bias
-                model.set_submodule(module_name, _quant_linear(pieces, bias, quant))
+                # 4-bit logits cost far more accuracy than 4-bit layers; like llama.cpp, keep the head at 8 bits.
+                fmt = "int8" if module_name == "lm_head" and quant in ("int4", "int4_sym") else quant
+                model.set_submodule(module_name, _quant_linear(pieces, bias, fmt))
     elif args.tie_word_embeddings and model.lm_head.weight.is_meta:
         model.lm_head.weight = model.model.embed_tokens.weight
     missing = [name for name, p in model.named_parameters() if p.is_meta]
@@ -79,6 +107,8 @@ def _group_sources(model: LlamaForCausalLM, checkpoint: Checkpoint) -> dict[str,
 
 
 def _num_shards(model: LlamaForCausalLM, target: str) -> int:
+    if target.endswith(f".{PACKED_SUFFIX}"):
+        return 1  # fused and packed already
     module = target.rpartition(".")[0].rpartition(".")[2]
     return 1 + max((shard for fused, shard in model.packed_modules_mapping.values() if fused == module), default=0)
 
