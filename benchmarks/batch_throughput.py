@@ -24,6 +24,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
+# Importing ironlm sets OMP_WAIT_POLICY=PASSIVE for its own process; llama.cpp's worker gets the environment as it
+# was (its OpenMP threads sleeping between ops make it about 3x slower).
+PEER_ENV = dict(os.environ)
 sys.path.insert(0, str(ROOT))
 
 NOTE_EN = ("Visit {v}: {name}, {age}, presented with {a} and {b} for {d} days. Temperature {t} C, heart rate {hr}. "
@@ -180,7 +183,7 @@ def run_worker(engine: str, args, docs_file: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", engine, "--docs-file", docs_file, "--model", args.model,
            "--threads", str(args.threads), "--new-tokens", str(args.new_tokens), "--doc-tokens", str(args.doc_tokens),
            "--max-num-seqs", str(args.max_num_seqs)] + (["--dtype", args.dtype] if args.dtype else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=PEER_ENV)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -237,13 +240,13 @@ def main() -> int:
     parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--docs-file", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    from ironlm.hardware import default_threads
-
-    args.threads = args.threads or default_threads()
-    if args.worker:
+    if args.worker:  # the driver always passes --threads; importing ironlm first would set OMP_WAIT_POLICY
         docs = json.loads(Path(args.docs_file).read_text())
         print(json.dumps(WORKERS[args.worker](args, docs)))
         return 0
+    from ironlm.hardware import default_threads
+
+    args.threads = args.threads or default_threads()
 
     from ironlm.formats import load_checkpoint
 

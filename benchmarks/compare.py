@@ -25,6 +25,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+# Importing ironlm sets OMP_WAIT_POLICY=PASSIVE for its own process; the peers' workers get the environment as it
+# was (llama.cpp's OpenMP threads sleeping between ops makes its decode about 3x slower).
+PEER_ENV = dict(os.environ)
 ENGINES = ("ironlm", "llama.cpp", "transformers")
 QUANT_FTYPES = {"Q8_0": 7, "Q4_0": 2}  # llama_ftype values (llama.h)
 
@@ -36,12 +39,13 @@ def prompts(seed: int, count: int, length: int, vocab: int) -> list[list[int]]:
 
 # --- workers: one engine, one model file, print one JSON line -------------------------------------------------
 
-def run_ironlm(path: str, threads: int, runs: list[list[int]], new_tokens: int, dtype: str | None) -> dict:
+def run_ironlm(path: str, threads: int, runs: list[list[int]], new_tokens: int, dtype: str | None,
+               quant: str = "auto") -> dict:
     from ironlm import LLM, SamplingParams
     from ironlm.bench.harness import model_facts
 
-    llm = LLM(model=path, dtype=dtype, threads=threads)
-    params = SamplingParams(max_tokens=new_tokens + 1, ignore_eos=True)
+    llm = LLM(model=path, dtype=dtype, threads=threads, quant=quant)
+    params = SamplingParams(max_tokens=new_tokens + 1, ignore_eos=True, temperature=0.0)  # greedy, as the peers
     prefill, decode = [], []
     for ids in runs:
         [r] = llm.generate({"prompt_token_ids": ids}, params)
@@ -52,7 +56,8 @@ def run_ironlm(path: str, threads: int, runs: list[list[int]], new_tokens: int, 
             "flop_params_per_token": facts.flop_params_per_token, "compute_dtype": facts.compute_dtype}
 
 
-def run_llama_cpp(path: str, threads: int, runs: list[list[int]], new_tokens: int, dtype: str | None) -> dict:
+def run_llama_cpp(path: str, threads: int, runs: list[list[int]], new_tokens: int, dtype: str | None,
+                  quant: str = "auto") -> dict:
     from llama_cpp import Llama
 
     n_ctx = len(runs[0]) + new_tokens + 8
@@ -78,7 +83,8 @@ def run_llama_cpp(path: str, threads: int, runs: list[list[int]], new_tokens: in
     return {"prefill_s": prefill, "decode_s": decode, **gguf_sizes(path)}
 
 
-def run_transformers(path: str, threads: int, runs: list[list[int]], new_tokens: int, dtype: str | None) -> dict:
+def run_transformers(path: str, threads: int, runs: list[list[int]], new_tokens: int, dtype: str | None,
+                     quant: str = "auto") -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -236,16 +242,18 @@ def quantize(src: Path, out: Path, fmt: str, threads: int) -> None:
         sys.exit(f"llama_model_quantize failed for {out}")
 
 
-def prepare(args) -> tuple[str, list[tuple[str, str, list[str]]]]:
-    """(model label, [(format, path, engines that run it)])."""
+def prepare(args) -> tuple[str, list[tuple[str, str, list[str], str]]]:
+    """(model label, [(format, path, engines that run it, ironlm --quant)])."""
     if not args.model_shape:
         gguf_path = Path(args.model) if args.model else default_gguf()
         fmt = gguf_format(gguf_path)
-        return gguf_path.stem, [(fmt, str(gguf_path), list(ENGINES))]
+        return gguf_path.stem, [(fmt, str(gguf_path), list(ENGINES), "auto")]
     from ironlm.bench.shapes import build_shape_model
 
     model_dir = build_shape_model(args.model_shape)
-    plans = [("BF16 (HF safetensors)", str(model_dir), ["ironlm", "transformers"])]
+    plans = [("BF16 (HF safetensors)", str(model_dir), ["ironlm", "transformers"], "auto"),
+             # ironlm's own int4 with a minimum (Q4_1-like), quantized at load: llama.cpp's nearest is Q4_0
+             ("int4 (ironlm, from HF)", str(model_dir), ["ironlm"], "int4")]
     bf16 = model_dir / "model.BF16.gguf"
     for fmt in args.formats or ["BF16", "Q8_0", "Q4_0"]:
         path = model_dir / f"model.{fmt}.gguf"
@@ -255,7 +263,7 @@ def prepare(args) -> tuple[str, list[tuple[str, str, list[str]]]]:
         if fmt != "BF16" and not path.exists():
             print(f"quantizing to {path}", file=sys.stderr)
             quantize(bf16, path, fmt, args.threads)
-        plans.append((fmt, str(path), ["ironlm", "llama.cpp"]))
+        plans.append((fmt, str(path), ["ironlm", "llama.cpp"], "auto"))
     return args.model_shape + " shape (random weights)", plans
 
 
@@ -266,11 +274,11 @@ def available(engine: str) -> str | None:
     return None if importlib.util.find_spec(module) else f"{module} is not installed (pip install .[bench])"
 
 
-def run_worker(engine: str, path: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", engine, "--model", path, "--threads", str(args.threads),
+def run_worker(engine: str, path: str, quant: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", engine, "--model", path, "--quant", quant, "--threads", str(args.threads),
            "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
            "--repeats", str(args.repeats), "--seed", str(args.seed)] + (["--dtype", args.dtype] if args.dtype else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=PEER_ENV)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -292,7 +300,7 @@ def summarize(result: dict, prompt_tokens: int, new_tokens: int, probe) -> dict:
             "weight_bytes_per_token": wb, "compute_dtype": dtype}
 
 
-def markdown(label: str, rows: list[dict], machine: dict, probe, args, skipped: list[str],
+def markdown(label: str, rows: list[dict], machine: dict, probe, probe_low, args, skipped: list[str],
              load: tuple[float, float, float]) -> str:
     cmd = "python benchmarks/compare.py " + " ".join(sys.argv[1:])
     feats = ", ".join(k for k, v in machine["features"].items() if v)
@@ -300,7 +308,8 @@ def markdown(label: str, rows: list[dict], machine: dict, probe, args, skipped: 
              f"Machine: {machine['cpu_model']}, {machine['physical_cores']} physical cores / "
              f"{machine['logical_cpus']} logical, {machine['memory_bytes'] / 2**30:.1f} GiB, features: {feats}; "
              f"kernel ISA {machine['active_isa']}.",
-             f"Probes ({probe.threads} threads): read {probe.bandwidth_read_gb_s:.1f} GB/s, peak GFLOP/s "
+             f"Probes ({probe.threads} threads): read {probe.bandwidth_read_gb_s:.1f} GB/s (the higher of the runs "
+             f"before and after the engines; the other read {probe_low.bandwidth_read_gb_s:.1f}), peak GFLOP/s "
              + ", ".join(f"{k} {v:.0f}" for k, v in probe.peak_gflop_s.items() if v) + ".",
              f"Method: {args.threads} threads, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, "
              f"median of {args.repeats} runs after 1 warm-up; roofline: decode = bandwidth / bytes read per token, "
@@ -339,45 +348,54 @@ def main() -> int:
     parser.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
     parser.add_argument("--no-write", action="store_true", help="print only; do not append to BENCHMARKS.md")
     parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
+    parser.add_argument("--quant", default="auto", help=argparse.SUPPRESS)  # the worker's ironlm --quant
     args = parser.parse_args()
-    from ironlm.hardware import default_threads
-
-    args.threads = args.threads or default_threads()
-    if args.worker:
+    if args.worker:  # the driver always passes --threads; importing ironlm here would set OMP_WAIT_POLICY (above)
         # ids below 32000 are valid in every shape's embedding and are ordinary SmolLM2 tokens
         runs = prompts(args.seed, args.repeats + 1, args.prompt_tokens, 32000)
-        result = WORKERS[args.worker](args.model, args.threads, runs, args.new_tokens, args.dtype)
+        result = WORKERS[args.worker](args.model, args.threads, runs, args.new_tokens, args.dtype, args.quant)
         result["prefill_s"], result["decode_s"] = result["prefill_s"][1:], result["decode_s"][1:]  # drop warm-up
         print(json.dumps(result))
         return 0
 
     from ironlm.bench import probes
+    from ironlm.hardware import default_threads
     from ironlm.info_command import machine_facts
+
+    args.threads = args.threads or default_threads()
 
     load = os.getloadavg()  # other work on the machine makes every figure noisy: record it
     machine = machine_facts()
-    probe = probes.get(args.threads)
     label, plans = prepare(args)
+    # This machine's bandwidth drifts with its neighbours: measure it now, and again at the end.
+    probe = probes.get(args.threads, remeasure=True)
     rows, skipped = [], []
-    for fmt, path, engines in plans:
+    for fmt, path, engines, quant in plans:
         for engine in [e for e in args.engines if e in engines]:
             missing = available(engine)
             if missing:
                 skipped.append(f"{engine}: {missing}")
                 continue
             print(f"running {engine} on {fmt} ...", file=sys.stderr, flush=True)
-            result = run_worker(engine, path, args)
+            result = run_worker(engine, path, quant, args)
             row = {"engine": engine, "format": fmt}
-            row.update(result if "error" in result else summarize(result, args.prompt_tokens, args.new_tokens, probe))
+            row.update(result if "error" in result else {"raw": result})
             rows.append(row)
-            print(f"  {row}", file=sys.stderr, flush=True)
+            print(f"  {engine} {fmt}: done", file=sys.stderr, flush=True)
+    probe_end = probes.get(args.threads, remeasure=True)
+    if probe_end.bandwidth_read_gb_s > probe.bandwidth_read_gb_s:  # the higher roof: the lower, honest, percentage
+        probe, probe_end = probe_end, probe
+    for r in rows:
+        if "error" not in r:
+            r.update(summarize(r.pop("raw"), args.prompt_tokens, args.new_tokens, probe))
     base = {r["format"].split(" ")[0]: r for r in rows if r["engine"] == "llama.cpp" and "error" not in r}
+    base["int4"] = base.get("Q4_0")  # ironlm's int4 from HF is held against llama.cpp's Q4_0
     for r in rows:
         ref = base.get(r["format"].split(" ")[0])
         if ref and "error" not in r and r["engine"] != "llama.cpp":
             r["prefill_vs_llama_cpp"] = f"{r['prefill_tok_s'] / ref['prefill_tok_s']:.2f}x"
             r["decode_vs_llama_cpp"] = f"{r['decode_tok_s'] / ref['decode_tok_s']:.2f}x"
-    text = markdown(label, rows, machine, probe, args, sorted(set(skipped)), load)
+    text = markdown(label, rows, machine, probe, probe_end, args, sorted(set(skipped)), load)
     print(text)
     if not args.no_write:
         out = Path(args.output)

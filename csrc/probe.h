@@ -6,6 +6,10 @@
 
 namespace ironlm::probe {
 
+// Read kernels split their range into kReadStreams streams and prefetch kReadPrefetchBytes ahead on each.
+constexpr int kReadStreams = 4;
+constexpr size_t kReadPrefetchBytes = 2048;
+
 // Read every byte of [p, p + n) with vector loads; returns a checksum so the loads are not removed.
 uint64_t read_scalar(const uint8_t* p, size_t n);
 uint64_t read_avx2(const uint8_t* p, size_t n);

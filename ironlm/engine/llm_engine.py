@@ -1,4 +1,5 @@
 """The engine step loop shared by LLM.generate, the server and batch jobs."""
+import ctypes
 import time
 
 import torch
@@ -49,6 +50,7 @@ class LLMEngine:
         # One sequence must always fit on its own, or it could never finish.
         self.max_model_len = min(model_len, num_blocks * block_size)
         self.model = load_model(self.checkpoint, self.dtype, self.max_model_len, config.quant)
+        _return_freed_memory()
         self.kv_pool = allocate_kv_pool(args, num_blocks, block_size, self.dtype)
         self.block_manager = BlockManager(num_blocks, block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
@@ -169,3 +171,11 @@ class LLMEngine:
             "prefix_cache_hit_rate": self.block_manager.prefix_hit_rate,
             "num_steps": self.num_steps,
         }
+
+
+def _return_freed_memory() -> None:
+    """Packing weights frees gigabytes of temporaries that glibc keeps in the heap unless asked to return them."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to trim this way

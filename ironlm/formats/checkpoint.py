@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import pathlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -82,3 +83,11 @@ class Checkpoint:
     tensors: dict[str, WeightSource]
     tokenizer: Tokenizer
     name: str
+
+    def release_pages(self) -> None:
+        """Unmap this process's copies of the file's pages; they stay in the page cache and fault back in on the
+        next access. Call it once the weights live in memory of their own (packed), or the file counts twice in
+        RSS. Never after writing through a tensor view: the copy-on-write mapping would drop the writes."""
+        maps = {id(m): m for m in (getattr(s.data, "_mmap", None) for s in self.tensors.values()) if m is not None}
+        for m in maps.values():
+            m.madvise(mmap.MADV_DONTNEED)

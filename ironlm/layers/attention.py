@@ -1,5 +1,5 @@
 """Attention over the paged KV cache. The step's layout comes in as AttentionMetadata, never as layer state."""
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -18,10 +18,10 @@ class AttentionMetadata:
     context_lens: list[int]          # tokens in the cache for each sequence once this step is written
     block_tables: torch.Tensor       # (B, max_blocks) int32, padded with 0
     context_lens_tensor: torch.Tensor  # (B,) int32
+    decode_only: bool = field(init=False)  # one new token per sequence: decided once per step, read by every layer
 
-    @property
-    def decode_only(self) -> bool:
-        return all(n == 1 for n in self.query_lens)
+    def __post_init__(self):
+        self.decode_only = all(n == 1 for n in self.query_lens)
 
 
 class PagedAttention(nn.Module):

@@ -79,6 +79,8 @@ def load_model(checkpoint: Checkpoint, dtype: torch.dtype, max_model_len: int | 
         raise ModelLoadError(
             f"{checkpoint.path}: the checkpoint lacks {len(missing)} weight(s) the model needs, e.g. {missing[0]}"
         )
+    if quant != "none":
+        checkpoint.release_pages()  # the linears were copied into packed tiles; only small tensors still map the file
     model.eval()
     return model
 
