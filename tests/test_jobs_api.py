@@ -123,8 +123,8 @@ def test_bad_requests_are_rejected(client, live):
     assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
 
 
-def slow_records(num: int) -> list[dict]:
-    return [chat_line(f"s{i}", f"note {i}", max_tokens=16, ignore_eos=True) for i in range(num)]
+def slow_records(num: int, max_tokens: int = 16) -> list[dict]:
+    return [chat_line(f"s{i}", f"note {i}", max_tokens=max_tokens, ignore_eos=True) for i in range(num)]
 
 
 def test_cancel_stops_a_running_batch(client):
@@ -142,11 +142,12 @@ def test_cancel_stops_a_running_batch(client):
 
 
 def test_restart_resumes_a_batch_in_progress(model_dir, tmp_path):
-    num = 16
+    num = 64  # enough work that the batch is still running when the server stops, however fast the CPU
     server = start_server(model_dir, tmp_path, max_in_flight=2)
     try:
         with openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=30) as client:
-            uploaded = client.files.create(file=("slow.jsonl", jsonl(slow_records(num))), purpose="batch")
+            uploaded = client.files.create(file=("slow.jsonl", jsonl(slow_records(num, max_tokens=64))),
+                                           purpose="batch")
             batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
                                           completion_window="24h")
             deadline = time.monotonic() + 60
