@@ -6,7 +6,8 @@
 Every engine runs in its own subprocess (`--worker`), one at a time, so memory and thread pools never overlap.
 A run is: a fresh random prompt of --prompt-tokens ids (the same ids for every engine), then --new-tokens greedy
 tokens with end-of-sequence ignored. Prefill tok/s = prompt tokens / time to the first token; decode tok/s =
-new tokens / the time after it. Figures are medians of --repeats runs after one warm-up. Results are printed with
+new tokens / the time after it. `--engines transformers-generate` adds transformers driven through
+model.generate(), as most scripts use it (the "transformers" engine is a lean forward loop). Figures are medians of --repeats runs after one warm-up. Results are printed with
 ratios and appended as a dated section to BENCHMARKS.md (skip with --no-write).
 For a --model-shape, the random-weight HF directory is converted here to GGUF BF16 (gguf's writer, llama.cpp's
 tensor layout) and quantized to Q8_0/Q4_0 with llama.cpp's own llama_model_quantize.
@@ -28,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # Importing ironlm sets OMP_WAIT_POLICY=PASSIVE for its own process; the peers' workers get the environment as it
 # was (llama.cpp's OpenMP threads sleeping between ops makes its decode about 3x slower).
 PEER_ENV = dict(os.environ)
-ENGINES = ("ironlm", "llama.cpp", "transformers")
+ENGINES = ("ironlm", "llama.cpp", "transformers")  # the default set; "transformers-generate" on request
 QUANT_FTYPES = {"Q8_0": 7, "Q4_0": 2}  # llama_ftype values (llama.h)
 
 
@@ -110,14 +111,49 @@ def run_transformers(path: str, threads: int, runs: list[list[int]], new_tokens:
                 token = out.logits[:, -1].argmax(-1, keepdim=True)
             prefill.append(mid - start)
             decode.append(time.perf_counter() - mid)
-    params = {n: tuple(w.shape) for n, w in model.named_parameters()}
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    size = torch.finfo(torch_dtype).bits // 8
+    return {"prefill_s": prefill, "decode_s": decode, **run_transformers_sizes(model, dtype)}
+
+
+def run_transformers_generate(path: str, threads: int, runs: list[list[int]], new_tokens: int, dtype: str | None,
+                              quant: str = "auto") -> dict:
+    """transformers as most scripts call it: model.generate(), greedy. Prefill = a 1-token generate; decode = the
+    extra time of a new_tokens + 1 generate over it, per token."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype or "bfloat16"]
+    p = Path(path)
+    kwargs = {"gguf_file": p.name} if p.suffix == ".gguf" else {}
+    model = AutoModelForCausalLM.from_pretrained(p.parent if p.suffix == ".gguf" else p, dtype=torch_dtype, **kwargs)
+    model.eval()
+    prefill, decode = [], []
+    with torch.inference_mode():
+        for ids in runs:
+            x = torch.tensor([ids])
+            times = []
+            for n in (1, new_tokens + 1):
+                start = time.perf_counter()
+                model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
+                               do_sample=False, pad_token_id=0)
+                times.append(time.perf_counter() - start)
+            prefill.append(times[0])
+            decode.append(max(times[1] - times[0], 1e-9))
+    result = run_transformers_sizes(model, dtype)
+    return {"prefill_s": prefill, "decode_s": decode, **result}
+
+
+def run_transformers_sizes(model, dtype: str | None) -> dict:
+    import torch
+
     from ironlm.bench.harness import flop_params, weight_bytes
 
+    params = {n: tuple(w.shape) for n, w in model.named_parameters()}
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    size = torch.finfo(next(model.parameters()).dtype).bits // 8
     _, per_token = weight_bytes({n: (s, int(np.prod(s)) * size) for n, s in params.items()}, tied)
-    return {"prefill_s": prefill, "decode_s": decode, "weight_bytes_per_token": per_token,
-            "flop_params_per_token": flop_params(params, tied), "compute_dtype": dtype or "bfloat16"}
+    return {"weight_bytes_per_token": per_token, "flop_params_per_token": flop_params(params, tied),
+            "compute_dtype": dtype or "bfloat16"}
 
 
 def gguf_sizes(path: str) -> dict:
@@ -150,7 +186,8 @@ def gguf_format(path: Path) -> str:
     return types.most_common(1)[0][0] if types else "GGUF"
 
 
-WORKERS = {"ironlm": run_ironlm, "llama.cpp": run_llama_cpp, "transformers": run_transformers}
+WORKERS = {"ironlm": run_ironlm, "llama.cpp": run_llama_cpp, "transformers": run_transformers,
+           "transformers-generate": run_transformers_generate}
 
 
 # --- model preparation ---------------------------------------------------------------------------------------
@@ -247,11 +284,11 @@ def prepare(args) -> tuple[str, list[tuple[str, str, list[str], str]]]:
     if not args.model_shape:
         gguf_path = Path(args.model) if args.model else default_gguf()
         fmt = gguf_format(gguf_path)
-        return gguf_path.stem, [(fmt, str(gguf_path), list(ENGINES), "auto")]
+        return gguf_path.stem, [(fmt, str(gguf_path), list(WORKERS), "auto")]
     from ironlm.bench.shapes import build_shape_model
 
     model_dir = build_shape_model(args.model_shape)
-    plans = [("BF16 (HF safetensors)", str(model_dir), ["ironlm", "transformers"], "auto"),
+    plans = [("BF16 (HF safetensors)", str(model_dir), ["ironlm", "transformers", "transformers-generate"], "auto"),
              # ironlm's own int4 with a minimum (Q4_1-like), quantized at load: llama.cpp's nearest is Q4_0
              ("int4 (ironlm, from HF)", str(model_dir), ["ironlm"], "int4")]
     bf16 = model_dir / "model.BF16.gguf"
@@ -270,7 +307,8 @@ def prepare(args) -> tuple[str, list[tuple[str, str, list[str], str]]]:
 # --- driver --------------------------------------------------------------------------------------------------
 
 def available(engine: str) -> str | None:
-    module = {"ironlm": "ironlm", "llama.cpp": "llama_cpp", "transformers": "transformers"}[engine]
+    module = {"ironlm": "ironlm", "llama.cpp": "llama_cpp", "transformers": "transformers",
+              "transformers-generate": "transformers"}[engine]
     return None if importlib.util.find_spec(module) else f"{module} is not installed (pip install .[bench])"
 
 
@@ -337,7 +375,8 @@ def main() -> int:
     parser.add_argument("--model", help="GGUF file (default: the embedded SmolLM2-135M Q4_1)")
     parser.add_argument("--model-shape", help="random-weight model in a public shape, e.g. SmolLM2-1.7B")
     parser.add_argument("--formats", type=lambda s: s.split(","), help="GGUF formats for a shape (default BF16,Q8_0,Q4_0)")
-    parser.add_argument("--engines", type=lambda s: s.split(","), default=list(ENGINES))
+    parser.add_argument("--engines", type=lambda s: s.split(","), default=list(ENGINES),
+                        help=f"comma-separated, from {', '.join(WORKERS)} (default: {','.join(ENGINES)})")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="ironlm/transformers compute dtype")
     parser.add_argument("--prompt-tokens", type=int, default=512)
@@ -347,7 +386,7 @@ def main() -> int:
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per engine run")
     parser.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
     parser.add_argument("--no-write", action="store_true", help="print only; do not append to BENCHMARKS.md")
-    parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--quant", default="auto", help=argparse.SUPPRESS)  # the worker's ironlm --quant
     args = parser.parse_args()
     if args.worker:  # the driver always passes --threads; importing ironlm here would set OMP_WAIT_POLICY (above)

@@ -190,10 +190,11 @@ void rope(const RopeArgs& a) {
     else rope_tokens(&copy, 0, a.tokens);
 }
 
-// ---- Decode attention over the paged KV cache: one task per (sequence, query head), with q
-// and the output row in registers (head_dim <= 256). Heads of a GQA group re-read their kv
-// head's rows from cache, which costs less than leaving cores idle with few kv heads.
-constexpr int kMaxChunks = 16;
+// ---- Decode attention over the paged KV cache: one task per sequence and up to kMaxGroup query
+// heads (see HeadSplit). Each K/V row is read once for all query heads that use it, and scores come
+// 16 tokens at a time from one shuffle tree instead of one horizontal sum per token.
+constexpr int kMaxChunks = 16;  // head_dim <= 256
+constexpr int kMaxGroup = 8;    // query heads sharing one pass over a kv head (larger groups are split)
 
 // A head's K/V rows sit one token row (all kv heads) apart, usually on different 4 KiB pages,
 // where hardware prefetchers stop; software prefetch keeps a few tokens in flight.
@@ -203,83 +204,189 @@ inline void prefetch_row(const void* p, int64_t bytes) {
     for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(static_cast<const char*>(p) + off, 0, 3);
 }
 
-inline int64_t kv_offset(const AttentionArgs& a, const int32_t* table, int64_t t, int64_t kvh) {
-    const int64_t slot = static_cast<int64_t>(table[t / a.block_size]) * a.block_size + t % a.block_size;
-    return (slot * a.kv_heads + kvh) * a.head_dim;
+// rows[t] = element offset of token t's row (all kv heads) in the cache, for t < ctx_len: computed once
+// per task with counters, as a division per token read would cost more than the read.
+inline void token_rows(const AttentionArgs& a, const int32_t* table, int64_t ctx_len, int64_t* rows) {
+    const int64_t row = a.kv_heads * a.head_dim;
+    for (int64_t t = 0, blk = 0, off = 0; t < ctx_len; ++t) {
+        rows[t] = (static_cast<int64_t>(table[blk]) * a.block_size + off) * row;
+        if (++off == a.block_size) off = 0, ++blk;
+    }
 }
 
+// Lane i of the result is the sum of the lanes of x[i]: four rounds of pairwise shuffles and adds.
+inline v16f hsum16(const v16f* x) {
+    v16f y[8], z[4], w[2];
+    for (int i = 0; i < 8; ++i)  // lanes 0-7: 8 partial sums of x[2i]; lanes 8-15: of x[2i+1]
+        y[i] = __builtin_shufflevector(x[2 * i], x[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
+             + __builtin_shufflevector(x[2 * i], x[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    for (int i = 0; i < 4; ++i)  // 4 partial sums each of x[4i .. 4i+3]
+        z[i] = __builtin_shufflevector(y[2 * i], y[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27)
+             + __builtin_shufflevector(y[2 * i], y[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    for (int i = 0; i < 2; ++i)  // 2 partial sums each of x[8i .. 8i+7]
+        w[i] = __builtin_shufflevector(z[2 * i], z[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29)
+             + __builtin_shufflevector(z[2 * i], z[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+    return __builtin_shufflevector(w[0], w[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
+         + __builtin_shufflevector(w[0], w[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+inline float hmax(v16f v) {
+    float m = v[0];
+    for (int i = 1; i < kLanes; ++i) m = v[i] > m ? v[i] : m;
+    return m;
+}
+
+// One task's query heads: `count` heads in qf (scaled, zero past head_dim), head g reading kv head
+// kvh0 + g / per_kv. The task's kv heads are adjacent in each token row, so a task reads one contiguous
+// stretch per token. scores: count rows of `stride` floats (stride >= ctx_len rounded up to 16);
+// out: count rows of NC * 16.
 template <int NC>
-void attend_head(const AttentionArgs& a, const int32_t* table, int64_t ctx_len, int64_t kvh, const float* qf,
-                 float* scores, float* out) {
+void attend_heads(const AttentionArgs& a, const int64_t* rows, int64_t ctx_len, int64_t kvh0, int count, int per_kv,
+                  const float* qf, float* scores, int64_t stride, float* out) {
+    const int64_t head0 = kvh0 * a.head_dim;
     const int last = static_cast<int>(a.head_dim - (NC - 1) * kLanes);  // lanes used in the last chunk
-    const int64_t row_bytes = a.head_dim * (a.kv_type == DType::f32 ? 4 : 2);
-    v16f q[NC];
-    for (int c = 0; c < NC; ++c) q[c] = load16(qf + c * kLanes, c == NC - 1 ? last : kLanes);
-    float mx = -3.0e38f;
+    const int num_kv = count / per_kv;  // count is always a multiple of per_kv
+    const int64_t span_bytes = num_kv * a.head_dim * (a.kv_type == DType::f32 ? 4 : 2);
+    v16f q[kMaxGroup][NC];
+    for (int g = 0; g < count; ++g)
+        for (int c = 0; c < NC; ++c) q[g][c] = load16(qf + (g * NC + c) * kLanes);
+    v16f mx[kMaxGroup];
+    for (int g = 0; g < count; ++g) mx[g] = splat(-3.0e38f);
+    alignas(64) v16f dots[kMaxGroup][kLanes];
+    v16f kc[kMaxGroup][NC];
+    for (int64_t t0 = 0; t0 < ctx_len; t0 += kLanes) {
+        const int n = ctx_len - t0 < kLanes ? static_cast<int>(ctx_len - t0) : kLanes;
+        for (int j = 0; j < n; ++j) {
+            const int64_t t = t0 + j;
+            if (t + kPrefetchTokens < ctx_len)
+                prefetch_row(row_ptr(a.k_cache, a.kv_type, rows[t + kPrefetchTokens] + head0), span_bytes);
+            const void* k = row_ptr(a.k_cache, a.kv_type, rows[t] + head0);
+            for (int h = 0; h < num_kv; ++h)
+                for (int c = 0; c < NC; ++c)
+                    kc[h][c] = load_any(k, a.kv_type, h * a.head_dim + c * kLanes, c == NC - 1 ? last : kLanes);
+            for (int h = 0; h < num_kv; ++h)
+                for (int g = h * per_kv; g < (h + 1) * per_kv; ++g) {
+                    v16f d = q[g][0] * kc[h][0];
+                    for (int c = 1; c < NC; ++c) d += q[g][c] * kc[h][c];
+                    dots[g][j] = d;
+                }
+        }
+        for (int g = 0; g < count; ++g) {
+            for (int j = n; j < kLanes; ++j) dots[g][j] = v16f{};
+            v16f sc = hsum16(dots[g]);
+            store16(scores + g * stride + t0, sc);
+            for (int j = n; j < kLanes; ++j) sc[j] = -3.0e38f;  // past the context: not part of the max
+            mx[g] = sc > mx[g] ? sc : mx[g];
+        }
+    }
+    float inv[kMaxGroup];
+    for (int g = 0; g < count; ++g) {
+        float* sg = scores + g * stride;
+        const float m = hmax(mx[g]);
+        v16f sum = {};
+        for (int64_t t = 0; t < ctx_len; t += kLanes) {
+            const int n = ctx_len - t < kLanes ? static_cast<int>(ctx_len - t) : kLanes;
+            v16f e = vexp(load16(sg + t, n) - m);
+            for (int i = n; i < kLanes; ++i) e[i] = 0.0f;
+            store16(sg + t, e, n);
+            sum += e;
+        }
+        inv[g] = ctx_len > 0 ? 1.0f / hsum(sum) : 0.0f;
+    }
+    v16f acc[kMaxGroup][NC];
+    for (int g = 0; g < count; ++g)
+        for (int c = 0; c < NC; ++c) acc[g][c] = v16f{};
     for (int64_t t = 0; t < ctx_len; ++t) {
-        if (t + kPrefetchTokens < ctx_len) prefetch_row(row_ptr(a.k_cache, a.kv_type, kv_offset(a, table, t + kPrefetchTokens, kvh)), row_bytes);
-        const void* k = row_ptr(a.k_cache, a.kv_type, kv_offset(a, table, t, kvh));
-        v16f dot = {};
-        for (int c = 0; c < NC; ++c) dot += q[c] * load_any(k, a.kv_type, c * kLanes, c == NC - 1 ? last : kLanes);
-        const float s = hsum(dot);
-        scores[t] = s;
-        mx = s > mx ? s : mx;
+        if (t + kPrefetchTokens < ctx_len)
+            prefetch_row(row_ptr(a.v_cache, a.kv_type, rows[t + kPrefetchTokens] + head0), span_bytes);
+        const void* v = row_ptr(a.v_cache, a.kv_type, rows[t] + head0);
+        for (int h = 0; h < num_kv; ++h)
+            for (int c = 0; c < NC; ++c)
+                kc[h][c] = load_any(v, a.kv_type, h * a.head_dim + c * kLanes, c == NC - 1 ? last : kLanes);
+        for (int h = 0; h < num_kv; ++h)
+            for (int g = h * per_kv; g < (h + 1) * per_kv; ++g) {
+                const float p = scores[g * stride + t];
+                for (int c = 0; c < NC; ++c) acc[g][c] += p * kc[h][c];
+            }
     }
-    v16f sum = {};
-    for (int64_t t = 0; t < ctx_len; t += kLanes) {
-        const int n = ctx_len - t < kLanes ? static_cast<int>(ctx_len - t) : kLanes;
-        v16f e = vexp(load16(scores + t, n) - mx);
-        for (int i = n; i < kLanes; ++i) e[i] = 0.0f;
-        store16(scores + t, e, n);
-        sum += e;
-    }
-    v16f acc[NC];
-    for (int c = 0; c < NC; ++c) acc[c] = v16f{};
-    for (int64_t t = 0; t < ctx_len; ++t) {
-        if (t + kPrefetchTokens < ctx_len) prefetch_row(row_ptr(a.v_cache, a.kv_type, kv_offset(a, table, t + kPrefetchTokens, kvh)), row_bytes);
-        const void* v = row_ptr(a.v_cache, a.kv_type, kv_offset(a, table, t, kvh));
-        const float p = scores[t];
-        for (int c = 0; c < NC; ++c) acc[c] += p * load_any(v, a.kv_type, c * kLanes, c == NC - 1 ? last : kLanes);
-    }
-    const float inv = ctx_len > 0 ? 1.0f / hsum(sum) : 0.0f;
-    for (int c = 0; c < NC; ++c) store16(out + c * kLanes, acc[c] * inv, c == NC - 1 ? last : kLanes);
+    for (int g = 0; g < count; ++g)
+        for (int c = 0; c < NC; ++c) store16(out + (g * NC + c) * kLanes, acc[g][c] * inv[g]);
 }
 
+// NC = ceil(head_dim / 16) 16-lane chunks per row.
 template <int NC>
-void attend_dispatch(const AttentionArgs& a, const int32_t* table, int64_t ctx_len, int64_t kvh, const float* qf,
-                     float* scores, float* out) {
+void attend_dispatch(const AttentionArgs& a, const int64_t* rows, int64_t ctx_len, int64_t kvh0, int count,
+                     int per_kv, const float* qf, float* scores, int64_t stride, float* out) {
     if constexpr (NC < kMaxChunks) {
-        if (a.head_dim > NC * kLanes) return attend_dispatch<NC + 1>(a, table, ctx_len, kvh, qf, scores, out);
+        if (a.head_dim > NC * kLanes)
+            return attend_dispatch<NC + 1>(a, rows, ctx_len, kvh0, count, per_kv, qf, scores, stride, out);
     }
-    attend_head<NC>(a, table, ctx_len, kvh, qf, scores, out);
+    attend_heads<NC>(a, rows, ctx_len, kvh0, count, per_kv, qf, scores, stride, out);
 }
+
+// How a sequence's heads split into tasks: a group larger than kMaxGroup is split into parts of a
+// single kv head; smaller groups are packed, several whole kv heads per task, as long as that leaves
+// every thread a few tasks (few sequences need many streams in flight to reach the bandwidth).
+struct HeadSplit {
+    int64_t group, kv_per_task, parts_per_kv, tasks_per_seq;
+    explicit HeadSplit(const AttentionArgs& a) {
+        group = a.heads / a.kv_heads;
+        kv_per_task = group >= kMaxGroup ? 1 : kMaxGroup / group;
+        const int64_t wanted_tasks = 4 * static_cast<int64_t>(num_threads());
+        while (kv_per_task > 1 && a.batch * ((a.kv_heads + kv_per_task - 1) / kv_per_task) < wanted_tasks)
+            kv_per_task /= 2;
+        parts_per_kv = (group + kMaxGroup - 1) / kMaxGroup;
+        tasks_per_seq = (a.kv_heads + kv_per_task - 1) / kv_per_task * parts_per_kv;
+    }
+};
 
 void attention_tasks(void* ctx, int64_t begin, int64_t end) {
     const AttentionArgs& a = *static_cast<const AttentionArgs*>(ctx);
-    const int64_t d = a.head_dim, group = a.heads / a.kv_heads;
-    alignas(64) float qf[kMaxChunks * kLanes];
-    alignas(64) float out[kMaxChunks * kLanes];
+    const HeadSplit split(a);
+    const int64_t d = a.head_dim;
+    const int64_t nc = (d + kLanes - 1) / kLanes;  // the NC attend_dispatch picks
+    alignas(64) float qf[kMaxGroup * kMaxChunks * kLanes];
+    alignas(64) float out[kMaxGroup * kMaxChunks * kLanes];
     for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / a.heads, h = task % a.heads;
+        const int64_t b = task / split.tasks_per_seq, rest = task % split.tasks_per_seq;
+        const int64_t kvh0 = rest / split.parts_per_kv * split.kv_per_task, part = rest % split.parts_per_kv;
+        const int64_t h0 = kvh0 * split.group + part * kMaxGroup;  // first query head of the task
+        int64_t count, per_kv;
+        if (split.parts_per_kv > 1) {  // part of one kv head's group
+            count = split.group - part * kMaxGroup < kMaxGroup ? split.group - part * kMaxGroup : kMaxGroup;
+            per_kv = count;
+        } else {                       // whole groups of up to kv_per_task kv heads
+            const int64_t kvs = a.kv_heads - kvh0 < split.kv_per_task ? a.kv_heads - kvh0 : split.kv_per_task;
+            count = kvs * split.group;
+            per_kv = split.group;
+        }
         const int64_t ctx_len = a.context_lens[b];
-        float* scores = static_cast<float*>(scratch_alloc((ctx_len + kLanes) * 4));
-        const void* q = row_ptr(a.q, a.q_type, b * a.q_stride_b + h * a.q_stride_h);
-        for (int64_t i = 0; i < d; i += kLanes) {
-            const int n = d - i < kLanes ? static_cast<int>(d - i) : kLanes;
-            store16(qf + i, load_any(q, a.q_type, i, n) * a.scale, n);
+        const int64_t stride = (ctx_len + kLanes - 1) / kLanes * kLanes;
+        // scores (count rows of stride floats), then the token row offsets
+        float* scores = static_cast<float*>(scratch_alloc((count * stride + kLanes) * 4 + ctx_len * 8));
+        int64_t* rows = reinterpret_cast<int64_t*>(scores + count * stride + kLanes);
+        token_rows(a, a.block_tables + b * a.max_blocks, ctx_len, rows);
+        for (int64_t g = 0; g < count; ++g) {
+            const void* q = row_ptr(a.q, a.q_type, b * a.q_stride_b + (h0 + g) * a.q_stride_h);
+            for (int64_t i = 0; i < nc * kLanes; i += kLanes) {
+                const int n = d - i >= kLanes ? kLanes : d - i > 0 ? static_cast<int>(d - i) : 0;
+                store16(qf + g * nc * kLanes + i, n ? load_any(q, a.q_type, i, n) * a.scale : v16f{});
+            }
         }
-        attend_dispatch<1>(a, a.block_tables + b * a.max_blocks, ctx_len, h / group, qf, scores, out);
-        for (int64_t i = 0; i < d; i += kLanes) {
-            const int n = d - i < kLanes ? static_cast<int>(d - i) : kLanes;
-            store_any(a.out, a.o_type, (b * a.heads + h) * d + i, load16(out + i, n), n);
-        }
+        attend_dispatch<1>(a, rows, ctx_len, kvh0, static_cast<int>(count),
+                           static_cast<int>(per_kv), qf, scores, stride, out);
+        for (int64_t g = 0; g < count; ++g)
+            for (int64_t i = 0; i < d; i += kLanes) {
+                const int n = d - i < kLanes ? static_cast<int>(d - i) : kLanes;
+                store_any(a.out, a.o_type, (b * a.heads + h0 + g) * d + i, load16(out + g * nc * kLanes + i, n), n);
+            }
         scratch_free(scores);
     }
 }
 
 void attention(const AttentionArgs& a) {
     AttentionArgs copy = a;
-    parallel_for(a.batch * a.heads, attention_tasks, &copy);
+    parallel_for(a.batch * HeadSplit(a).tasks_per_seq, attention_tasks, &copy);
 }
 
 const OpsTable kTable = {rms_norm, silu_mul, rope, attention};
