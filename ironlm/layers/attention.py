@@ -18,10 +18,23 @@ class AttentionMetadata:
     context_lens: list[int]          # tokens in the cache for each sequence once this step is written
     block_tables: torch.Tensor       # (B, max_blocks) int32, padded with 0
     context_lens_tensor: torch.Tensor  # (B,) int32
-    decode_only: bool = field(init=False)  # one new token per sequence: decided once per step, read by every layer
+    # Decided once per step, read by every layer: which sequences have a single query token (decodes, or a
+    # prompt's last one-token chunk). Those run on the paged decode kernel even when others are prefilling.
+    decode_only: bool = field(init=False)
+    single: list[bool] = field(init=False)
+    single_rows: torch.Tensor | None = field(init=False)    # (S,) query rows of the single-token sequences
+    single_tables: torch.Tensor | None = field(init=False)  # (S, max_blocks) int32
+    single_lens: torch.Tensor | None = field(init=False)    # (S,) int32
 
     def __post_init__(self):
-        self.decode_only = all(n == 1 for n in self.query_lens)
+        self.single = [n == 1 for n in self.query_lens]
+        self.decode_only = all(self.single)
+        self.single_rows = self.single_tables = self.single_lens = None
+        if any(self.single) and not self.decode_only:
+            seqs = torch.tensor([i for i, one in enumerate(self.single) if one])
+            self.single_rows = torch.tensor([self.query_starts[i] for i, one in enumerate(self.single) if one])
+            self.single_tables = self.block_tables.index_select(0, seqs).contiguous()
+            self.single_lens = self.context_lens_tensor.index_select(0, seqs).contiguous()
 
 
 class PagedAttention(nn.Module):
@@ -47,7 +60,14 @@ class PagedAttention(nn.Module):
         if meta.decode_only and self.sliding_window is None:
             return self._decode(q, meta)
         out = torch.empty_like(q)
+        fast = self.sliding_window is None and meta.single_rows is not None
+        if fast:  # the step's decodes, in one kernel call
+            out[meta.single_rows] = kernels.paged_attention_decode(
+                q.index_select(0, meta.single_rows), self.k_cache, self.v_cache, meta.single_tables,
+                meta.single_lens, self.scale)
         for i, (start, length, context) in enumerate(zip(meta.query_starts, meta.query_lens, meta.context_lens)):
+            if fast and meta.single[i]:
+                continue
             q_seq = q[start:start + length]
             if context == length:  # nothing cached before this step: use the fresh K/V directly
                 k_seq, v_seq = k[start:start + length], v[start:start + length]
