@@ -83,10 +83,22 @@ def test_native_q4_1_path_keeps_gguf_blocks(native_llm):
     assert native_llm.engine.model.lm_head.fmt == "int8"  # tied to the Q8_0 token embedding
 
 
+# The native path multiplies int8-quantized activations: its logits differ from the dequantized reference's by a
+# standard deviation of about 0.14 on these prompts. Where the reference's two best tokens are within about two of
+# those, its greedy pick may legitimately differ; anywhere else a difference is a bug.
+NEAR_TIE_LOGITS = 0.3
+
+
 @pytest.mark.parametrize("prompt", NATIVE_PROMPTS)
 def test_native_q4_1_greedy_matches_dequantized_reference(llm, native_llm, prompt):
     params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
     messages = [{"role": "user", "content": prompt}]
     reference = llm.chat(messages, params)[0].token_ids
     native = native_llm.chat(messages, params)[0].token_ids
-    assert native == reference
+    if native == reference:
+        return
+    first = next(i for i, (a, b) in enumerate(zip(native, reference)) if a != b)
+    prefix = llm.chat_prompt(messages) + reference[:first]
+    logits = llm.engine.prompt_logits(prefix)[-1]  # (V,) the reference's scores for the diverging position
+    gap = float(logits[reference[first]] - logits[native[first]])
+    assert gap < NEAR_TIE_LOGITS, (first, gap)

@@ -91,10 +91,11 @@ class PagedAttention(nn.Module):
         mask = k_pos <= q_pos
         if self.sliding_window is not None:
             mask &= k_pos > q_pos - self.sliding_window
+        # 4-D (batch of one): PyTorch's CPU flash kernel takes only 4-D inputs; 3-D falls back to a path ~3x slower.
         out = F.scaled_dot_product_attention(
-            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+            q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
             attn_mask=mask, scale=self.scale, enable_gqa=True,
-        )  # (H, L, D)
+        )[0]  # (H, L, D)
         return out.transpose(0, 1)
 
     def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
