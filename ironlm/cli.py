@@ -36,7 +36,8 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=0.9)
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--min-p", type=float, default=0.0)
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.1,
+                        help="1.0 = off; the default 1.1 (as Ollama's) keeps small models out of loops")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--stop", action="append", help="stop string (repeatable)")
 
