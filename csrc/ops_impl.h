@@ -236,6 +236,14 @@ inline float hmax(v16f v) {
     return m;
 }
 
+// num_kv adjacent heads of one token row (K or V) into NC-chunk vectors; `last` lanes in the final chunk.
+template <int NC>
+inline void load_heads(const AttentionArgs& a, const void* row, int num_kv, int last, v16f (*out)[NC]) {
+    for (int h = 0; h < num_kv; ++h)
+        for (int c = 0; c < NC; ++c)
+            out[h][c] = load_any(row, a.kv_type, h * a.head_dim + c * kLanes, c == NC - 1 ? last : kLanes);
+}
+
 // One task's query heads: `count` heads in qf (scaled, zero past head_dim), head g reading kv head
 // kvh0 + g / per_kv. The task's kv heads are adjacent in each token row, so a task reads one contiguous
 // stretch per token. scores: count rows of `stride` floats (stride >= ctx_len rounded up to 16);
@@ -253,17 +261,14 @@ void attend_heads(const AttentionArgs& a, const int64_t* rows, int64_t ctx_len, 
     v16f mx[kMaxGroup];
     for (int g = 0; g < count; ++g) mx[g] = splat(-3.0e38f);
     alignas(64) v16f dots[kMaxGroup][kLanes];
-    v16f kc[kMaxGroup][NC];
+    v16f kc[kMaxGroup][NC];  // the current token's K (then V) rows of the task's kv heads
     for (int64_t t0 = 0; t0 < ctx_len; t0 += kLanes) {
         const int n = ctx_len - t0 < kLanes ? static_cast<int>(ctx_len - t0) : kLanes;
         for (int j = 0; j < n; ++j) {
             const int64_t t = t0 + j;
             if (t + kPrefetchTokens < ctx_len)
                 prefetch_row(row_ptr(a.k_cache, a.kv_type, rows[t + kPrefetchTokens] + head0), span_bytes);
-            const void* k = row_ptr(a.k_cache, a.kv_type, rows[t] + head0);
-            for (int h = 0; h < num_kv; ++h)
-                for (int c = 0; c < NC; ++c)
-                    kc[h][c] = load_any(k, a.kv_type, h * a.head_dim + c * kLanes, c == NC - 1 ? last : kLanes);
+            load_heads<NC>(a, row_ptr(a.k_cache, a.kv_type, rows[t] + head0), num_kv, last, kc);
             for (int h = 0; h < num_kv; ++h)
                 for (int g = h * per_kv; g < (h + 1) * per_kv; ++g) {
                     v16f d = q[g][0] * kc[h][0];
@@ -299,10 +304,7 @@ void attend_heads(const AttentionArgs& a, const int64_t* rows, int64_t ctx_len, 
     for (int64_t t = 0; t < ctx_len; ++t) {
         if (t + kPrefetchTokens < ctx_len)
             prefetch_row(row_ptr(a.v_cache, a.kv_type, rows[t + kPrefetchTokens] + head0), span_bytes);
-        const void* v = row_ptr(a.v_cache, a.kv_type, rows[t] + head0);
-        for (int h = 0; h < num_kv; ++h)
-            for (int c = 0; c < NC; ++c)
-                kc[h][c] = load_any(v, a.kv_type, h * a.head_dim + c * kLanes, c == NC - 1 ? last : kLanes);
+        load_heads<NC>(a, row_ptr(a.v_cache, a.kv_type, rows[t] + head0), num_kv, last, kc);
         for (int h = 0; h < num_kv; ++h)
             for (int g = h * per_kv; g < (h + 1) * per_kv; ++g) {
                 const float p = scores[g * stride + t];

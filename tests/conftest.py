@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from isa_support import RUNNABLE
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -66,3 +67,14 @@ def make_tiny_model(tmp_path_factory, hf_tokenizer_dir):
         return directory, model
 
     return make
+
+
+@pytest.fixture(params=RUNNABLE)
+def isa(request):
+    """Force the kernels to one ISA level this machine can run, for the test's duration."""
+    from ironlm import _kernels
+
+    before = _kernels.active_isa()[0]
+    _kernels.set_isa(request.param)
+    yield request.param
+    _kernels.set_isa(before)

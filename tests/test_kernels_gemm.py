@@ -8,17 +8,8 @@ import torch
 from ironlm import _kernels
 from ironlm.quant import QuantLinear
 from ironlm.quant.formats import FORMATS, dequantize, kernel_activations, reference_linear
+from isa_support import RUNNABLE
 
-LEVELS = ["scalar", "avx2", "avx512", "avx512_vnni", "avx512_bf16", "amx"]
-RUNNABLE = LEVELS[: LEVELS.index(_kernels.best_isa()) + 1]
-
-
-@pytest.fixture(params=RUNNABLE)
-def isa(request):
-    before = _kernels.active_isa()[0]
-    _kernels.set_isa(request.param)
-    yield request.param
-    _kernels.set_isa(before)
 
 
 def uses_bf16_dot(isa: str) -> bool:

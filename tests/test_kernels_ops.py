@@ -3,19 +3,9 @@
 import pytest
 import torch
 
-from ironlm import _kernels, kernels
+from ironlm import kernels
 
-LEVELS = ["scalar", "avx2", "avx512", "avx512_vnni", "avx512_bf16", "amx"]
-RUNNABLE = LEVELS[: LEVELS.index(_kernels.best_isa()) + 1]
 DTYPES = [torch.float32, torch.bfloat16]
-
-
-@pytest.fixture(params=RUNNABLE)
-def isa(request):
-    before = _kernels.active_isa()[0]
-    _kernels.set_isa(request.param)
-    yield request.param
-    _kernels.set_isa(before)
 
 
 def close(actual, expected, dtype):
