@@ -95,6 +95,20 @@ void attention_py(int64_t batch, int64_t heads, int64_t kv_heads, int64_t head_d
     ops().attention(a);
 }
 
+void kv_write_py(int64_t tokens, int64_t kv_heads, int64_t head_dim, int64_t block_size, int64_t num_blocks,
+                 uintptr_t k, int64_t k_stride_t, int64_t k_stride_h, bool k_bf16, uintptr_t v, int64_t v_stride_t,
+                 int64_t v_stride_h, bool v_bf16, uintptr_t k_cache, uintptr_t v_cache, bool kv_bf16, uintptr_t slots) {
+    check(kv_heads > 0 && head_dim > 0 && block_size > 0, "kv_write: bad cache shape");
+    const int64_t* s = ptr<const int64_t>(slots);
+    for (int64_t i = 0; i < tokens; ++i)
+        check(s[i] >= 0 && s[i] < num_blocks * block_size, "kv_write: slot outside the cache");
+    KvWriteArgs a{tokens, kv_heads, head_dim, block_size, ptr<const void>(k), k_stride_t, k_stride_h, dt(k_bf16),
+                  ptr<const void>(v), v_stride_t, v_stride_h, dt(v_bf16), ptr<void>(k_cache), ptr<void>(v_cache),
+                  dt(kv_bf16), s};
+    nb::gil_scoped_release release;
+    ops().kv_write(a);
+}
+
 void repack_ggml_py(int fmt, uintptr_t src, int64_t src_row_bytes, int64_t n, int64_t k, uintptr_t dst) {
     check(fmt >= 0 && fmt <= 2, "repack_ggml: fmt must be int8, int4 or int4_sym");
     check(n >= 0 && k > 0 && k % kBlock == 0, "repack_ggml: k must be a positive multiple of 32");
@@ -152,6 +166,7 @@ NB_MODULE(_kernels, m) {
     m.def("silu_mul", &silu_mul_py);
     m.def("rope", &rope_py);
     m.def("paged_attention_decode", &attention_py);
+    m.def("kv_write", &kv_write_py);
     m.def("repack_ggml", &repack_ggml_py);
     m.def("quantize_pack", &quantize_pack_py);
 }

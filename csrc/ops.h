@@ -33,11 +33,19 @@ struct RopeArgs {
 struct AttentionArgs {
     int64_t batch, heads, kv_heads, head_dim, block_size, max_blocks;
     const void* q; DType q_type; int64_t q_stride_b, q_stride_h;   // (B, H, D)
-    const void* k_cache; const void* v_cache; DType kv_type;      // (blocks, block_size, KVH, D), contiguous
+    const void* k_cache; const void* v_cache; DType kv_type;      // (blocks, KVH, block_size, D), contiguous
     const int32_t* block_tables;                                  // (B, max_blocks)
     const int32_t* context_lens;                                  // (B)
     float scale;
     void* out; DType o_type;                                      // (B, H, D) contiguous
+};
+
+struct KvWriteArgs {
+    int64_t tokens, kv_heads, head_dim, block_size;
+    const void* k; int64_t k_stride_t, k_stride_h; DType k_type;   // (T, KVH, D), D contiguous
+    const void* v; int64_t v_stride_t, v_stride_h; DType v_type;
+    void* k_cache; void* v_cache; DType kv_type;                   // (blocks, KVH, block_size, D), contiguous
+    const int64_t* slots;                                          // (T) block * block_size + offset
 };
 
 struct OpsTable {
@@ -45,6 +53,7 @@ struct OpsTable {
     void (*silu_mul)(const SiluMulArgs&);
     void (*rope)(const RopeArgs&);
     void (*attention)(const AttentionArgs&);
+    void (*kv_write)(const KvWriteArgs&);
 };
 
 const OpsTable& ops_scalar();

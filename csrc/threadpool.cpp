@@ -16,7 +16,7 @@ namespace {
 
 // About 30-80 us of pause loops before an idle worker sleeps: long enough to bridge the Python
 // gap between two kernel calls, short enough not to starve PyTorch's threads.
-constexpr int kSpinIters = 2000;
+constexpr int kSpinIters = 100000;
 constexpr int kChunksPerThread = 4;
 
 int default_threads() {

@@ -89,15 +89,16 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: t
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """One new token per sequence attends to its cached tokens. q (B, H, D); caches
-    (num_blocks, block_size, KVH, D) contiguous, bf16 or float32 (e.g. pool[layer, 0] and
+    (num_blocks, KVH, block_size, D) contiguous, bf16 or float32 (e.g. pool[layer, 0] and
     pool[layer, 1]); block_tables (B, max_blocks) int32; context_lens (B,) int32 counting the
     new token, whose K/V are already written. Returns (B, H, D) in q's dtype."""
     if q.dim() != 3 or q.stride(2) != 1 or q.dtype not in _FLOAT_TYPES:
         raise ValueError(f"paged_attention_decode: q {tuple(q.shape)} {q.dtype} must be (B, H, D) float32/bfloat16")
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.dtype != v_cache.dtype \
             or k_cache.dtype not in _FLOAT_TYPES or not k_cache.is_contiguous() or not v_cache.is_contiguous() \
-            or k_cache.shape[3] != q.shape[2]:
-        raise ValueError(f"paged_attention_decode: caches {tuple(k_cache.shape)} must be contiguous (blocks, block_size, KVH, {q.shape[2]})")
+            or k_cache.shape[3] != q.shape[2] or q.shape[1] % k_cache.shape[1]:
+        raise ValueError(f"paged_attention_decode: caches {tuple(k_cache.shape)} must be contiguous (blocks, KVH, block_size, {q.shape[2]})"
+                         f" with KVH dividing the {q.shape[1]} query heads")
     batch = q.shape[0]
     if block_tables.dtype != torch.int32 or block_tables.dim() != 2 or block_tables.shape[0] != batch \
             or not block_tables.is_contiguous():
@@ -105,12 +106,32 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if context_lens.dtype != torch.int32 or context_lens.shape != (batch,) or not context_lens.is_contiguous():
         raise ValueError("paged_attention_decode: context_lens must be contiguous int32 (B,)")
     out = torch.empty(q.shape, dtype=q.dtype)
-    _kernels.paged_attention_decode(batch, q.shape[1], k_cache.shape[2], q.shape[2], k_cache.shape[1],
+    _kernels.paged_attention_decode(batch, q.shape[1], k_cache.shape[1], q.shape[2], k_cache.shape[2],
                                     block_tables.shape[1], k_cache.shape[0], q.data_ptr(), q.dtype is torch.bfloat16,
                                     q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(),
                                     k_cache.dtype is torch.bfloat16, block_tables.data_ptr(), context_lens.data_ptr(),
                                     float(scale), out.data_ptr(), out.dtype is torch.bfloat16)
     return out
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slots: torch.Tensor) -> None:
+    """Store new tokens' k, v (T, KVH, D), float32/bfloat16 with contiguous D, at flat slots (T,)
+    (block * block_size + offset) of caches (num_blocks, KVH, block_size, D), converting to the cache's dtype."""
+    if k.dim() != 3 or k.shape != v.shape or k.stride(2) != 1 or v.stride(2) != 1 \
+            or k.dtype not in _FLOAT_TYPES or v.dtype not in _FLOAT_TYPES:
+        raise ValueError(f"write_kv: k {tuple(k.shape)} and v {tuple(v.shape)} must be (T, KVH, D) float32/bfloat16 with contiguous D")
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.dtype != v_cache.dtype \
+            or k_cache.dtype not in _FLOAT_TYPES or not k_cache.is_contiguous() or not v_cache.is_contiguous() \
+            or k_cache.shape[1] != k.shape[1] or k_cache.shape[3] != k.shape[2]:
+        raise ValueError(f"write_kv: caches {tuple(k_cache.shape)} must be contiguous (blocks, {k.shape[1]}, block_size, {k.shape[2]})")
+    slots = slots.to(torch.int64).contiguous()
+    if slots.shape != (k.shape[0],):
+        raise ValueError(f"write_kv: slots {tuple(slots.shape)} must be ({k.shape[0]},)")
+    _kernels.kv_write(k.shape[0], k.shape[1], k.shape[2], k_cache.shape[2], k_cache.shape[0], k.data_ptr(), k.stride(0),
+                      k.stride(1), k.dtype is torch.bfloat16, v.data_ptr(), v.stride(0), v.stride(1),
+                      v.dtype is torch.bfloat16, k_cache.data_ptr(), v_cache.data_ptr(), k_cache.dtype is torch.bfloat16,
+                      slots.data_ptr())
 
 
 def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -161,15 +182,22 @@ def reference_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, co
     return rotate(q), rotate(k)
 
 
+def reference_write_kv(k, v, k_cache, v_cache, slots) -> None:
+    block_size = k_cache.shape[2]
+    for t, slot in enumerate(slots.tolist()):
+        k_cache[slot // block_size, :, slot % block_size] = k[t].to(k_cache.dtype)
+        v_cache[slot // block_size, :, slot % block_size] = v[t].to(v_cache.dtype)
+
+
 def reference_paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale) -> torch.Tensor:
     batch, heads, d = q.shape
-    block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
     out = torch.zeros(batch, heads, d)
     for b in range(batch):
         n = int(context_lens[b])
         blocks = block_tables[b, : -(-n // block_size)].long()
-        k = k_cache[blocks].reshape(-1, kv_heads, d)[:n].float()  # (n, KVH, D)
-        v = v_cache[blocks].reshape(-1, kv_heads, d)[:n].float()
+        k = k_cache[blocks].transpose(1, 2).reshape(-1, kv_heads, d)[:n].float()  # (n, KVH, D)
+        v = v_cache[blocks].transpose(1, 2).reshape(-1, kv_heads, d)[:n].float()
         k = k.repeat_interleave(heads // kv_heads, dim=1)  # (n, H, D)
         v = v.repeat_interleave(heads // kv_heads, dim=1)
         scores = torch.einsum("hd,nhd->hn", q[b].float(), k) * scale

@@ -72,7 +72,7 @@ def test_rope_rejects_position_outside_cache():
 def test_paged_attention_decode(isa, kv_dtype, heads, kv_heads, head_dim):
     g = torch.Generator().manual_seed(heads * head_dim)
     num_blocks, block_size = 20, 16
-    pool = torch.randn(2, 2, num_blocks, block_size, kv_heads, head_dim, generator=g).to(kv_dtype)
+    pool = torch.randn(2, 2, num_blocks, kv_heads, block_size, head_dim, generator=g).to(kv_dtype)
     k_cache, v_cache = pool[1, 0], pool[1, 1]  # layer 1 of a [layers, 2, ...] pool
     context_lens = torch.tensor([1, 16, 37, 70], dtype=torch.int32)
     block_tables = torch.zeros(4, 5, dtype=torch.int32)
@@ -87,8 +87,43 @@ def test_paged_attention_decode(isa, kv_dtype, heads, kv_heads, head_dim):
     close(out, ref, kv_dtype)
 
 
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 32, 64), (16, 2, 128)])
+def test_paged_attention_decode_long_contexts(isa, heads, kv_heads, head_dim):
+    # Long contexts split into several stretches per sequence, whose partial softmaxes are merged; an
+    # empty context gives zeros.
+    g = torch.Generator().manual_seed(7)
+    num_blocks, block_size = 64, 16
+    k_cache = torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=g).bfloat16()
+    v_cache = torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=g).bfloat16()
+    context_lens = torch.tensor([300, 0, 517], dtype=torch.int32)
+    perm = torch.randperm(num_blocks, generator=g).to(torch.int32)
+    block_tables = torch.zeros(3, 33, dtype=torch.int32)
+    block_tables[0, :19], block_tables[2, :33] = perm[:19], perm[19:52]
+    q = torch.randn(3, heads, head_dim, generator=g).bfloat16()
+    out = kernels.paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, head_dim ** -0.5)
+    ref = kernels.reference_paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, head_dim ** -0.5)
+    close(out, ref, torch.bfloat16)
+    assert torch.count_nonzero(out[1]) == 0
+
+@pytest.mark.parametrize("kv_dtype", DTYPES)
+@pytest.mark.parametrize("src_dtype", DTYPES)
+def test_write_kv(isa, kv_dtype, src_dtype):
+    g = torch.Generator().manual_seed(3)
+    k_cache, v_cache = torch.zeros(6, 3, 16, 40, dtype=kv_dtype), torch.zeros(6, 3, 16, 40, dtype=kv_dtype)
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()
+    kv = torch.randn(5, 2, 3, 40, generator=g).to(src_dtype)
+    k, v = kv[:, 0], kv[:, 1]  # strided views, as a fused qkv output gives
+    slots = torch.tensor([0, 17, 18, 95, 40])
+    kernels.write_kv(k, v, k_cache, v_cache, slots)
+    kernels.reference_write_kv(k, v, ref_k, ref_v, slots)
+    assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)
+    with pytest.raises(ValueError, match="slot outside"):
+        kernels.write_kv(k, v, k_cache, v_cache, torch.tensor([0, 1, 2, 3, 96]))
+
+
 def test_paged_attention_rejects_bad_block_table():
-    k = torch.zeros(4, 16, 2, 64)
+    k = torch.zeros(4, 2, 16, 64)
     q = torch.zeros(1, 2, 64)
     tables = torch.tensor([[7]], dtype=torch.int32)
     with pytest.raises(ValueError, match="block table"):

@@ -1,4 +1,5 @@
-"""The paged KV pool: [layers, 2, num_blocks, block_size, kv_heads, head_dim]."""
+"""The paged KV pool: [layers, 2, num_blocks, kv_heads, block_size, head_dim]. Head-major within a block,
+so decode attention reads each kv head's rows of a block as one contiguous run."""
 import numpy as np
 import torch
 
@@ -14,6 +15,6 @@ def allocate_kv_pool(args: ModelArgs, num_blocks: int, block_size: int, dtype: t
     # Zeroed: decode attention pads short contexts with unwritten slots, and garbage there could be NaN,
     # which survives a zero attention weight (0 * NaN = NaN). numpy's zeros come from calloc, whose fresh pages
     # the OS zeroes lazily: the pool costs memory only as sequences fill it (torch.zeros writes it all up front).
-    shape = (args.num_hidden_layers, 2, num_blocks, block_size, args.num_key_value_heads, args.head_dim)
+    shape = (args.num_hidden_layers, 2, num_blocks, args.num_key_value_heads, block_size, args.head_dim)
     storage = {torch.bfloat16: np.uint16, torch.float16: np.float16, torch.float32: np.float32}[dtype]
     return torch.from_numpy(np.zeros(shape, dtype=storage)).view(dtype)

@@ -47,16 +47,13 @@ class PagedAttention(nn.Module):
         self.head_dim = head_dim
         self.scale = head_dim ** -0.5
         self.sliding_window = sliding_window
-        # (num_blocks, block_size, KVH, D) views into the engine's pool, bound once by the model runner
+        # (num_blocks, KVH, block_size, D) views into the engine's pool, bound once by the model runner
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         # q: (T, H, D); k, v: (T, KVH, D) -> (T, H, D)
-        k_flat = self.k_cache.view(-1, self.num_kv_heads, self.head_dim)  # (slots, KVH, D)
-        v_flat = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)
-        k_flat.index_copy_(0, meta.slot_mapping, k.to(k_flat.dtype))
-        v_flat.index_copy_(0, meta.slot_mapping, v.to(v_flat.dtype))
+        kernels.write_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         if meta.decode_only and self.sliding_window is None:
             return self._decode(q, meta)
         out = torch.empty_like(q)
@@ -77,10 +74,10 @@ class PagedAttention(nn.Module):
         return out
 
     def _gather(self, block_table: torch.Tensor, context: int) -> tuple[torch.Tensor, torch.Tensor]:
-        num_blocks = -(-context // self.k_cache.shape[1])
+        num_blocks = -(-context // self.k_cache.shape[2])
         blocks = block_table[:num_blocks]
-        k = self.k_cache.index_select(0, blocks).flatten(0, 1)[:context]  # (C, KVH, D)
-        v = self.v_cache.index_select(0, blocks).flatten(0, 1)[:context]
+        k = self.k_cache.index_select(0, blocks).transpose(1, 2).flatten(0, 1)[:context]  # (C, KVH, D)
+        v = self.v_cache.index_select(0, blocks).transpose(1, 2).flatten(0, 1)[:context]
         return k, v
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: int) -> torch.Tensor:
