@@ -298,6 +298,11 @@ void attend_pass(const AttentionArgs& a, const int64_t* rows, int64_t n_tok, int
     const int64_t row_bytes = a.head_dim * static_cast<int64_t>(sizeof(KV));
     // Elements in the final chunk; Full (head_dim a multiple of 32) makes every load a whole vector.
     const int last = Full ? 2 * kLanes : static_cast<int>(a.head_dim - (NC2 - 1) * 2 * kLanes);
+    // The loops below prefetch kPrefetchTokens ahead; the first rows of K and V are requested here.
+    for (int64_t t = 0; t < n_tok && t < kPrefetchTokens; ++t) {
+        prefetch_span(k_base + rows[t], row_bytes);
+        prefetch_span(v_base + rows[t], row_bytes);
+    }
     Pair q[G][NC2];
     for (int g = 0; g < G; ++g)
         for (int c = 0; c < NC2; ++c) q[g][c] = arrange<KV>(qf + (g * NC2 + c) * 2 * kLanes);
