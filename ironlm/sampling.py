@@ -91,22 +91,23 @@ class SampleResult:
 
 
 class Sampler:
-    """Turns a batch of logits into one token per sequence, each with its own parameters."""
+    """Turns a batch of logits into one token per sequence, each with its own parameters. Rows go
+    through each step together (one softmax, one cumsum over the batch), as per-row calls over a
+    49k vocabulary cost a large share of a batched decode step."""
 
     def __call__(self, logits: torch.Tensor, states: list[SampleState]) -> list[SampleResult]:
         # logits: (B, V) in any float dtype
-        logits = logits.float()
         raw_logprobs = None
         if any(s.params.logprobs is not None for s in states):
-            raw_logprobs = torch.log_softmax(logits, dim=-1)  # (B, V) the model's own distribution
-        logits = logits.clone()
+            raw_logprobs = torch.log_softmax(logits.float(), dim=-1)  # (B, V) the model's own distribution
+        # A private float32 copy: penalties and logits processors write into it.
+        logits = logits.float() if logits.dtype != torch.float32 else logits.clone()
         for i, state in enumerate(states):
             self._apply_penalties(logits[i], state)
             if state.params.logits_processor is not None:
                 logits[i] = state.params.logits_processor(state.output_token_ids, logits[i])
         results = []
-        for i, state in enumerate(states):
-            token_id = self._pick(logits[i], state)
+        for i, (state, token_id) in enumerate(zip(states, self._pick(logits, states))):
             result = SampleResult(token_id)
             if raw_logprobs is not None and state.params.logprobs is not None:
                 row = raw_logprobs[i]
@@ -130,25 +131,63 @@ class Sampler:
             row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
 
     @staticmethod
-    def _pick(row: torch.Tensor, state: SampleState) -> int:
-        p = state.params
-        if p.greedy:
-            return int(row.argmax())
-        row = row / p.temperature
-        if p.top_k:
-            kth = row.topk(min(p.top_k, row.numel())).values[-1]
-            row = row.masked_fill(row < kth, float("-inf"))
-        probs = torch.softmax(row, dim=-1)
-        if p.min_p > 0.0:
-            probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
-        if p.top_p < 1.0:
-            sorted_probs, order = probs.sort(descending=True)
-            # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-            drop = sorted_probs.cumsum(0) - sorted_probs >= p.top_p
-            sorted_probs[drop] = 0.0
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-        # Inverse-CDF draw: one uniform number and a binary search, ~15x cheaper than torch.multinomial on CPU.
-        # Zero-probability tokens add nothing to the CDF, so the first index whose CDF exceeds u is never one.
-        cdf = probs.double().cumsum(0)
-        u = torch.rand(1, generator=state.generator, dtype=torch.float64) * cdf[-1]
-        return int(torch.searchsorted(cdf, u, right=True).clamp_(max=probs.numel() - 1))
+    def _pick(logits: torch.Tensor, states: list[SampleState]) -> list[int]:
+        # logits: (B, V) after penalties -> one token id per row
+        picks = [0] * len(states)
+        greedy = [i for i, s in enumerate(states) if s.params.greedy]
+        if greedy:
+            ids = (logits if len(greedy) == len(states) else logits[greedy]).argmax(-1).tolist()
+            for i, token_id in zip(greedy, ids):
+                picks[i] = token_id
+        sampled = [i for i, s in enumerate(states) if not s.params.greedy]
+        if not sampled:
+            return picks
+        params = [states[i].params for i in sampled]
+        vocab = logits.shape[1]
+        # weights: (S, V), worked on in place (a 49k-wide temporary per operation costs as much as the operation):
+        # unnormalised probabilities exp((logit - max) / temperature), whose largest is 1.
+        weights = logits if len(sampled) == len(states) else logits[sampled]
+        weights.div_(torch.tensor([p.temperature for p in params])[:, None])
+        for j, p in enumerate(params):  # top-k differs per row (and is rare): one row at a time
+            if p.top_k:
+                kth = weights[j].topk(min(p.top_k, vocab)).values[-1]
+                weights[j].masked_fill_(weights[j] < kth, float("-inf"))
+        weights.sub_(weights.amax(-1, keepdim=True)).exp_()
+        min_p = torch.tensor([p.min_p for p in params])
+        if bool((min_p > 0).any()):  # a row with min_p 0 compares against 0: nothing dropped
+            weights.masked_fill_(weights < min_p[:, None], 0.0)
+        nucleus = [j for j, p in enumerate(params) if p.top_p < 1.0]
+        if nucleus:
+            sub = weights[nucleus]
+            top_p = torch.tensor([params[j].top_p for j in nucleus]) * sub.sum(-1)
+            weights[nucleus] = _nucleus(sub, top_p)
+        # Inverse-CDF draw: one uniform number per row (from the request's own generator when seeded) and a
+        # binary search, ~15x cheaper than torch.multinomial on CPU. Zero-weight tokens add nothing to the CDF,
+        # so the first index whose CDF exceeds u is never one. (PyTorch accumulates a float cumsum in double.)
+        cdf = weights.cumsum_(-1)  # (S, V)
+        u = torch.cat([torch.rand(1, generator=states[i].generator, dtype=torch.float64) for i in sampled]).float()
+        ids = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).clamp_(max=vocab - 1)
+        for i, token_id in zip(sampled, ids.squeeze(1).tolist()):
+            picks[i] = token_id
+        return picks
+
+
+_NUCLEUS_CANDIDATES = 256  # the nucleus nearly always lies among the most likely few hundred tokens
+
+
+def _nucleus(weights: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """Keep, per row, the smallest set of heaviest tokens whose total weight reaches `mass` (the heaviest
+    always stays). weights: (N, V) unnormalised probabilities, mass: (N,) top_p times each row's total.
+    Sorting a whole 49k vocabulary per row would cost more than the rest of a decode step, so rows whose
+    nucleus lies among the top candidates are cut there; only the others are sorted in full."""
+    candidates, order = weights.topk(min(_NUCLEUS_CANDIDATES, weights.shape[1]), dim=-1)  # (N, C) descending
+    full = candidates.sum(-1) < mass  # the candidates fall short: sort the whole row
+    if bool(full.any()):
+        sorted_all, order_all = weights[full].sort(dim=-1, descending=True)
+        sorted_all[sorted_all.cumsum(-1) - sorted_all >= mass[full, None]] = 0.0
+        kept_full = torch.zeros_like(sorted_all).scatter_(1, order_all, sorted_all)
+    candidates[candidates.cumsum(-1) - candidates >= mass[:, None]] = 0.0
+    kept = torch.zeros_like(weights).scatter_(1, order, candidates)
+    if bool(full.any()):
+        kept[full] = kept_full
+    return kept
