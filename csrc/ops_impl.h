@@ -288,11 +288,12 @@ struct Partials {
 };
 
 // One pass: G query heads (qf: G rows of NC2 * 32 floats, scaled, zero past head_dim) that read kv head
-// kvh, over n_tok tokens at `rows`. G and NC2 are constants so that queries and accumulators stay in
-// registers. scores: G rows of `stride` floats. Head g's result goes to out[g].
+// kvh, over n_tok tokens at `rows`; next_kvh is the kv head of the task's next pass (-1: none, or this one).
+// G and NC2 are constants so that queries and accumulators stay in registers. scores: G rows of `stride`
+// floats. Head g's result goes to out[g].
 template <typename KV, int NC2, int G, bool Full>
-void attend_pass(const AttentionArgs& a, const int64_t* rows, int64_t n_tok, int64_t kvh, const float* qf,
-                 float* scores, int64_t stride, float* const* out) {
+void attend_pass(const AttentionArgs& a, const int64_t* rows, int64_t n_tok, int64_t kvh, int64_t next_kvh,
+                 const float* qf, float* scores, int64_t stride, float* const* out) {
     const KV* k_base = static_cast<const KV*>(a.k_cache) + kvh * a.block_size * a.head_dim;
     const KV* v_base = static_cast<const KV*>(a.v_cache) + kvh * a.block_size * a.head_dim;
     const int64_t row_bytes = a.head_dim * static_cast<int64_t>(sizeof(KV));
@@ -347,8 +348,16 @@ void attend_pass(const AttentionArgs& a, const int64_t* rows, int64_t n_tok, int
     Pair acc[G][NC2];
     for (int g = 0; g < G; ++g)
         for (int c = 0; c < NC2; ++c) acc[g][c] = Pair{};
+    // The next pass reads the same tokens of kv head next_kvh (if any): its first rows are requested during
+    // this pass's last ones, so it does not start by waiting on memory.
+    const int64_t next = next_kvh < 0 ? 0 : (next_kvh - kvh) * a.block_size * a.head_dim;
+    const int64_t handover = n_tok > kPrefetchTokens ? n_tok - kPrefetchTokens : 0;
     for (int64_t t = 0; t < n_tok; ++t) {
         if (t + kPrefetchTokens < n_tok) prefetch_span(v_base + rows[t + kPrefetchTokens], row_bytes);
+        if (next_kvh >= 0 && t >= handover) {
+            prefetch_span(k_base + next + rows[t - handover], row_bytes);
+            prefetch_span(v_base + next + rows[t - handover], row_bytes);
+        }
         Pair v[NC2];
         for (int c = 0; c < NC2; ++c) v[c] = load_pair(v_base + rows[t] + c * 2 * kLanes, c == NC2 - 1 ? last : 2 * kLanes);
         for (int g = 0; g < G; ++g) {
@@ -366,22 +375,24 @@ constexpr int kMaxChunks = 8;  // 32-element chunks per head: head_dim <= 256
 constexpr int heads_per_pass(int nc2) { return 8 / nc2 < 1 ? 1 : 8 / nc2 > 4 ? 4 : 8 / nc2; }
 
 template <typename KV, int NC2, int G>
-void pass_dispatch_g(int g, const AttentionArgs& a, const int64_t* rows, int64_t n_tok, int64_t kvh, const float* qf,
-                     float* scores, int64_t stride, float* const* out) {
+void pass_dispatch_g(int g, const AttentionArgs& a, const int64_t* rows, int64_t n_tok, int64_t kvh, int64_t next_kvh,
+                     const float* qf, float* scores, int64_t stride, float* const* out) {
     if constexpr (G > 1) {
-        if (g < G) return pass_dispatch_g<KV, NC2, G - 1>(g, a, rows, n_tok, kvh, qf, scores, stride, out);
+        if (g < G) return pass_dispatch_g<KV, NC2, G - 1>(g, a, rows, n_tok, kvh, next_kvh, qf, scores, stride, out);
     }
-    if (a.head_dim == NC2 * 2 * kLanes) attend_pass<KV, NC2, G, true>(a, rows, n_tok, kvh, qf, scores, stride, out);
-    else attend_pass<KV, NC2, G, false>(a, rows, n_tok, kvh, qf, scores, stride, out);
+    if (a.head_dim == NC2 * 2 * kLanes)
+        attend_pass<KV, NC2, G, true>(a, rows, n_tok, kvh, next_kvh, qf, scores, stride, out);
+    else
+        attend_pass<KV, NC2, G, false>(a, rows, n_tok, kvh, next_kvh, qf, scores, stride, out);
 }
 
 template <typename KV, int NC2>
 void pass_dispatch(int nc2, int g, const AttentionArgs& a, const int64_t* rows, int64_t n_tok, int64_t kvh,
-                   const float* qf, float* scores, int64_t stride, float* const* out) {
+                   int64_t next_kvh, const float* qf, float* scores, int64_t stride, float* const* out) {
     if constexpr (NC2 < kMaxChunks) {
-        if (nc2 > NC2) return pass_dispatch<KV, NC2 + 1>(nc2, g, a, rows, n_tok, kvh, qf, scores, stride, out);
+        if (nc2 > NC2) return pass_dispatch<KV, NC2 + 1>(nc2, g, a, rows, n_tok, kvh, next_kvh, qf, scores, stride, out);
     }
-    pass_dispatch_g<KV, NC2, heads_per_pass(NC2)>(g, a, rows, n_tok, kvh, qf, scores, stride, out);
+    pass_dispatch_g<KV, NC2, heads_per_pass(NC2)>(g, a, rows, n_tok, kvh, next_kvh, qf, scores, stride, out);
 }
 
 // The split of every sequence into stretches: task i covers tokens [start, start + len) of seq.
@@ -427,11 +438,12 @@ void attention_tasks(void* ctx, int64_t begin, int64_t end) {
                         store16(qg + i, n ? load_any(q, a.q_type, i, n) * a.scale : v16f{});
                     }
                 }
+                const int64_t next_kvh = g0 + per_pass < group || kvh + 1 == a.kv_heads ? -1 : kvh + 1;
                 if (a.kv_type == DType::bf16)
-                    pass_dispatch<uint16_t, 1>(nc2, static_cast<int>(per_pass), a, rows, n_tok, kvh, qf, scores, stride,
+                    pass_dispatch<uint16_t, 1>(nc2, static_cast<int>(per_pass), a, rows, n_tok, kvh, next_kvh, qf, scores, stride,
                                                out);
                 else
-                    pass_dispatch<float, 1>(nc2, static_cast<int>(per_pass), a, rows, n_tok, kvh, qf, scores, stride,
+                    pass_dispatch<float, 1>(nc2, static_cast<int>(per_pass), a, rows, n_tok, kvh, next_kvh, qf, scores, stride,
                                             out);
             }
         }
