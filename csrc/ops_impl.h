@@ -372,7 +372,8 @@ void attend_pass(const AttentionArgs& a, const int64_t* rows, int64_t n_tok, int
 constexpr int kMaxChunks = 8;  // 32-element chunks per head: head_dim <= 256
 
 // Query heads per pass for NC2 chunks per head: their queries take at most 16 vector registers.
-constexpr int heads_per_pass(int nc2) { return 8 / nc2 < 1 ? 1 : 8 / nc2 > 4 ? 4 : 8 / nc2; }
+constexpr int kMaxHeadsPerPass = 4;
+constexpr int heads_per_pass(int nc2) { return 8 / nc2 < 1 ? 1 : 8 / nc2 > kMaxHeadsPerPass ? kMaxHeadsPerPass : 8 / nc2; }
 
 template <typename KV, int NC2, int G>
 void pass_dispatch_g(int g, const AttentionArgs& a, const int64_t* rows, int64_t n_tok, int64_t kvh, int64_t next_kvh,
@@ -411,7 +412,7 @@ void attention_tasks(void* ctx, int64_t begin, int64_t end) {
     const int64_t d = a.head_dim, group = a.heads / a.kv_heads;
     const int nc2 = static_cast<int>((d + 2 * kLanes - 1) / (2 * kLanes));
     const int64_t per_pass = heads_per_pass(nc2) < group ? heads_per_pass(nc2) : group;
-    alignas(64) float qf[4 * kMaxChunks * 2 * kLanes];
+    alignas(64) float qf[kMaxHeadsPerPass * kMaxChunks * 2 * kLanes];
     alignas(64) float sink[kMaxChunks * 2 * kLanes + 2];  // results of the padding heads of a pass
     for (int64_t task = begin; task < end; ++task) {
         const int64_t b = s.seq[task], n_tok = s.len[task];
@@ -422,7 +423,7 @@ void attention_tasks(void* ctx, int64_t begin, int64_t end) {
         token_rows(a, a.block_tables + b * a.max_blocks, s.start[task], n_tok, rows);
         for (int64_t kvh = 0; kvh < a.kv_heads; ++kvh) {
             for (int64_t g0 = 0; g0 < group; g0 += per_pass) {
-                float* out[4];
+                float* out[kMaxHeadsPerPass];
                 for (int64_t g = 0; g < per_pass; ++g) {
                     const int64_t h = kvh * group + g0 + g;
                     float* qg = qf + g * nc2 * 2 * kLanes;
