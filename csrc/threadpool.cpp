@@ -9,14 +9,18 @@
 #include <vector>
 #include <immintrin.h>
 #include <pthread.h>
+#include <sched.h>
 #include <unistd.h>
 
 namespace ironlm {
 namespace {
 
-// About 30-80 us of pause loops before an idle worker sleeps: long enough to bridge the Python
-// gap between two kernel calls, short enough not to starve PyTorch's threads.
+// About 2-5 ms of pause loops before an idle worker sleeps: long enough to bridge the Python between
+// two kernel calls and between two decode steps (a sleeping worker takes tens of microseconds to wake,
+// and a small model's token makes hundreds of calls). The spin yields the core every kYieldEvery pauses,
+// so PyTorch's threads (prefill attention) and other processes are not starved by it.
 constexpr int kSpinIters = 100000;
+constexpr int kYieldEvery = 64;
 constexpr int kChunksPerThread = 4;
 
 int default_threads() {
@@ -107,6 +111,7 @@ private:
             uint64_t now = seen;
             for (int i = 0; i < kSpinIters && now == seen; ++i) {
                 _mm_pause();
+                if (i % kYieldEvery == kYieldEvery - 1) sched_yield();
                 now = generation_.load(std::memory_order_acquire);
             }
             std::shared_ptr<Job> job;
