@@ -1,0 +1,67 @@
+"""Time of one sampler step over a batch of logits, and batched generation with and without sampling.
+
+    python benchmarks/bench_sampler.py [--rows 16] [--vocab 49152] [--no-generate]
+
+The sampler cases run on random logits; the generate cases run the embedded SmolLM2-135M on 16 prompts
+of 32 tokens, 200 new tokens each (EOS ignored), greedy and with temperature 0.7 / top-p 0.95.
+"""
+
+import argparse
+import time
+
+from ironlm.sampling import Sampler, SampleState, SamplingParams  # before torch: ironlm sets OpenMP's wait policy
+
+import torch
+
+CASES = {
+    "greedy": SamplingParams(temperature=0.0),
+    "temperature 0.7": SamplingParams(temperature=0.7),
+    "temperature 0.7, top-p 0.95": SamplingParams(temperature=0.7, top_p=0.95),
+    "temperature 0.7, top-k 40, min-p 0.05": SamplingParams(temperature=0.7, top_k=40, min_p=0.05),
+}
+
+
+def sampler_ms(logits: torch.Tensor, params: SamplingParams, repeats: int) -> float:
+    sampler = Sampler()
+    states = [SampleState(params, [], [], torch.Generator().manual_seed(i)) for i in range(logits.shape[0])]
+    sampler(logits, states)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        sampler(logits, states)
+    return (time.perf_counter() - start) / repeats * 1e3
+
+
+def generate_tok_s(temperature: float) -> float:
+    from ironlm import LLM
+
+    llm = LLM(threads=2)
+    params = SamplingParams(max_tokens=200, ignore_eos=True, temperature=temperature, top_p=0.95)
+    prompts = [{"prompt_token_ids": list(range(1000 + 50 * i, 1032 + 50 * i))} for i in range(16)]
+    llm.generate(prompts, params)  # warm-up
+    start = time.perf_counter()
+    llm.generate(prompts, params)
+    return 16 * 200 / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=16)
+    parser.add_argument("--vocab", type=int, default=49152)
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--no-generate", action="store_true", help="skip the model runs")
+    args = parser.parse_args()
+    # Peaked like a language model's next-token logits, so top-p stays among the likeliest tokens.
+    logits = torch.randn(args.rows, args.vocab, generator=torch.Generator().manual_seed(0)) * 3
+    logits[:, :8] += 12
+    print(f"sampler step, {args.rows} rows x {args.vocab} logits:")
+    for name, params in CASES.items():
+        print(f"  {name:40} {sampler_ms(logits, params, args.repeats):7.2f} ms")
+    if not args.no_generate:
+        print("LLM.generate, SmolLM2-135M, 16 prompts x 200 new tokens:")
+        for temperature in (0.0, 0.7):
+            label = "greedy" if temperature == 0 else f"temperature {temperature}, top-p 0.95"
+            print(f"  {label:40} {generate_tok_s(temperature):7.0f} tok/s")
+
+
+if __name__ == "__main__":
+    main()
