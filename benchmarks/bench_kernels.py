@@ -11,10 +11,10 @@ depend on values.
 import argparse
 import time
 
-import torch
-
-from ironlm import _kernels
+from ironlm import _kernels  # before torch: ironlm sets OpenMP's wait policy, as it does for users
 from ironlm.quant import QuantLinear
+
+import torch
 
 SHAPES = {  # name: (N, K)
     "decode": [(2048, 2048), (8192, 2048)],
