@@ -181,13 +181,11 @@ def _nucleus(weights: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
     Sorting a whole 49k vocabulary per row would cost more than the rest of a decode step, so rows whose
     nucleus lies among the top candidates are cut there; only the others are sorted in full."""
     candidates, order = weights.topk(min(_NUCLEUS_CANDIDATES, weights.shape[1]), dim=-1)  # (N, C) descending
-    full = candidates.sum(-1) < mass  # the candidates fall short: sort the whole row
+    candidates[candidates.cumsum(-1) - candidates >= mass[:, None]] = 0.0
+    kept = torch.zeros_like(weights).scatter_(1, order, candidates)
+    full = candidates.sum(-1) < mass  # the candidates fall short of the mass: sort those rows whole
     if bool(full.any()):
         sorted_all, order_all = weights[full].sort(dim=-1, descending=True)
         sorted_all[sorted_all.cumsum(-1) - sorted_all >= mass[full, None]] = 0.0
-        kept_full = torch.zeros_like(sorted_all).scatter_(1, order_all, sorted_all)
-    candidates[candidates.cumsum(-1) - candidates >= mass[:, None]] = 0.0
-    kept = torch.zeros_like(weights).scatter_(1, order, candidates)
-    if bool(full.any()):
-        kept[full] = kept_full
+        kept[full] = torch.zeros_like(sorted_all).scatter_(1, order_all, sorted_all)
     return kept

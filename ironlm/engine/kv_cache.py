@@ -12,9 +12,8 @@ def kv_bytes_per_block(args: ModelArgs, block_size: int, dtype: torch.dtype) -> 
 
 
 def allocate_kv_pool(args: ModelArgs, num_blocks: int, block_size: int, dtype: torch.dtype) -> torch.Tensor:
-    # Zeroed: decode attention pads short contexts with unwritten slots, and garbage there could be NaN,
-    # which survives a zero attention weight (0 * NaN = NaN). numpy's zeros come from calloc, whose fresh pages
-    # the OS zeroes lazily: the pool costs memory only as sequences fill it (torch.zeros writes it all up front).
+    # numpy's zeros come from calloc, whose fresh pages the OS maps and zeroes lazily: the pool costs memory only
+    # as sequences fill it (torch.zeros writes it all up front). Attention reads only written slots.
     shape = (args.num_hidden_layers, 2, num_blocks, args.num_key_value_heads, block_size, args.head_dim)
     storage = {torch.bfloat16: np.uint16, torch.float16: np.float16, torch.float32: np.float32}[dtype]
     return torch.from_numpy(np.zeros(shape, dtype=storage)).view(dtype)

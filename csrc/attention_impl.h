@@ -1,0 +1,357 @@
+// Decode attention over the paged KV cache and the writes of new K/V into it, on the vector primitives
+// of ops_impl.h. Included at the end of ops_impl.h, inside the same anonymous namespace, so it is
+// compiled once per ISA level with that level's flags.
+
+// ---- Decode attention over the paged KV cache. The cache is head-major within a block, so one kv
+// head's K (or V) rows for a block's tokens are one contiguous run. A task is one stretch of one
+// sequence's tokens for all of its heads (flash-decoding), so a single long sequence still keeps every
+// thread busy. Inside a task the query heads go in passes over one kv head and a few of the query heads
+// that share it (GQA); each leaves its max score, sum of exponentials and unnormalised output, and
+// merge_stretches combines a sequence's stretches.
+constexpr int64_t kMinStretch = 64;    // tokens: shorter stretches cost more in set-up and merging than they save
+constexpr int64_t kPrefetchTokens = 64;  // a head's rows in flight ahead of the one being read
+
+inline void prefetch_span(const void* p, int64_t bytes) {
+    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(static_cast<const char*>(p) + off, 0, 3);
+}
+
+// rows[i] = element offset of token t0 + i's row for kv head 0 in the cache, for i < n (head h's row is
+// h * block_size * head_dim further): computed once per task with counters, as a division per token read
+// would cost more than the read.
+inline void token_rows(const AttentionArgs& a, const int32_t* table, int64_t t0, int64_t n, int64_t* rows) {
+    for (int64_t i = 0, blk = t0 / a.block_size, off = t0 % a.block_size; i < n; ++i) {
+        rows[i] = (static_cast<int64_t>(table[blk]) * a.kv_heads * a.block_size + off) * a.head_dim;
+        if (++off == a.block_size) off = 0, ++blk;
+    }
+}
+
+// Lane i of the result is the sum of the lanes of x[i]: four rounds of pairwise shuffles and adds.
+inline v16f hsum16(const v16f* x) {
+    v16f y[8], z[4], w[2];
+    for (int i = 0; i < 8; ++i)  // lanes 0-7: 8 partial sums of x[2i]; lanes 8-15: of x[2i+1]
+        y[i] = __builtin_shufflevector(x[2 * i], x[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
+             + __builtin_shufflevector(x[2 * i], x[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    for (int i = 0; i < 4; ++i)  // 4 partial sums each of x[4i .. 4i+3]
+        z[i] = __builtin_shufflevector(y[2 * i], y[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27)
+             + __builtin_shufflevector(y[2 * i], y[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    for (int i = 0; i < 2; ++i)  // 2 partial sums each of x[8i .. 8i+7]
+        w[i] = __builtin_shufflevector(z[2 * i], z[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29)
+             + __builtin_shufflevector(z[2 * i], z[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+    return __builtin_shufflevector(w[0], w[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
+         + __builtin_shufflevector(w[0], w[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+inline float hmax(v16f v) {
+    float m = v[0];
+    for (int i = 1; i < kLanes; ++i) m = v[i] > m ? v[i] : m;
+    return m;
+}
+
+// A 32-element stretch of a K/V row as two float vectors. bf16 rows: the even and the odd elements, a
+// shift and a mask of 32-bit words with no widening shuffle; float rows: elements 0-15 and 16-31.
+// Queries and outputs are arranged the same way, which a dot product does not notice.
+struct Pair {
+    v16f a, b;
+};
+
+inline Pair load_pair(const uint16_t* p, int n) {  // n <= 32 elements; the rest read as 0
+    v16u u = {};
+    if (n == 2 * kLanes) __builtin_memcpy(&u, p, 64);
+    else __builtin_memcpy(&u, p, n * 2);
+    const v16u even = u << 16, odd = u & 0xffff0000u;
+    Pair r;
+    __builtin_memcpy(&r.a, &even, 64);
+    __builtin_memcpy(&r.b, &odd, 64);
+    return r;
+}
+
+inline Pair load_pair(const float* p, int n) {
+    if (n == 2 * kLanes) return {load16(p), load16(p + kLanes)};
+    return {load16(p, n < kLanes ? n : kLanes), n > kLanes ? load16(p + kLanes, n - kLanes) : v16f{}};
+}
+
+template <typename KV>
+inline Pair arrange(const float* x) {  // 32 floats in KV's order
+    if constexpr (sizeof(KV) == 2) {
+        Pair r;
+        for (int i = 0; i < kLanes; ++i) r.a[i] = x[2 * i], r.b[i] = x[2 * i + 1];
+        return r;
+    } else {
+        return {load16(x), load16(x + kLanes)};
+    }
+}
+
+template <typename KV>
+inline void unarrange(const Pair& p, float* x) {
+    if constexpr (sizeof(KV) == 2) {
+        for (int i = 0; i < kLanes; ++i) x[2 * i] = p.a[i], x[2 * i + 1] = p.b[i];
+    } else {
+        store16(x, p.a);
+        store16(x + kLanes, p.b);
+    }
+}
+
+// Where a stretch's partial result for one query head goes: the unnormalised output (head_dim rounded
+// up to 32, in order), then the max score and the sum of exponentials.
+struct Partials {
+    float* data;
+    int64_t per_head;
+    float* head(int64_t task, int64_t heads, int64_t h) const { return data + (task * heads + h) * per_head; }
+};
+
+// One pass: G query heads (qf: G rows of NC2 * 32 floats, scaled, zero past head_dim) that read kv head
+// kvh, over n_tok tokens at `rows`; next_kvh is the kv head of the task's next pass (-1: none, or this one).
+// G and NC2 are constants so that queries and accumulators stay in registers. scores: G rows of `stride`
+// floats. Head g's result goes to out[g].
+template <typename KV, int NC2, int G, bool Full>
+void attend_pass(const AttentionArgs& a, const int64_t* rows, int64_t n_tok, int64_t kvh, int64_t next_kvh,
+                 const float* qf, float* scores, int64_t stride, float* const* out) {
+    const KV* k_base = static_cast<const KV*>(a.k_cache) + kvh * a.block_size * a.head_dim;
+    const KV* v_base = static_cast<const KV*>(a.v_cache) + kvh * a.block_size * a.head_dim;
+    const int64_t row_bytes = a.head_dim * static_cast<int64_t>(sizeof(KV));
+    // Elements in the final chunk; Full (head_dim a multiple of 32) makes every load a whole vector.
+    const int last = Full ? 2 * kLanes : static_cast<int>(a.head_dim - (NC2 - 1) * 2 * kLanes);
+    // The loops below prefetch kPrefetchTokens ahead; the first rows of K and V are requested here.
+    for (int64_t t = 0; t < n_tok && t < kPrefetchTokens; ++t) {
+        prefetch_span(k_base + rows[t], row_bytes);
+        prefetch_span(v_base + rows[t], row_bytes);
+    }
+    Pair q[G][NC2];
+    for (int g = 0; g < G; ++g)
+        for (int c = 0; c < NC2; ++c) q[g][c] = arrange<KV>(qf + (g * NC2 + c) * 2 * kLanes);
+    v16f mx[G];
+    for (int g = 0; g < G; ++g) mx[g] = splat(-3.0e38f);
+    alignas(64) v16f dots[G][kLanes];
+    for (int64_t t0 = 0; t0 < n_tok; t0 += kLanes) {
+        const int n = n_tok - t0 < kLanes ? static_cast<int>(n_tok - t0) : kLanes;
+        for (int j = 0; j < n; ++j) {
+            const int64_t t = t0 + j;
+            if (t + kPrefetchTokens < n_tok) prefetch_span(k_base + rows[t + kPrefetchTokens], row_bytes);
+            Pair k[NC2];
+            for (int c = 0; c < NC2; ++c) k[c] = load_pair(k_base + rows[t] + c * 2 * kLanes, c == NC2 - 1 ? last : 2 * kLanes);
+            for (int g = 0; g < G; ++g) {
+                v16f d = q[g][0].a * k[0].a + q[g][0].b * k[0].b;
+                for (int c = 1; c < NC2; ++c) d += q[g][c].a * k[c].a + q[g][c].b * k[c].b;
+                dots[g][j] = d;
+            }
+        }
+        for (int g = 0; g < G; ++g) {
+            for (int j = n; j < kLanes; ++j) dots[g][j] = v16f{};
+            v16f sc = hsum16(dots[g]);
+            store16(scores + g * stride + t0, sc);
+            for (int j = n; j < kLanes; ++j) sc[j] = -3.0e38f;  // past the stretch: not part of the max
+            mx[g] = sc > mx[g] ? sc : mx[g];
+        }
+    }
+    for (int g = 0; g < G; ++g) {
+        float* sg = scores + g * stride;
+        const float m = hmax(mx[g]);
+        v16f sum = {};
+        for (int64_t t = 0; t < n_tok; t += kLanes) {
+            const int n = n_tok - t < kLanes ? static_cast<int>(n_tok - t) : kLanes;
+            v16f e = vexp(load16(sg + t, n) - m);
+            for (int i = n; i < kLanes; ++i) e[i] = 0.0f;
+            store16(sg + t, e, n);
+            sum += e;
+        }
+        out[g][NC2 * 2 * kLanes] = m;
+        out[g][NC2 * 2 * kLanes + 1] = hsum(sum);
+    }
+    Pair acc[G][NC2];
+    for (int g = 0; g < G; ++g)
+        for (int c = 0; c < NC2; ++c) acc[g][c] = Pair{};
+    // The next pass reads the same tokens of kv head next_kvh (if any): its first rows are requested during
+    // this pass's last ones, so it does not start by waiting on memory.
+    const int64_t next = next_kvh < 0 ? 0 : (next_kvh - kvh) * a.block_size * a.head_dim;
+    const int64_t handover = n_tok > kPrefetchTokens ? n_tok - kPrefetchTokens : 0;
+    for (int64_t t = 0; t < n_tok; ++t) {
+        if (t + kPrefetchTokens < n_tok) prefetch_span(v_base + rows[t + kPrefetchTokens], row_bytes);
+        if (next_kvh >= 0 && t >= handover) {
+            prefetch_span(k_base + next + rows[t - handover], row_bytes);
+            prefetch_span(v_base + next + rows[t - handover], row_bytes);
+        }
+        Pair v[NC2];
+        for (int c = 0; c < NC2; ++c) v[c] = load_pair(v_base + rows[t] + c * 2 * kLanes, c == NC2 - 1 ? last : 2 * kLanes);
+        for (int g = 0; g < G; ++g) {
+            const float p = scores[g * stride + t];
+            for (int c = 0; c < NC2; ++c) acc[g][c].a += p * v[c].a, acc[g][c].b += p * v[c].b;
+        }
+    }
+    for (int g = 0; g < G; ++g)
+        for (int c = 0; c < NC2; ++c) unarrange<KV>(acc[g][c], out[g] + c * 2 * kLanes);
+}
+
+constexpr int kMaxChunks = 8;  // 32-element chunks per head: head_dim <= 256
+
+// Query heads per pass for NC2 chunks per head: their queries take at most 16 vector registers.
+constexpr int kMaxHeadsPerPass = 4;
+constexpr int heads_per_pass(int nc2) { return 8 / nc2 < 1 ? 1 : 8 / nc2 > kMaxHeadsPerPass ? kMaxHeadsPerPass : 8 / nc2; }
+
+template <typename KV, int NC2, int G>
+void pass_dispatch_g(int g, const AttentionArgs& a, const int64_t* rows, int64_t n_tok, int64_t kvh, int64_t next_kvh,
+                     const float* qf, float* scores, int64_t stride, float* const* out) {
+    if constexpr (G > 1) {
+        if (g < G) return pass_dispatch_g<KV, NC2, G - 1>(g, a, rows, n_tok, kvh, next_kvh, qf, scores, stride, out);
+    }
+    if (a.head_dim == NC2 * 2 * kLanes)
+        attend_pass<KV, NC2, G, true>(a, rows, n_tok, kvh, next_kvh, qf, scores, stride, out);
+    else
+        attend_pass<KV, NC2, G, false>(a, rows, n_tok, kvh, next_kvh, qf, scores, stride, out);
+}
+
+template <typename KV, int NC2>
+void pass_dispatch(int nc2, int g, const AttentionArgs& a, const int64_t* rows, int64_t n_tok, int64_t kvh,
+                   int64_t next_kvh, const float* qf, float* scores, int64_t stride, float* const* out) {
+    if constexpr (NC2 < kMaxChunks) {
+        if (nc2 > NC2) return pass_dispatch<KV, NC2 + 1>(nc2, g, a, rows, n_tok, kvh, next_kvh, qf, scores, stride, out);
+    }
+    pass_dispatch_g<KV, NC2, heads_per_pass(NC2)>(g, a, rows, n_tok, kvh, next_kvh, qf, scores, stride, out);
+}
+
+// head_dim rounded up to whole 32-element chunks: the length of a partial output.
+inline int64_t padded_dim(int64_t head_dim) { return (head_dim + 2 * kLanes - 1) / (2 * kLanes) * 2 * kLanes; }
+
+// The split of every sequence into stretches: task i covers tokens [start, start + len) of seq, and
+// sequence b's tasks are first[b] .. first[b + 1] - 1.
+struct Stretches {
+    const AttentionArgs* a;
+    int64_t* first;   // (B + 1)
+    int64_t* seq;     // (tasks)
+    int64_t* start;   // (tasks)
+    int64_t* len;     // (tasks)
+    Partials part;
+};
+
+void attention_tasks(void* ctx, int64_t begin, int64_t end) {
+    const Stretches& s = *static_cast<const Stretches*>(ctx);
+    const AttentionArgs& a = *s.a;
+    const int64_t d = a.head_dim, group = a.heads / a.kv_heads;
+    const int nc2 = static_cast<int>(padded_dim(d) / (2 * kLanes));
+    const int64_t per_pass = heads_per_pass(nc2) < group ? heads_per_pass(nc2) : group;
+    alignas(64) float qf[kMaxHeadsPerPass * kMaxChunks * 2 * kLanes];
+    alignas(64) float sink[kMaxChunks * 2 * kLanes + 2];  // results of the padding heads of a pass
+    for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = s.seq[task], n_tok = s.len[task];
+        const int64_t stride = (n_tok + kLanes - 1) / kLanes * kLanes;
+        // scores (per_pass rows of stride floats), then the token row offsets
+        float* scores = static_cast<float*>(scratch_alloc((per_pass * stride + kLanes) * 4 + n_tok * 8));
+        int64_t* rows = reinterpret_cast<int64_t*>(scores + per_pass * stride + kLanes);
+        token_rows(a, a.block_tables + b * a.max_blocks, s.start[task], n_tok, rows);
+        for (int64_t kvh = 0; kvh < a.kv_heads; ++kvh) {
+            for (int64_t g0 = 0; g0 < group; g0 += per_pass) {
+                float* out[kMaxHeadsPerPass];
+                for (int64_t g = 0; g < per_pass; ++g) {
+                    const int64_t h = kvh * group + g0 + g;
+                    float* qg = qf + g * nc2 * 2 * kLanes;
+                    if (g0 + g >= group) {  // padding head: zero query, result discarded
+                        for (int64_t i = 0; i < nc2 * 2 * kLanes; i += kLanes) store16(qg + i, v16f{});
+                        out[g] = sink;
+                        continue;
+                    }
+                    out[g] = s.part.head(task, a.heads, h);
+                    const void* q = row_ptr(a.q, a.q_type, b * a.q_stride_b + h * a.q_stride_h);
+                    for (int64_t i = 0; i < nc2 * 2 * kLanes; i += kLanes) {
+                        const int n = d - i >= kLanes ? kLanes : d - i > 0 ? static_cast<int>(d - i) : 0;
+                        store16(qg + i, n ? load_any(q, a.q_type, i, n) * a.scale : v16f{});
+                    }
+                }
+                const int64_t next_kvh = g0 + per_pass < group || kvh + 1 == a.kv_heads ? -1 : kvh + 1;
+                if (a.kv_type == DType::bf16)
+                    pass_dispatch<uint16_t, 1>(nc2, static_cast<int>(per_pass), a, rows, n_tok, kvh, next_kvh, qf, scores, stride,
+                                               out);
+                else
+                    pass_dispatch<float, 1>(nc2, static_cast<int>(per_pass), a, rows, n_tok, kvh, next_kvh, qf, scores, stride,
+                                            out);
+            }
+        }
+        scratch_free(scores);
+    }
+}
+
+// out[b, h] = sum over the stretches of exp(max_i - M) * out_i / sum over them of exp(max_i - M) * sum_i,
+// M the largest max.
+void merge_stretches(void* ctx, int64_t begin, int64_t end) {
+    const Stretches& s = *static_cast<const Stretches*>(ctx);
+    const AttentionArgs& a = *s.a;
+    const int64_t d = a.head_dim, dp = padded_dim(d);
+    for (int64_t i = begin; i < end; ++i) {
+        const int64_t b = i / a.heads, h = i % a.heads;
+        float m = -3.0e38f;
+        for (int64_t t = s.first[b]; t < s.first[b + 1]; ++t) {
+            const float mt = s.part.head(t, a.heads, h)[dp];
+            m = mt > m ? mt : m;
+        }
+        float total = 0.0f;
+        alignas(64) float o[kMaxChunks * 2 * kLanes] = {};
+        for (int64_t t = s.first[b]; t < s.first[b + 1]; ++t) {
+            const float* p = s.part.head(t, a.heads, h);
+            const float w = __builtin_expf(p[dp] - m);
+            total += p[dp + 1] * w;
+            for (int64_t c = 0; c < d; c += kLanes) store16(o + c, load16(o + c) + load16(p + c) * w);
+        }
+        const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+        for (int64_t c = 0; c < d; c += kLanes) {
+            const int n = d - c < kLanes ? static_cast<int>(d - c) : kLanes;
+            store_any(a.out, a.o_type, (b * a.heads + h) * d + c, load16(o + c) * inv, n);
+        }
+    }
+}
+
+// Tokens per stretch for a sequence of len tokens, `wanted` stretches per sequence.
+inline int64_t stretch_tokens(int64_t len, int64_t wanted) {
+    const int64_t per = ((len + wanted - 1) / wanted + kLanes - 1) / kLanes * kLanes;
+    return per < kMinStretch ? kMinStretch : per;
+}
+
+void attention(const AttentionArgs& a) {
+    if (a.batch == 0) return;
+    // Enough stretches to give every thread a few tasks; an empty context still gets one (it outputs zeros).
+    const int64_t wanted = (4 * static_cast<int64_t>(num_threads()) + a.batch - 1) / a.batch;
+    int64_t* first = static_cast<int64_t*>(scratch_alloc((a.batch + 1) * 8));
+    first[0] = 0;
+    for (int64_t b = 0; b < a.batch; ++b) {
+        const int64_t len = a.context_lens[b], per = stretch_tokens(len, wanted);
+        first[b + 1] = first[b] + (len > 0 ? (len + per - 1) / per : 1);
+    }
+    const int64_t tasks = first[a.batch], dp = padded_dim(a.head_dim);
+    void* scratch = scratch_alloc(tasks * 3 * 8 + tasks * a.heads * (dp + 2) * 4);
+    int64_t* per_task = static_cast<int64_t*>(scratch);
+    Stretches s{&a, first, per_task, per_task + tasks, per_task + 2 * tasks,
+                Partials{reinterpret_cast<float*>(per_task + 3 * tasks), dp + 2}};
+    for (int64_t b = 0; b < a.batch; ++b) {
+        const int64_t len = a.context_lens[b], per = stretch_tokens(len, wanted);
+        for (int64_t t = first[b], start = 0; t < first[b + 1]; ++t, start += per) {
+            s.seq[t] = b;
+            s.start[t] = start;
+            s.len[t] = len - start < per ? len - start : per;
+        }
+    }
+    parallel_for(tasks, attention_tasks, &s);
+    if (a.batch * a.heads >= 64) parallel_for(a.batch * a.heads, merge_stretches, &s);
+    else merge_stretches(&s, 0, a.batch * a.heads);
+    scratch_free(scratch);
+    scratch_free(first);
+}
+
+// ---- New tokens' K and V into their cache slots, converted to the cache's type.
+void kv_write_tokens(void* ctx, int64_t begin, int64_t end) {
+    const KvWriteArgs& a = *static_cast<const KvWriteArgs*>(ctx);
+    const int64_t d = a.head_dim;
+    for (int64_t t = begin; t < end; ++t) {
+        const int64_t blk = a.slots[t] / a.block_size, off = a.slots[t] % a.block_size;
+        for (int64_t h = 0; h < a.kv_heads; ++h) {
+            const int64_t dst = ((blk * a.kv_heads + h) * a.block_size + off) * d;
+            for (int64_t i = 0; i < d; i += kLanes) {
+                const int n = d - i < kLanes ? static_cast<int>(d - i) : kLanes;
+                store_any(a.k_cache, a.kv_type, dst + i, load_any(a.k, a.k_type, t * a.k_stride_t + h * a.k_stride_h + i, n), n);
+                store_any(a.v_cache, a.kv_type, dst + i, load_any(a.v, a.v_type, t * a.v_stride_t + h * a.v_stride_h + i, n), n);
+            }
+        }
+    }
+}
+
+void kv_write(const KvWriteArgs& a) {
+    KvWriteArgs copy = a;
+    if (a.tokens >= 64) parallel_for(a.tokens, kv_write_tokens, &copy);
+    else kv_write_tokens(&copy, 0, a.tokens);
+}
