@@ -33,7 +33,7 @@ class ModelRunner:
     def all_logits(self, seq: Sequence) -> torch.Tensor:
         """Logits at every position of a sequence whose blocks are allocated and nothing computed: (T, V)."""
         hidden, _, _ = self._forward([(seq, seq.num_tokens)])
-        return self.model.compute_logits(hidden).float()
+        return self.model.compute_logits(hidden)
 
     def _forward(self, scheduled: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[int], list[Sequence]]:
         input_ids, positions, slots = [], [], []

@@ -9,6 +9,7 @@ from ironlm.layers.activation import SiluAndMul
 from ironlm.layers.attention import AttentionMetadata, PagedAttention
 from ironlm.layers.norm import RMSNorm
 from ironlm.layers.rotary import RotaryEmbedding
+from ironlm.quant import QuantLinear
 
 
 @dataclass
@@ -171,7 +172,11 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, meta)  # (T, hidden)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)  # (N, V)
+        """(N, hidden) -> (N, V) float32 logits. A packed lm_head writes float32 itself, which saves a
+        conversion of the (N, 49k) result and keeps the logits unrounded."""
+        if isinstance(self.lm_head, QuantLinear):
+            return self.lm_head(hidden, out_dtype=torch.float32)
+        return self.lm_head(hidden).float()
 
     def attention_layers(self) -> list[PagedAttention]:
         return [layer.self_attn.attn for layer in self.model.layers]

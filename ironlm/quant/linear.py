@@ -95,7 +95,8 @@ class QuantLinear(nn.Module):
         """Dense float32 (N, K) weight (reference path and tests)."""
         return formats.dequantize(self.plain())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """out_dtype: float32 or bfloat16 (default x's dtype); the kernel writes it directly."""
         k, n = self.in_features, self.out_features
         if x.dtype is not torch.bfloat16 and x.dtype is not torch.float32:
             x = x.float()
@@ -106,13 +107,16 @@ class QuantLinear(nn.Module):
         if x2.stride(1) != 1 or (t > 1 and x2.stride(0) < k):
             x2 = x2.contiguous()
         bf16 = x2.dtype is torch.bfloat16
-        y = torch.empty((t, n), dtype=x2.dtype)  # (T, N)
+        y = torch.empty((t, n), dtype=out_dtype or x2.dtype)  # (T, N)
+        if y.dtype is not torch.bfloat16 and y.dtype is not torch.float32:
+            raise ValueError(f"QuantLinear writes float32 or bfloat16, not {y.dtype}")
         # _buffers directly: nn.Module attribute lookup costs ~1 us, and forward runs hundreds of
         # times per token on small models.
         buffers = self._buffers
         bias = buffers["bias"]
         _kernels.gemm(self._fmt_id, buffers["packed"].data_ptr(), n, self.k_padded, t, k, x2.data_ptr(),
-                      x2.stride(0) if t > 1 else k, bf16, y.data_ptr(), n, bf16, 0 if bias is None else bias.data_ptr())
+                      x2.stride(0) if t > 1 else k, bf16, y.data_ptr(), n, y.dtype is torch.bfloat16,
+                      0 if bias is None else bias.data_ptr())
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 
     def extra_repr(self) -> str:
