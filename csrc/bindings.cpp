@@ -109,6 +109,20 @@ void kv_write_py(int64_t tokens, int64_t kv_heads, int64_t head_dim, int64_t blo
     ops().kv_write(a);
 }
 
+void prefill_attention_py(int64_t q_len, int64_t context, int64_t heads, int64_t kv_heads, int64_t head_dim,
+                          uintptr_t q, int64_t q_stride_t, int64_t q_stride_h, bool q_bf16, uintptr_t k,
+                          int64_t k_stride_t, int64_t k_stride_h, bool k_bf16, uintptr_t v, int64_t v_stride_t,
+                          int64_t v_stride_h, bool v_bf16, float scale, uintptr_t out, bool o_bf16) {
+    check(kv_heads > 0 && heads % kv_heads == 0 && head_dim > 0 && head_dim <= 256,
+          "prefill_attention: H must be a multiple of KVH and head_dim at most 256");
+    check(q_len > 0 && q_len <= context, "prefill_attention: need 0 < q_len <= context");
+    PrefillAttentionArgs a{q_len, context, heads, kv_heads, head_dim, ptr<const void>(q), q_stride_t, q_stride_h,
+                           dt(q_bf16), ptr<const void>(k), k_stride_t, k_stride_h, dt(k_bf16), ptr<const void>(v),
+                           v_stride_t, v_stride_h, dt(v_bf16), scale, ptr<void>(out), dt(o_bf16)};
+    nb::gil_scoped_release release;
+    ops().prefill_attention(a);
+}
+
 void repack_ggml_py(int fmt, uintptr_t src, int64_t src_row_bytes, int64_t n, int64_t k, uintptr_t dst) {
     check(fmt >= 0 && fmt <= 2, "repack_ggml: fmt must be int8, int4 or int4_sym");
     check(n >= 0 && k > 0 && k % kBlock == 0, "repack_ggml: k must be a positive multiple of 32");
@@ -166,6 +180,7 @@ NB_MODULE(_kernels, m) {
     m.def("silu_mul", &silu_mul_py);
     m.def("rope", &rope_py);
     m.def("paged_attention_decode", &attention_py);
+    m.def("prefill_attention", &prefill_attention_py);
     m.def("kv_write", &kv_write_py);
     m.def("repack_ggml", &repack_ggml_py);
     m.def("quantize_pack", &quantize_pack_py);

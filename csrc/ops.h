@@ -48,12 +48,22 @@ struct KvWriteArgs {
     const int64_t* slots;                                          // (T) block * block_size + offset
 };
 
+struct PrefillAttentionArgs {
+    int64_t q_len, context, heads, kv_heads, head_dim;  // query row i sits at position context - q_len + i
+    const void* q; int64_t q_stride_t, q_stride_h; DType q_type;  // (L, H, D), D contiguous
+    const void* k; int64_t k_stride_t, k_stride_h; DType k_type;  // (C, KVH, D), D contiguous
+    const void* v; int64_t v_stride_t, v_stride_h; DType v_type;
+    float scale;
+    void* out; DType o_type;                                      // (L, H, D) contiguous
+};
+
 struct OpsTable {
     void (*rms_norm)(const NormArgs&);
     void (*silu_mul)(const SiluMulArgs&);
     void (*rope)(const RopeArgs&);
     void (*attention)(const AttentionArgs&);
     void (*kv_write)(const KvWriteArgs&);
+    void (*prefill_attention)(const PrefillAttentionArgs&);
 };
 
 const OpsTable& ops_scalar();

@@ -190,6 +190,7 @@ void rope(const RopeArgs& a) {
     else rope_tokens(&copy, 0, a.tokens);
 }
 
-#include "attention_impl.h"  // decode attention and KV writes
+#include "attention_impl.h"          // decode attention and KV writes
+#include "prefill_attention_impl.h"  // causal attention of prompt chunks
 
-const OpsTable kTable = {rms_norm, silu_mul, rope, attention, kv_write};
+const OpsTable kTable = {rms_norm, silu_mul, rope, attention, kv_write, prefill_attention};

@@ -114,6 +114,24 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return out
 
 
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of L new tokens over a context of C tokens, the new ones last: q (L, H, D), k and v
+    (C, KVH, D), float32/bfloat16 with contiguous D (strided views of a fused qkv output are fine); query i sits
+    at position C - L + i and sees keys 0..C - L + i. Returns (L, H, D) in q's dtype."""
+    if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape or q.shape[2] != k.shape[2] or q.stride(2) != 1 \
+            or k.stride(2) != 1 or v.stride(2) != 1 or any(t.dtype not in _FLOAT_TYPES for t in (q, k, v)):
+        raise ValueError(f"prefill_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must be "
+                         "(L, H, D) and (C, KVH, D) float32/bfloat16 with contiguous D")
+    if q.shape[0] == 0:
+        return torch.empty(q.shape, dtype=q.dtype)
+    out = torch.empty(q.shape, dtype=q.dtype)
+    _kernels.prefill_attention(q.shape[0], k.shape[0], q.shape[1], k.shape[1], q.shape[2], q.data_ptr(), q.stride(0),
+                               q.stride(1), q.dtype is torch.bfloat16, k.data_ptr(), k.stride(0), k.stride(1),
+                               k.dtype is torch.bfloat16, v.data_ptr(), v.stride(0), v.stride(1),
+                               v.dtype is torch.bfloat16, float(scale), out.data_ptr(), out.dtype is torch.bfloat16)
+    return out
+
+
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slots: torch.Tensor) -> None:
     """Store new tokens' k, v (T, KVH, D), float32/bfloat16 with contiguous D, at flat slots (T,)
@@ -187,6 +205,17 @@ def reference_write_kv(k, v, k_cache, v_cache, slots) -> None:
     for t, slot in enumerate(slots.tolist()):
         k_cache[slot // block_size, :, slot % block_size] = k[t].to(k_cache.dtype)
         v_cache[slot // block_size, :, slot % block_size] = v[t].to(v_cache.dtype)
+
+
+def reference_prefill_attention(q, k, v, scale) -> torch.Tensor:
+    length, heads, _ = q.shape
+    context, kv_heads, _ = k.shape
+    kf = k.float().repeat_interleave(heads // kv_heads, dim=1)  # (C, H, D)
+    vf = v.float().repeat_interleave(heads // kv_heads, dim=1)
+    scores = torch.einsum("lhd,chd->hlc", q.float(), kf) * scale  # (H, L, C)
+    visible = torch.arange(context).unsqueeze(0) <= torch.arange(context - length, context).unsqueeze(1)  # (L, C)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    return torch.einsum("hlc,chd->lhd", scores.softmax(-1), vf).to(q.dtype)
 
 
 def reference_paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale) -> torch.Tensor:

@@ -106,6 +106,45 @@ def test_paged_attention_decode_long_contexts(isa, heads, kv_heads, head_dim):
     close(out, ref, torch.bfloat16)
     assert torch.count_nonzero(out[1]) == 0
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("length,context,heads,kv_heads,head_dim", [
+    (1, 1, 2, 1, 16),        # a single token
+    (37, 37, 4, 2, 64),      # a whole prompt, not a multiple of the 16-row tasks or 64-key blocks
+    (100, 300, 9, 3, 64),    # a chunk after 200 cached tokens, grouped heads
+    (5, 70, 4, 4, 80),       # head_dim padded to 128 inside the kernel
+    (129, 129, 8, 2, 128),
+])
+def test_prefill_attention(isa, dtype, length, context, heads, kv_heads, head_dim):
+    g = torch.Generator().manual_seed(length)
+    q = torch.randn(length, heads, head_dim, generator=g).to(dtype)
+    k = torch.randn(context, kv_heads, head_dim, generator=g).to(dtype)
+    v = torch.randn(context, kv_heads, head_dim, generator=g).to(dtype)
+    scale = head_dim ** -0.5
+    close(kernels.prefill_attention(q, k, v, scale), kernels.reference_prefill_attention(q, k, v, scale), dtype)
+
+
+def test_prefill_attention_strided_views_and_mixed_dtypes(isa):
+    # q, k, v cut from one fused (T, (H + 2 KVH) * D) projection, as the model passes them; K/V float32
+    # from a gathered cache with a bf16 q.
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(50, (6 + 2 * 2) * 32, generator=g).bfloat16()
+    q, k, v = qkv.split([6 * 32, 2 * 32, 2 * 32], dim=-1)
+    q, k, v = q.view(50, 6, 32), k.view(50, 2, 32), v.view(50, 2, 32)
+    close(kernels.prefill_attention(q, k, v, 0.2), kernels.reference_prefill_attention(q, k, v, 0.2), torch.bfloat16)
+    out = kernels.prefill_attention(q[40:], k.float(), v.float(), 0.2)
+    close(out, kernels.reference_prefill_attention(q[40:], k.float(), v.float(), 0.2), torch.bfloat16)
+
+
+def test_prefill_attention_rejects_bad_shapes():
+    q = torch.randn(4, 3, 16)
+    with pytest.raises(ValueError, match="must be a multiple of KVH"):
+        kernels.prefill_attention(q, torch.randn(4, 2, 16), torch.randn(4, 2, 16), 1.0)
+    with pytest.raises(ValueError, match="q_len <= context"):
+        kernels.prefill_attention(q, torch.randn(3, 1, 16), torch.randn(3, 1, 16), 1.0)
+    with pytest.raises(ValueError, match="contiguous D"):
+        kernels.prefill_attention(q, torch.randn(4, 1, 16), torch.randn(4, 1, 8), 1.0)
+
+
 @pytest.mark.parametrize("kv_dtype", DTYPES)
 @pytest.mark.parametrize("src_dtype", DTYPES)
 def test_write_kv(isa, kv_dtype, src_dtype):

@@ -70,7 +70,10 @@ class PagedAttention(nn.Module):
                 k_seq, v_seq = k[start:start + length], v[start:start + length]
             else:
                 k_seq, v_seq = self._gather(meta.block_tables[i], context)
-            out[start:start + length] = self._attend(q_seq, k_seq.to(q.dtype), v_seq.to(q.dtype), context)
+            if self.sliding_window is None:
+                out[start:start + length] = kernels.prefill_attention(q_seq, k_seq, v_seq, self.scale)
+            else:
+                out[start:start + length] = self._attend_window(q_seq, k_seq.to(q.dtype), v_seq.to(q.dtype), context)
         return out
 
     def _gather(self, block_table: torch.Tensor, context: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,24 +83,17 @@ class PagedAttention(nn.Module):
         v = self.v_cache.index_select(0, blocks).transpose(1, 2).flatten(0, 1)[:context]
         return k, v
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: int) -> torch.Tensor:
+    def _attend_window(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: int) -> torch.Tensor:
+        """Causal attention within the sliding window, through PyTorch's SDPA and a mask."""
         # q: (L, H, D); k, v: (C, KVH, D); query i sits at position context - L + i
         length = q.shape[0]
-        mask, causal = None, False
-        if context == length and self.sliding_window is None:
-            # A whole prompt: is_causal lets the flash kernel skip the blocks above the diagonal, which a mask
-            # does not (1,500 tokens, 32 heads: 71 ms instead of 113 a layer).
-            causal = True
-        else:
-            q_pos = torch.arange(context - length, context).unsqueeze(1)  # (L, 1)
-            k_pos = torch.arange(context).unsqueeze(0)  # (1, C)
-            mask = k_pos <= q_pos
-            if self.sliding_window is not None:
-                mask &= k_pos > q_pos - self.sliding_window
+        q_pos = torch.arange(context - length, context).unsqueeze(1)  # (L, 1)
+        k_pos = torch.arange(context).unsqueeze(0)  # (1, C)
+        mask = (k_pos <= q_pos) & (k_pos > q_pos - self.sliding_window)
         # 4-D (batch of one): PyTorch's CPU flash kernel takes only 4-D inputs; 3-D falls back to a path ~3x slower.
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
-            attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=True,
+            attn_mask=mask, scale=self.scale, enable_gqa=True,
         )[0]  # (H, L, D)
         return out.transpose(0, 1)
 
