@@ -41,10 +41,17 @@ inline v16f hsum16(const v16f* x) {
          + __builtin_shufflevector(w[0], w[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
 
-inline float hmax(v16f v) {
-    float m = v[0];
-    for (int i = 1; i < kLanes; ++i) m = v[i] > m ? v[i] : m;
-    return m;
+inline float hmax(v16f v) {  // a tree of half-width maxima, like hsum
+    v8f lo, hi;
+    __builtin_memcpy(&lo, &v, 32);
+    __builtin_memcpy(&hi, reinterpret_cast<const char*>(&v) + 32, 32);
+    lo = lo > hi ? lo : hi;
+    v4f a, b;
+    __builtin_memcpy(&a, &lo, 16);
+    __builtin_memcpy(&b, reinterpret_cast<const char*>(&lo) + 16, 16);
+    a = a > b ? a : b;
+    const float x = a[0] > a[2] ? a[0] : a[2], y = a[1] > a[3] ? a[1] : a[3];
+    return x > y ? x : y;
 }
 
 // A 32-element stretch of a K/V row as two float vectors. bf16 rows: the even and the odd elements, a

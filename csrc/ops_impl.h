@@ -8,7 +8,8 @@ typedef uint32_t v16u __attribute__((vector_size(64)));
 typedef uint16_t v16h __attribute__((vector_size(32)));
 constexpr int kLanes = 16;
 
-inline v16f splat(float v) { return v16f{} + v; }
+// Not v16f{} + v: adding +0 is not an identity (-0 + 0 = +0), so the compiler emits the add before broadcasting.
+inline v16f splat(float v) { return v16f{v, v, v, v, v, v, v, v, v, v, v, v, v, v, v, v}; }
 
 typedef float v8f __attribute__((vector_size(32)));
 typedef float v4f __attribute__((vector_size(16)));

@@ -4,15 +4,16 @@
 // The call first copies K into (KVH, Cp / 16, Dp, 16) floats (each group of 16 keys transposed) and V into
 // (KVH, Cp, Dp), and Q into
 // (L, H, Dp) floats times the scale (Dp: head_dim rounded up to 64, Cp: context rounded up to 64, the
-// padding zero). A task is 16 query rows of one head. Its rows go 4 at a time over key blocks of 64:
-// the 4 x 64 scores come from broadcasting q[d] against element d of 4 groups of 16 keys (16
+// padding zero). A task is 24 query rows of one head. Its rows go 6 at a time over key blocks of 64:
+// the 6 x 64 scores come from broadcasting q[d] against element d of 4 groups of 16 keys (24
 // accumulators), an online softmax keeps each row's running max and sum, and P V adds the block's
-// keys into a 4 x Dp output kept in L1.
+// keys into a 6 x Dp output kept in L1.
 
-constexpr int64_t kPrefillRows = 4;       // query rows per register tile
-constexpr int64_t kPrefillTaskRows = 16;  // query rows per task
+constexpr int64_t kPrefillRows = 6;       // query rows per register tile
+constexpr int64_t kPrefillTaskRows = 24;  // query rows per task
 constexpr int64_t kKeyBlock = 64;         // keys per block; also the padding unit of Dp and Cp
 constexpr int64_t kMaxPrefillDim = 256;
+constexpr float kSlack = 8.0f;           // how far scores may pass a row's reference max unrescaled
 
 inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
 
@@ -96,7 +97,8 @@ void prefill_rows(const PrefillCtx& c, int64_t h, int64_t r0, int64_t nr) {
                 s[r][3] += qv * k3;
             }
         }
-        // online softmax; keys past a row's position weigh nothing
+        // Online softmax; keys past a row's position weigh nothing. A row's reference max moves only when a
+        // block's max passes it by more than kSlack (e^(s - m) stays below e^8), so most blocks rescale nothing.
         for (int r = 0; r < kPrefillRows; ++r) {
             const bool partial = j0 + kKeyBlock > pos[r] + 1;
             const v16f limit = splat(static_cast<float>(pos[r] - j0));  // exact: positions < 2^24
@@ -106,19 +108,22 @@ void prefill_rows(const PrefillCtx& c, int64_t h, int64_t r0, int64_t nr) {
                 top = s[r][v] > top ? s[r][v] : top;
             }
             const float block_max = hmax(top);
-            const float mn = block_max > m[r] ? block_max : m[r];
-            const float alpha = vexp(splat(m[r] - mn))[0];  // 0 for the first block (m = -inf)
+            if (block_max > m[r] + kSlack) {  // always for the first block, where m = -inf
+                if (l[r] > 0.0f) {
+                    const float alpha = vexp(splat(m[r] - block_max))[0];
+                    l[r] *= alpha;
+                    for (int64_t i = 0; i < dp; i += kLanes) store16(o[r] + i, load16(o[r] + i) * alpha);
+                }
+                m[r] = block_max;
+            }
             v16f sum = {};
             for (int v = 0; v < 4; ++v) {
-                v16f e = vexp(s[r][v] - mn);
+                v16f e = vexp(s[r][v] - m[r]);
                 if (partial) e = lane + static_cast<float>(16 * v) <= limit ? e : v16f{};
                 store16(p[r] + 16 * v, e);
                 sum += e;
             }
-            l[r] = l[r] * alpha + hsum(sum);
-            m[r] = mn;
-            if (alpha != 1.0f)
-                for (int64_t i = 0; i < dp; i += kLanes) store16(o[r] + i, load16(o[r] + i) * alpha);
+            l[r] += hsum(sum);
         }
         // o += p V over the block's keys, 64 output dims at a time
         const int64_t nk = kv_end - j0 < kKeyBlock ? kv_end - j0 : kKeyBlock;
