@@ -1,10 +1,13 @@
-"""GB/s of K/V read by ironlm's paged decode attention kernel.
+"""ironlm's attention kernels: GB/s of K/V read by paged decode attention, and GFLOP/s of prefill
+attention against PyTorch's scaled_dot_product_attention.
 
     python benchmarks/bench_attention.py [--threads 2]
 
-Two kinds of case. "batched": many sequences with long contexts, one call, the KV far larger than the
-L3 cache. "cold, 24 layers": one sequence, a call per layer over 24 separate caches (as a decode step
-makes), so each layer's KV comes from memory as in a real model. Random K/V: speed does not depend on values.
+Decode, two kinds of case. "batched": many sequences with long contexts, one call, the KV far larger than
+the L3 cache. "cold, 24 layers": one sequence, a call per layer over 24 separate caches (as a decode step
+makes), so each layer's KV comes from memory as in a real model. Prefill: one layer's causal attention of a
+whole prompt, or of a chunk after cached tokens (SDPA then needs a mask), bf16. Random values: speed does
+not depend on them.
 """
 
 import argparse
@@ -13,6 +16,7 @@ import time
 from ironlm import kernels  # before torch: ironlm sets OpenMP's wait policy
 
 import torch
+import torch.nn.functional as F
 
 # (name, query heads, kv heads, head_dim, sequences, context tokens, layers)
 CASES = [
@@ -23,6 +27,14 @@ CASES = [
     ("Llama-3-8B heads, cold, 24 layers", 32, 8, 128, 1, 600, 24),
 ]
 BLOCK_SIZE = 16
+# (name, query heads, kv heads, head_dim, new tokens, context tokens)
+PREFILL_CASES = [
+    ("135M shape, prompt of 512", 9, 3, 64, 512, 512),
+    ("135M shape, prompt of 2048", 9, 3, 64, 2048, 2048),
+    ("1.7B shape, prompt of 1500", 32, 32, 64, 1500, 1500),
+    ("1.7B shape, 476 after 1024 cached", 32, 32, 64, 476, 1500),
+    ("Llama-3-8B heads, prompt of 1024", 32, 8, 128, 1024, 1024),
+]
 
 
 def run_case(heads: int, kv_heads: int, head_dim: int, batch: int, ctx: int, layers: int, repeats: int) -> float:
@@ -44,6 +56,36 @@ def run_case(heads: int, kv_heads: int, head_dim: int, batch: int, ctx: int, lay
     return best
 
 
+def best_of(fn, repeats: int) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def run_prefill_case(heads: int, kv_heads: int, head_dim: int, length: int, context: int,
+                     repeats: int) -> tuple[float, float]:
+    """Best seconds of (ironlm's kernel, PyTorch's SDPA) for one layer."""
+    q = torch.randn(length, heads, head_dim).bfloat16()
+    k = torch.randn(context, kv_heads, head_dim).bfloat16()
+    v = torch.randn(context, kv_heads, head_dim).bfloat16()
+    scale = head_dim ** -0.5
+    q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # (1, heads, tokens, D)
+    if length == context:
+        def sdpa():
+            F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, scale=scale, enable_gqa=True)
+    else:
+        mask = torch.arange(context).unsqueeze(0) <= torch.arange(context - length, context).unsqueeze(1)
+
+        def sdpa():
+            F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, scale=scale, enable_gqa=True)
+    ours = best_of(lambda: kernels.prefill_attention(q, k, v, scale), repeats)
+    return ours, best_of(sdpa, repeats)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -57,6 +99,16 @@ def main() -> None:
         kv_bytes = layers * batch * ctx * kv_heads * head_dim * 2 * 2
         print(f"{name:36} {heads:>3} {kv_heads:>3} {head_dim:>4} {batch:>4} {ctx:>5} {seconds * 1e3:>8.2f} "
               f"{kv_bytes / seconds / 1e9:>6.1f}")
+    print()
+    print("prefill, one layer, bf16; GFLOP/s counts the causal half of Q K^T and P V")
+    print(f"{'case':36} {'H':>3} {'KVH':>3} {'D':>4} {'new':>5} {'ctx':>5} {'ironlm ms':>10} {'GFLOP/s':>8} "
+          f"{'SDPA ms':>8} {'GFLOP/s':>8} {'speed-up':>8}")
+    for name, heads, kv_heads, head_dim, length, context in PREFILL_CASES:
+        ours, theirs = run_prefill_case(heads, kv_heads, head_dim, length, context, max(3, args.repeats // 3))
+        pairs = length * (context - length) + length * (length + 1) / 2  # (query, visible key) pairs
+        flop = 4 * pairs * head_dim * heads
+        print(f"{name:36} {heads:>3} {kv_heads:>3} {head_dim:>4} {length:>5} {context:>5} {ours * 1e3:>10.2f} "
+              f"{flop / ours / 1e9:>8.0f} {theirs * 1e3:>8.2f} {flop / theirs / 1e9:>8.0f} {theirs / ours:>7.2f}x")
 
 
 if __name__ == "__main__":
