@@ -101,7 +101,7 @@ def worker_ironlm(args, docs: list[list[int]]) -> dict:
     from ironlm.jobs.runner import JobRunner, Task
 
     llm = LLM(model=args.model, dtype=args.dtype, threads=args.threads, max_num_seqs=args.max_num_seqs,
-              max_model_len=args.doc_tokens + args.new_tokens + 16)
+              max_model_len=args.doc_tokens + args.new_tokens + 16, kv_cache_dtype=args.kv_cache_dtype)
     rss_loaded = rss_bytes()
     reset_peak_rss()
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
@@ -121,7 +121,7 @@ def worker_ironlm(args, docs: list[list[int]]) -> dict:
         wall = time.perf_counter() - start
     return {"wall_s": wall, "num_done": stats.num_done, "generated_tokens": stats.num_generated_tokens,
             "rss_loaded": rss_loaded, "peak_rss": peak_rss_bytes(), "quarter_peaks": memory.peaks,
-            "max_num_seqs": args.max_num_seqs}
+            "max_num_seqs": args.max_num_seqs, "kv_cache_dtype": llm.engine.kv_dtype_name}
 
 
 def worker_llama_cpp(args, docs: list[list[int]]) -> dict:
@@ -182,7 +182,8 @@ def prepare_model(args) -> tuple[str, str]:
 def run_worker(engine: str, args, docs_file: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", engine, "--docs-file", docs_file, "--model", args.model,
            "--threads", str(args.threads), "--new-tokens", str(args.new_tokens), "--doc-tokens", str(args.doc_tokens),
-           "--max-num-seqs", str(args.max_num_seqs)] + (["--dtype", args.dtype] if args.dtype else [])
+           "--max-num-seqs", str(args.max_num_seqs), "--kv-cache-dtype", args.kv_cache_dtype] + (
+        ["--dtype", args.dtype] if args.dtype else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=PEER_ENV)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
@@ -199,7 +200,8 @@ def markdown(label: str, rows: list[tuple[str, dict]], args, load: tuple, skippe
     info = cpu_info()
     lines = [f"## Bulk summarisation throughput: {label}", "",
              f"`python benchmarks/batch_throughput.py --num-docs {args.num_docs} --doc-tokens {args.doc_tokens} "
-             f"--new-tokens {args.new_tokens}{' --model-shape ' + args.model_shape + ' --format ' + args.format if args.model_shape else ''}` "
+             f"--new-tokens {args.new_tokens}{' --model-shape ' + args.model_shape + ' --format ' + args.format if args.model_shape else ''}"
+             f"{' --kv-cache-dtype ' + args.kv_cache_dtype if args.kv_cache_dtype != 'auto' else ''}` "
              f"on {info.model_name}, {args.threads} threads, load average {load[0]:.1f} at start, "
              f"{time.strftime('%Y-%m-%d')}.", "",
              "| engine | documents | wall | documents/hour | generated tok/s | peak RSS | peak RSS 1st → 4th quarter | vs llama.cpp |",
@@ -212,7 +214,8 @@ def markdown(label: str, rows: list[tuple[str, dict]], args, load: tuple, skippe
         per_hour = r["num_done"] / r["wall_s"] * 3600
         ratio = f"{per_hour / (base['num_done'] / base['wall_s'] * 3600):.2f}x" if base else "n/a"
         q = r["quarter_peaks"]
-        name = engine + (f" (max_num_seqs {r['max_num_seqs']})" if engine == "ironlm" else " (one at a time)")
+        name = engine + (f" (max_num_seqs {r['max_num_seqs']}, {r['kv_cache_dtype']} KV)" if engine == "ironlm"
+                         else " (one at a time)")
         lines.append(f"| {name} | {r['num_done']} | {r['wall_s']:,.0f} s | {per_hour:,.0f} | "
                      f"{r['generated_tokens'] / r['wall_s']:,.1f} | {_mib(r['peak_rss'])} | "
                      f"{_mib(q[0])} → {_mib(q[3])} | {ratio} |")
@@ -235,6 +238,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="ironlm compute dtype")
     parser.add_argument("--max-num-seqs", type=int, default=64, help="ironlm: documents decoding together")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16", "int8"],
+                        help="ironlm's KV cache element type")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=int, default=6 * 3600, help="seconds per engine")
     parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)

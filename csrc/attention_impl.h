@@ -15,12 +15,13 @@ inline void prefetch_span(const void* p, int64_t bytes) {
     for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(static_cast<const char*>(p) + off, 0, 3);
 }
 
-// rows[i] = element offset of token t0 + i's row for kv head 0 in the cache, for i < n (head h's row is
-// h * block_size * head_dim further): computed once per task with counters, as a division per token read
-// would cost more than the read.
-inline void token_rows(const AttentionArgs& a, const int32_t* table, int64_t t0, int64_t n, int64_t* rows) {
+// rows[i] = offset of token t0 + i's row for kv head 0 in the cache, for i < n, in units of row_size (head_dim
+// for elements, 1 for an int8 cache's scales; head h's row is h * block_size rows further): computed once per
+// task with counters, as a division per token read would cost more than the read.
+inline void token_rows(const AttentionArgs& a, const int32_t* table, int64_t t0, int64_t n, int64_t* rows,
+                       int64_t row_size) {
     for (int64_t i = 0, blk = t0 / a.block_size, off = t0 % a.block_size; i < n; ++i) {
-        rows[i] = (static_cast<int64_t>(table[blk]) * a.kv_heads * a.block_size + off) * a.head_dim;
+        rows[i] = (static_cast<int64_t>(table[blk]) * a.kv_heads * a.block_size + off) * row_size;
         if (++off == a.block_size) off = 0, ++blk;
     }
 }
@@ -77,9 +78,41 @@ inline Pair load_pair(const float* p, int n) {
     return {load16(p, n < kLanes ? n : kLanes), n > kLanes ? load16(p + kLanes, n - kLanes) : v16f{}};
 }
 
+// 16 int16 as int32 lanes (sign-extended); written per level, as the compiler splits
+// __builtin_convertvector from narrow integers into scalar moves.
+inline v16i widen16(const int16_t* p) {
+    v16i r;
+#if defined(__AVX512F__)
+    const __m512i w = _mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    __builtin_memcpy(&r, &w, 64);
+#elif defined(__AVX2__)
+    const __m256i a = _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m256i b = _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+    __builtin_memcpy(&r, &a, 32);
+    __builtin_memcpy(reinterpret_cast<char*>(&r) + 32, &b, 32);
+#else
+    for (int i = 0; i < kLanes; ++i) r[i] = p[i];
+#endif
+    return r;
+}
+
+// int8 rows: the even and the odd elements as bf16 rows, from byte pairs widened to 32-bit lanes and
+// sign-extended by shifts (one widening per 32 elements).
+inline Pair load_pair(const int8_t* p, int n) {
+    alignas(32) int8_t tail[2 * kLanes] = {};
+    if (n < 2 * kLanes) {
+        __builtin_memcpy(tail, p, n);
+        p = tail;
+    }
+    int16_t pairs[kLanes];
+    __builtin_memcpy(pairs, p, 2 * kLanes);
+    const v16i w = widen16(pairs);
+    return {__builtin_convertvector((w << 24) >> 24, v16f), __builtin_convertvector((w << 16) >> 24, v16f)};
+}
+
 template <typename KV>
-inline Pair arrange(const float* x) {  // 32 floats in KV's order
-    if constexpr (sizeof(KV) == 2) {
+inline Pair arrange(const float* x) {  // 32 floats in KV's order: even/odd for bf16 and int8
+    if constexpr (sizeof(KV) != 4) {
         Pair r;
         for (int i = 0; i < kLanes; ++i) r.a[i] = x[2 * i], r.b[i] = x[2 * i + 1];
         return r;
@@ -90,12 +123,21 @@ inline Pair arrange(const float* x) {  // 32 floats in KV's order
 
 template <typename KV>
 inline void unarrange(const Pair& p, float* x) {
-    if constexpr (sizeof(KV) == 2) {
+    if constexpr (sizeof(KV) != 4) {
         for (int i = 0; i < kLanes; ++i) x[2 * i] = p.a[i], x[2 * i + 1] = p.b[i];
     } else {
         store16(x, p.a);
         store16(x + kLanes, p.b);
     }
+}
+
+// The scales of n <= 16 int8 rows at scale indices idx[0..n): one load when they sit side by side (16 tokens of
+// one block), else one at a time.
+inline v16f scales16(const float* base, const int64_t* idx, int n) {
+    if (idx[n - 1] == idx[0] + n - 1) return load16(base + idx[0], n);
+    v16f s = {};
+    for (int j = 0; j < n; ++j) s[j] = base[idx[j]];
+    return s;
 }
 
 // Where a stretch's partial result for one query head goes: the unnormalised output (head_dim rounded
@@ -113,6 +155,12 @@ struct Partials {
 template <typename KV, int NC2, int G, bool Full>
 void attend_pass(const AttentionArgs& a, const int64_t* rows, int64_t n_tok, int64_t kvh, int64_t next_kvh,
                  const float* qf, float* scores, int64_t stride, float* const* out) {
+    // int8 rows carry a scale each: a token's score is scaled after its dot product, and its V row's scale goes
+    // into its softmax weight once the sum is taken. rows[n_tok + t] is token t's scale index for kv head 0.
+    constexpr bool kScaled = sizeof(KV) == 1;
+    const float* k_scale = kScaled ? a.k_scale + kvh * a.block_size : nullptr;
+    const float* v_scale = kScaled ? a.v_scale + kvh * a.block_size : nullptr;
+    const int64_t* scale_rows = rows + n_tok;
     const KV* k_base = static_cast<const KV*>(a.k_cache) + kvh * a.block_size * a.head_dim;
     const KV* v_base = static_cast<const KV*>(a.v_cache) + kvh * a.block_size * a.head_dim;
     const int64_t row_bytes = a.head_dim * static_cast<int64_t>(sizeof(KV));
@@ -142,9 +190,12 @@ void attend_pass(const AttentionArgs& a, const int64_t* rows, int64_t n_tok, int
                 dots[g][j] = d;
             }
         }
+        v16f ks = {};
+        if constexpr (kScaled) ks = scales16(k_scale, scale_rows + t0, n);
         for (int g = 0; g < G; ++g) {
             for (int j = n; j < kLanes; ++j) dots[g][j] = v16f{};
             v16f sc = hsum16(dots[g]);
+            if constexpr (kScaled) sc *= ks;
             store16(scores + g * stride + t0, sc);
             for (int j = n; j < kLanes; ++j) sc[j] = -3.0e38f;  // past the stretch: not part of the max
             mx[g] = sc > mx[g] ? sc : mx[g];
@@ -158,8 +209,9 @@ void attend_pass(const AttentionArgs& a, const int64_t* rows, int64_t n_tok, int
             const int n = n_tok - t < kLanes ? static_cast<int>(n_tok - t) : kLanes;
             v16f e = vexp(load16(sg + t, n) - m);
             for (int i = n; i < kLanes; ++i) e[i] = 0.0f;
-            store16(sg + t, e, n);
             sum += e;
+            if constexpr (kScaled) e *= scales16(v_scale, scale_rows + t, n);  // V rows' scales, in the weights
+            store16(sg + t, e, n);
         }
         out[g][NC2 * 2 * kLanes] = m;
         out[g][NC2 * 2 * kLanes + 1] = hsum(sum);
@@ -241,9 +293,11 @@ void attention_tasks(void* ctx, int64_t begin, int64_t end) {
         const int64_t b = s.seq[task], n_tok = s.len[task];
         const int64_t stride = (n_tok + kLanes - 1) / kLanes * kLanes;
         // scores (per_pass rows of stride floats), then the token row offsets
-        float* scores = static_cast<float*>(scratch_alloc((per_pass * stride + kLanes) * 4 + n_tok * 8));
+        float* scores = static_cast<float*>(scratch_alloc((per_pass * stride + kLanes) * 4 + 2 * n_tok * 8));
         int64_t* rows = reinterpret_cast<int64_t*>(scores + per_pass * stride + kLanes);
-        token_rows(a, a.block_tables + b * a.max_blocks, s.start[task], n_tok, rows);
+        token_rows(a, a.block_tables + b * a.max_blocks, s.start[task], n_tok, rows, d);
+        if (a.kv_type == DType::i8)  // scale indices (rows counted in rows, not elements) follow the row offsets
+            token_rows(a, a.block_tables + b * a.max_blocks, s.start[task], n_tok, rows + n_tok, 1);
         for (int64_t kvh = 0; kvh < a.kv_heads; ++kvh) {
             for (int64_t g0 = 0; g0 < group; g0 += per_pass) {
                 float* out[kMaxHeadsPerPass];
@@ -266,6 +320,9 @@ void attention_tasks(void* ctx, int64_t begin, int64_t end) {
                 if (a.kv_type == DType::bf16)
                     pass_dispatch<uint16_t, 1>(nc2, static_cast<int>(per_pass), a, rows, n_tok, kvh, next_kvh, qf, scores, stride,
                                                out);
+                else if (a.kv_type == DType::i8)
+                    pass_dispatch<int8_t, 1>(nc2, static_cast<int>(per_pass), a, rows, n_tok, kvh, next_kvh, qf, scores, stride,
+                                             out);
                 else
                     pass_dispatch<float, 1>(nc2, static_cast<int>(per_pass), a, rows, n_tok, kvh, next_kvh, qf, scores, stride,
                                             out);
@@ -341,13 +398,44 @@ void attention(const AttentionArgs& a) {
 }
 
 // ---- New tokens' K and V into their cache slots, converted to the cache's type.
+// One K or V row (d <= 256 elements) to int8 with a scale: q = round(x * 127 / max |x|), x ~ q * scale.
+// No fused multiply-add: the product is rounded before rounding to an integer, on every ISA level alike.
+__attribute__((optimize("fp-contract=off"))) inline void quantize_row(const void* src, DType type, int64_t offset, int64_t d, int8_t* dst, float* scale) {
+    alignas(64) float x[kMaxChunks * 2 * kLanes];
+    v16f top = {};
+    for (int64_t i = 0; i < d; i += kLanes) {
+        const int n = d - i < kLanes ? static_cast<int>(d - i) : kLanes;
+        const v16f v = load_any(src, type, offset + i, n);
+        store16(x + i, v);
+        const v16f mag = v < 0.0f ? -v : v;
+        top = mag > top ? mag : top;
+    }
+    const float amax = hmax(top);
+    *scale = amax / 127.0f;
+    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    typedef int8_t v16c __attribute__((vector_size(16)));
+    for (int64_t i = 0; i < d; i += kLanes) {
+        // Adding and taking away 1.5 * 2^23 rounds |v| <= 127 to the nearest integer, ties to even (as lrintf).
+        const v16f r = (load16(x + i) * inv + 12582912.0f) - 12582912.0f;
+        const v16c q = __builtin_convertvector(__builtin_convertvector(r, v16i), v16c);
+        __builtin_memcpy(dst + i, &q, d - i < kLanes ? d - i : kLanes);
+    }
+}
+
 void kv_write_tokens(void* ctx, int64_t begin, int64_t end) {
     const KvWriteArgs& a = *static_cast<const KvWriteArgs*>(ctx);
     const int64_t d = a.head_dim;
     for (int64_t t = begin; t < end; ++t) {
         const int64_t blk = a.slots[t] / a.block_size, off = a.slots[t] % a.block_size;
         for (int64_t h = 0; h < a.kv_heads; ++h) {
-            const int64_t dst = ((blk * a.kv_heads + h) * a.block_size + off) * d;
+            const int64_t row = (blk * a.kv_heads + h) * a.block_size + off, dst = row * d;
+            if (a.kv_type == DType::i8) {
+                quantize_row(a.k, a.k_type, t * a.k_stride_t + h * a.k_stride_h, d, static_cast<int8_t*>(a.k_cache) + dst,
+                             a.k_scale + row);
+                quantize_row(a.v, a.v_type, t * a.v_stride_t + h * a.v_stride_h, d, static_cast<int8_t*>(a.v_cache) + dst,
+                             a.v_scale + row);
+                continue;
+            }
             for (int64_t i = 0; i < d; i += kLanes) {
                 const int n = d - i < kLanes ? static_cast<int>(d - i) : kLanes;
                 store_any(a.k_cache, a.kv_type, dst + i, load_any(a.k, a.k_type, t * a.k_stride_t + h * a.k_stride_h + i, n), n);

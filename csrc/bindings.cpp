@@ -29,6 +29,13 @@ void check(bool ok, const char* what) {
     if (!ok) throw std::invalid_argument(what);
 }
 
+// A KV cache's element type from Python: 0 float32, 1 bfloat16, 2 int8 (which needs its scales).
+DType kv_dt(int code, uintptr_t k_scale, uintptr_t v_scale) {
+    check(code >= 0 && code <= 2, "KV cache dtype code must be 0 (float32), 1 (bfloat16) or 2 (int8)");
+    check(code != 2 || (k_scale && v_scale), "an int8 KV cache needs its K and V scales");
+    return static_cast<DType>(code);
+}
+
 void gemm_py(int fmt, uintptr_t w, int64_t n, int64_t k_padded, int64_t m, int64_t k, uintptr_t x, int64_t ldx,
              bool x_bf16, uintptr_t y, int64_t ldy, bool y_bf16, uintptr_t bias) {
     check(fmt >= 0 && fmt <= 3, "gemm: unknown weight format");
@@ -74,7 +81,8 @@ void rope_py(int64_t tokens, int64_t dim, int64_t rot_dim, uintptr_t q, int64_t 
 
 void attention_py(int64_t batch, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t block_size,
                   int64_t max_blocks, int64_t num_blocks, uintptr_t q, bool q_bf16, int64_t q_stride_b,
-                  int64_t q_stride_h, uintptr_t k_cache, uintptr_t v_cache, bool kv_bf16, uintptr_t block_tables,
+                  int64_t q_stride_h, uintptr_t k_cache, uintptr_t v_cache, int kv_dtype, uintptr_t k_scale,
+                  uintptr_t v_scale, uintptr_t block_tables,
                   uintptr_t context_lens, float scale, uintptr_t out, bool o_bf16) {
     check(kv_heads > 0 && heads % kv_heads == 0 && head_dim > 0 && head_dim <= 256,
           "paged_attention_decode: H must be a multiple of KVH and head_dim at most 256");
@@ -89,7 +97,8 @@ void attention_py(int64_t batch, int64_t heads, int64_t kv_heads, int64_t head_d
         }
     }
     AttentionArgs a{batch, heads, kv_heads, head_dim, block_size, max_blocks, ptr<const void>(q), dt(q_bf16),
-                    q_stride_b, q_stride_h, ptr<const void>(k_cache), ptr<const void>(v_cache), dt(kv_bf16),
+                    q_stride_b, q_stride_h, ptr<const void>(k_cache), ptr<const void>(v_cache),
+                    kv_dt(kv_dtype, k_scale, v_scale), ptr<const float>(k_scale), ptr<const float>(v_scale),
                     tables, lens, scale, ptr<void>(out), dt(o_bf16)};
     nb::gil_scoped_release release;
     ops().attention(a);
@@ -97,14 +106,15 @@ void attention_py(int64_t batch, int64_t heads, int64_t kv_heads, int64_t head_d
 
 void kv_write_py(int64_t tokens, int64_t kv_heads, int64_t head_dim, int64_t block_size, int64_t num_blocks,
                  uintptr_t k, int64_t k_stride_t, int64_t k_stride_h, bool k_bf16, uintptr_t v, int64_t v_stride_t,
-                 int64_t v_stride_h, bool v_bf16, uintptr_t k_cache, uintptr_t v_cache, bool kv_bf16, uintptr_t slots) {
-    check(kv_heads > 0 && head_dim > 0 && block_size > 0, "kv_write: bad cache shape");
+                 int64_t v_stride_h, bool v_bf16, uintptr_t k_cache, uintptr_t v_cache, int kv_dtype, uintptr_t k_scale,
+                 uintptr_t v_scale, uintptr_t slots) {
+    check(kv_heads > 0 && head_dim > 0 && head_dim <= 256 && block_size > 0, "kv_write: bad cache shape (head_dim at most 256)");
     const int64_t* s = ptr<const int64_t>(slots);
     for (int64_t i = 0; i < tokens; ++i)
         check(s[i] >= 0 && s[i] < num_blocks * block_size, "kv_write: slot outside the cache");
     KvWriteArgs a{tokens, kv_heads, head_dim, block_size, ptr<const void>(k), k_stride_t, k_stride_h, dt(k_bf16),
                   ptr<const void>(v), v_stride_t, v_stride_h, dt(v_bf16), ptr<void>(k_cache), ptr<void>(v_cache),
-                  dt(kv_bf16), s};
+                  kv_dt(kv_dtype, k_scale, v_scale), ptr<float>(k_scale), ptr<float>(v_scale), s};
     nb::gil_scoped_release release;
     ops().kv_write(a);
 }

@@ -4,8 +4,8 @@
 
 namespace ironlm {
 
-// A tensor element type the ops accept.
-enum class DType : int { f32 = 0, bf16 = 1 };
+// A tensor element type the ops accept; i8 only for KV caches, each row with a float scale.
+enum class DType : int { f32 = 0, bf16 = 1, i8 = 2 };
 
 struct NormArgs {
     int64_t rows, dim;
@@ -34,6 +34,7 @@ struct AttentionArgs {
     int64_t batch, heads, kv_heads, head_dim, block_size, max_blocks;
     const void* q; DType q_type; int64_t q_stride_b, q_stride_h;   // (B, H, D)
     const void* k_cache; const void* v_cache; DType kv_type;      // (blocks, KVH, block_size, D), contiguous
+    const float* k_scale; const float* v_scale;                   // i8 caches: (blocks, KVH, block_size), else null
     const int32_t* block_tables;                                  // (B, max_blocks)
     const int32_t* context_lens;                                  // (B)
     float scale;
@@ -45,6 +46,7 @@ struct KvWriteArgs {
     const void* k; int64_t k_stride_t, k_stride_h; DType k_type;   // (T, KVH, D), D contiguous
     const void* v; int64_t v_stride_t, v_stride_h; DType v_type;
     void* k_cache; void* v_cache; DType kv_type;                   // (blocks, KVH, block_size, D), contiguous
+    float* k_scale; float* v_scale;                                // i8 caches: (blocks, KVH, block_size), else null
     const int64_t* slots;                                          // (T) block * block_size + offset
 };
 

@@ -2,6 +2,8 @@
 #include "ops.h"
 #include "threadpool.h"
 
+#include <immintrin.h>  // widen16 in attention_impl.h
+
 namespace ironlm {
 namespace {
 #include "ops_impl.h"

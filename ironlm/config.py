@@ -5,6 +5,7 @@ from ironlm.errors import IronlmError
 
 DTYPES = ("float32", "bfloat16")
 QUANTS = ("auto", "none", "int8", "int4", "int4_sym", "bf16")
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "int8")
 
 
 @dataclass
@@ -20,6 +21,8 @@ class EngineConfig:
     block_size: int = 16              # tokens per KV block
     num_kv_blocks: int | None = None  # None = enough for max_num_seqs full contexts, capped by kv_cache_bytes
     kv_cache_bytes: int = 2 << 30     # upper bound on KV pool memory when num_kv_blocks is None
+    kv_cache_dtype: str = "auto"      # "auto" (the compute dtype), "float32", "bfloat16", or "int8" (a scale per
+                                      # row: half of bf16's memory and bandwidth, about twice the tokens)
     max_num_seqs: int = 64            # sequences decoding together
     max_num_batched_tokens: int = 512  # tokens per engine step (prefill chunks + decodes)
     enable_prefix_caching: bool = True
@@ -29,6 +32,8 @@ class EngineConfig:
             raise IronlmError(f"dtype {self.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
         if self.quant not in QUANTS:
             raise IronlmError(f"quant {self.quant!r} is not supported; use one of {', '.join(QUANTS)}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise IronlmError(f"kv_cache_dtype {self.kv_cache_dtype!r} is not supported; use one of {', '.join(KV_CACHE_DTYPES)}")
         for name in ("threads", "max_model_len", "num_kv_blocks"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):

@@ -7,6 +7,7 @@ from ironlm import _kernels
 
 
 _FLOAT_TYPES = (torch.float32, torch.bfloat16)
+_KV_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # csrc/ops.h DType
 
 
 def set_num_threads(n: int) -> None:
@@ -87,15 +88,17 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: t
 
 
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                           context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+                           context_lens: torch.Tensor, scale: float, k_scale: torch.Tensor | None = None,
+                           v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One new token per sequence attends to its cached tokens. q (B, H, D); caches
-    (num_blocks, KVH, block_size, D) contiguous, bf16 or float32 (e.g. pool[layer, 0] and
-    pool[layer, 1]); block_tables (B, max_blocks) int32; context_lens (B,) int32 counting the
-    new token, whose K/V are already written. Returns (B, H, D) in q's dtype."""
+    (num_blocks, KVH, block_size, D) contiguous, bf16, float32 or int8 (e.g. pool[layer, 0] and
+    pool[layer, 1]); an int8 cache comes with float32 scales (num_blocks, KVH, block_size), one per row;
+    block_tables (B, max_blocks) int32; context_lens (B,) int32 counting the new token, whose K/V are
+    already written. Returns (B, H, D) in q's dtype."""
     if q.dim() != 3 or q.stride(2) != 1 or q.dtype not in _FLOAT_TYPES:
         raise ValueError(f"paged_attention_decode: q {tuple(q.shape)} {q.dtype} must be (B, H, D) float32/bfloat16")
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.dtype != v_cache.dtype \
-            or k_cache.dtype not in _FLOAT_TYPES or not k_cache.is_contiguous() or not v_cache.is_contiguous() \
+            or k_cache.dtype not in _KV_TYPES or not k_cache.is_contiguous() or not v_cache.is_contiguous() \
             or k_cache.shape[3] != q.shape[2] or q.shape[1] % k_cache.shape[1]:
         raise ValueError(f"paged_attention_decode: caches {tuple(k_cache.shape)} must be contiguous (blocks, KVH, block_size, {q.shape[2]})"
                          f" with KVH dividing the {q.shape[1]} query heads")
@@ -105,12 +108,13 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         raise ValueError("paged_attention_decode: block_tables must be contiguous int32 (B, max_blocks)")
     if context_lens.dtype != torch.int32 or context_lens.shape != (batch,) or not context_lens.is_contiguous():
         raise ValueError("paged_attention_decode: context_lens must be contiguous int32 (B,)")
+    k_scale_ptr, v_scale_ptr = _kv_scales(k_cache, k_scale, v_scale, "paged_attention_decode")
     out = torch.empty(q.shape, dtype=q.dtype)
     _kernels.paged_attention_decode(batch, q.shape[1], k_cache.shape[1], q.shape[2], k_cache.shape[2],
                                     block_tables.shape[1], k_cache.shape[0], q.data_ptr(), q.dtype is torch.bfloat16,
                                     q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(),
-                                    k_cache.dtype is torch.bfloat16, block_tables.data_ptr(), context_lens.data_ptr(),
-                                    float(scale), out.data_ptr(), out.dtype is torch.bfloat16)
+                                    _KV_TYPES[k_cache.dtype], k_scale_ptr, v_scale_ptr, block_tables.data_ptr(),
+                                    context_lens.data_ptr(), float(scale), out.data_ptr(), out.dtype is torch.bfloat16)
     return out
 
 
@@ -133,23 +137,46 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slots: torch.Tensor) -> None:
+             slots: torch.Tensor, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
     """Store new tokens' k, v (T, KVH, D), float32/bfloat16 with contiguous D, at flat slots (T,)
-    (block * block_size + offset) of caches (num_blocks, KVH, block_size, D), converting to the cache's dtype."""
+    (block * block_size + offset) of caches (num_blocks, KVH, block_size, D), converting to the cache's dtype.
+    An int8 cache stores each row as round(x * 127 / max|x|) and max|x| / 127 in its scales
+    (num_blocks, KVH, block_size) float32."""
     if k.dim() != 3 or k.shape != v.shape or k.stride(2) != 1 or v.stride(2) != 1 \
             or k.dtype not in _FLOAT_TYPES or v.dtype not in _FLOAT_TYPES:
         raise ValueError(f"write_kv: k {tuple(k.shape)} and v {tuple(v.shape)} must be (T, KVH, D) float32/bfloat16 with contiguous D")
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.dtype != v_cache.dtype \
-            or k_cache.dtype not in _FLOAT_TYPES or not k_cache.is_contiguous() or not v_cache.is_contiguous() \
+            or k_cache.dtype not in _KV_TYPES or not k_cache.is_contiguous() or not v_cache.is_contiguous() \
             or k_cache.shape[1] != k.shape[1] or k_cache.shape[3] != k.shape[2]:
         raise ValueError(f"write_kv: caches {tuple(k_cache.shape)} must be contiguous (blocks, {k.shape[1]}, block_size, {k.shape[2]})")
     slots = slots.to(torch.int64).contiguous()
     if slots.shape != (k.shape[0],):
         raise ValueError(f"write_kv: slots {tuple(slots.shape)} must be ({k.shape[0]},)")
+    k_scale_ptr, v_scale_ptr = _kv_scales(k_cache, k_scale, v_scale, "write_kv")
     _kernels.kv_write(k.shape[0], k.shape[1], k.shape[2], k_cache.shape[2], k_cache.shape[0], k.data_ptr(), k.stride(0),
                       k.stride(1), k.dtype is torch.bfloat16, v.data_ptr(), v.stride(0), v.stride(1),
-                      v.dtype is torch.bfloat16, k_cache.data_ptr(), v_cache.data_ptr(), k_cache.dtype is torch.bfloat16,
-                      slots.data_ptr())
+                      v.dtype is torch.bfloat16, k_cache.data_ptr(), v_cache.data_ptr(), _KV_TYPES[k_cache.dtype],
+                      k_scale_ptr, v_scale_ptr, slots.data_ptr())
+
+
+def _kv_scales(cache: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
+               name: str) -> tuple[int, int]:
+    """Addresses of an int8 cache's row scales (0, 0 for float caches, which take none)."""
+    if cache.dtype is not torch.int8:
+        if k_scale is not None or v_scale is not None:
+            raise ValueError(f"{name}: scales go only with an int8 cache")
+        return 0, 0
+    for scale in (k_scale, v_scale):
+        if scale is None or scale.dtype != torch.float32 or scale.shape != cache.shape[:3] or not scale.is_contiguous():
+            raise ValueError(f"{name}: an int8 cache needs contiguous float32 K and V scales of shape {tuple(cache.shape[:3])}")
+    return k_scale.data_ptr(), v_scale.data_ptr()
+
+
+def dequantize_kv(cache: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """A cache (or rows of one) as float32: int8 rows times their scales; float caches as they are."""
+    if cache.dtype is not torch.int8:
+        return cache.float()
+    return cache.float() * scale.unsqueeze(-1)
 
 
 def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -200,11 +227,17 @@ def reference_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, co
     return rotate(q), rotate(k)
 
 
-def reference_write_kv(k, v, k_cache, v_cache, slots) -> None:
+def reference_write_kv(k, v, k_cache, v_cache, slots, k_scale=None, v_scale=None) -> None:
     block_size = k_cache.shape[2]
     for t, slot in enumerate(slots.tolist()):
-        k_cache[slot // block_size, :, slot % block_size] = k[t].to(k_cache.dtype)
-        v_cache[slot // block_size, :, slot % block_size] = v[t].to(v_cache.dtype)
+        for src, cache, scales in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
+            row = src[t].float()  # (KVH, D)
+            if cache.dtype is torch.int8:
+                amax = row.abs().amax(-1, keepdim=True)  # (KVH, 1)
+                scales[slot // block_size, :, slot % block_size] = (amax / 127).squeeze(-1)
+                inv = torch.full_like(amax, 127.0) / amax  # float32 division, as the kernel: not 127 / amax
+                row = torch.where(amax > 0, row * inv, 0.0).round()
+            cache[slot // block_size, :, slot % block_size] = row.to(cache.dtype)
 
 
 def reference_prefill_attention(q, k, v, scale) -> torch.Tensor:
@@ -218,9 +251,11 @@ def reference_prefill_attention(q, k, v, scale) -> torch.Tensor:
     return torch.einsum("hlc,chd->lhd", scores.softmax(-1), vf).to(q.dtype)
 
 
-def reference_paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale) -> torch.Tensor:
+def reference_paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale=None,
+                                     v_scale=None) -> torch.Tensor:
     batch, heads, d = q.shape
     kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
+    k_cache, v_cache = dequantize_kv(k_cache, k_scale), dequantize_kv(v_cache, v_scale)
     out = torch.zeros(batch, heads, d)
     for b in range(batch):
         n = int(context_lens[b])

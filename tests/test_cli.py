@@ -17,6 +17,13 @@ def test_generate_answers_with_default_model():
     assert "Shakespeare" in result.stdout
 
 
+def test_generate_with_int8_kv_cache():
+    result = ironlm("generate", "--kv-cache-dtype", "int8", "--temperature", "0", "--max-tokens", "32",
+                    "Who wrote Romeo and Juliet?")
+    assert result.returncode == 0, result.stderr
+    assert "Shakespeare" in result.stdout
+
+
 def test_generate_stream_from_stdin():
     result = ironlm("generate", "--stream", "--temperature", "0", "--max-tokens", "16", "-", stdin="Say hello.")
     assert result.returncode == 0, result.stderr

@@ -132,3 +132,36 @@ def test_logprobs_are_log_softmax_of_logits(llm):
     result = out.logprobs[0]
     assert result.logprob == pytest.approx(float(expected.max()), abs=1e-4)
     assert [t for t, _ in result.top_logprobs] == expected.topk(3).indices.tolist()
+
+
+def test_chunked_prompt_logits_read_the_cache_like_one_prefill(llm):
+    # chunk=1 runs every token as a decode step over the paged cache; float32 KV: the same logits.
+    tokens = list(range(5, 60))
+    full = llm.engine.prompt_logits(tokens)
+    torch.testing.assert_close(llm.engine.prompt_logits(tokens, chunk=1), full, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(llm.engine.prompt_logits(tokens, chunk=7), full, rtol=1e-4, atol=1e-4)
+
+
+def test_int8_kv_cache(tiny_dir):
+    # The same memory holds about twice the blocks; decoding over int8 rows stays close to float32 KV, and
+    # prefix hits, chunked prompts and preemption run on it (blocks: 24 for 8 sequences).
+    settings = dict(dtype="float32", threads=2, block_size=4, max_num_seqs=8, max_num_batched_tokens=16)
+    ref = LLM(str(tiny_dir), kv_cache_bytes=1 << 16, **settings)
+    q8 = LLM(str(tiny_dir), kv_cache_bytes=1 << 16, kv_cache_dtype="int8", **settings)
+    assert q8.engine.kv_pool.dtype == torch.int8 and q8.engine.kv_dtype_name == "int8"
+    assert q8.engine.block_manager.num_blocks > 1.7 * ref.engine.block_manager.num_blocks
+    tokens = list(range(5, 60))
+    a, b = ref.engine.prompt_logits(tokens, chunk=1), q8.engine.prompt_logits(tokens, chunk=1)
+    tv = (a.softmax(-1) - b.softmax(-1)).abs().sum(-1) / 2  # total variation distance per position
+    assert tv.max() < 0.05 and tv.mean() < 0.02  # measured 0.026 and 0.010
+    small = LLM(str(tiny_dir), num_kv_blocks=24, kv_cache_dtype="int8", **settings)
+    prompts = [list(range(10 * i, 10 * i + 12)) for i in range(6)] + [list(range(10, 22))]
+    results = small.generate([{"prompt_token_ids": p} for p in prompts],
+                             SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
+    assert all(len(r.token_ids) == 16 for r in results)
+    assert any(r.metrics["num_preemptions"] > 0 for r in results)
+
+
+def test_bad_kv_cache_dtype_is_refused(tiny_dir):
+    with pytest.raises(Exception, match="kv_cache_dtype 'int4' is not supported"):
+        LLM(str(tiny_dir), kv_cache_dtype="int4")

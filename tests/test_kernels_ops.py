@@ -161,6 +161,52 @@ def test_write_kv(isa, kv_dtype, src_dtype):
         kernels.write_kv(k, v, k_cache, v_cache, torch.tensor([0, 1, 2, 3, 96]))
 
 
+@pytest.mark.parametrize("src_dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [40, 64, 128])
+def test_write_kv_int8(isa, src_dtype, head_dim):
+    # Each row becomes round(x * 127 / max|x|) with scale max|x| / 127; an all-zero row gets scale 0.
+    g = torch.Generator().manual_seed(head_dim)
+    k_cache, v_cache = torch.zeros(6, 3, 16, head_dim, dtype=torch.int8), torch.zeros(6, 3, 16, head_dim, dtype=torch.int8)
+    k_scale, v_scale = torch.zeros(6, 3, 16), torch.zeros(6, 3, 16)
+    refs = [t.clone() for t in (k_cache, v_cache, k_scale, v_scale)]
+    kv = torch.randn(5, 2, 3, head_dim, generator=g).to(src_dtype) * 3
+    kv[2, 1, 0] = 0.0
+    k, v = kv[:, 0], kv[:, 1]
+    slots = torch.tensor([0, 17, 18, 95, 40])
+    kernels.write_kv(k, v, k_cache, v_cache, slots, k_scale, v_scale)
+    kernels.reference_write_kv(k, v, *refs[:2], slots, *refs[2:])
+    assert torch.equal(k_cache, refs[0]) and torch.equal(v_cache, refs[1])
+    torch.testing.assert_close(k_scale, refs[2], rtol=1e-6, atol=0)
+    torch.testing.assert_close(v_scale, refs[3], rtol=1e-6, atol=0)
+    assert v_scale[2, 0, 2] == 0 and k_cache.abs().max() == 127
+    # what comes back is within half a step of what went in
+    back = kernels.dequantize_kv(k_cache[1, :, 1], k_scale[1, :, 1])  # slot 17 = token 1
+    assert (back - k[1].float()).abs().max() <= k_scale[1, :, 1].max() / 2 + 1e-6
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 64), (9, 3, 64), (8, 8, 40), (16, 2, 128)])
+def test_paged_attention_decode_int8(isa, heads, kv_heads, head_dim):
+    # int8 rows with their scales against the same rows dequantized; contexts across several stretches.
+    g = torch.Generator().manual_seed(heads + head_dim)
+    num_blocks, block_size = 48, 16
+    k_cache = torch.randint(-127, 128, (num_blocks, kv_heads, block_size, head_dim), generator=g, dtype=torch.int8)
+    v_cache = torch.randint(-127, 128, (num_blocks, kv_heads, block_size, head_dim), generator=g, dtype=torch.int8)
+    k_scale = torch.rand(num_blocks, kv_heads, block_size, generator=g) * 0.05
+    v_scale = torch.rand(num_blocks, kv_heads, block_size, generator=g) * 0.05
+    context_lens = torch.tensor([1, 37, 300, 0], dtype=torch.int32)
+    perm = torch.randperm(num_blocks, generator=g).to(torch.int32)
+    block_tables = torch.zeros(4, 19, dtype=torch.int32)
+    block_tables[0, :1], block_tables[1, :3], block_tables[2, :19] = perm[:1], perm[1:4], perm[4:23]
+    q = torch.randn(4, heads, head_dim, generator=g).bfloat16()
+    scale = head_dim ** -0.5
+    out = kernels.paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale)
+    ref = kernels.reference_paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale,
+                                                   v_scale)
+    close(out, ref, torch.bfloat16)
+    with pytest.raises(ValueError, match="needs contiguous float32 K and V scales"):
+        kernels.paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale)
+
+
 def test_paged_attention_rejects_bad_block_table():
     k = torch.zeros(4, 2, 16, 64)
     q = torch.zeros(1, 2, 64)

@@ -7,7 +7,7 @@ import torch
 from ironlm import kernels
 from ironlm.config import EngineConfig
 from ironlm.engine.block_manager import BlockManager
-from ironlm.engine.kv_cache import allocate_kv_pool, kv_bytes_per_block
+from ironlm.engine.kv_cache import allocate_kv_pool, allocate_kv_scales, kv_bytes_per_block
 from ironlm.engine.model_runner import ModelRunner
 from ironlm.engine.output import OutputState, RequestOutput
 from ironlm.engine.scheduler import Scheduler
@@ -32,6 +32,8 @@ class LLMEngine:
         self.model_name = self.checkpoint.name
         self.dtype_name = config.dtype or default_dtype()
         self.dtype = TORCH_DTYPES[self.dtype_name]
+        self.kv_dtype_name = self.dtype_name if config.kv_cache_dtype == "auto" else config.kv_cache_dtype
+        self.kv_dtype = {**TORCH_DTYPES, "int8": torch.int8}[self.kv_dtype_name]
         self.threads = config.threads or default_threads()
         torch.set_num_threads(self.threads)
         kernels.set_num_threads(self.threads)  # our pool and torch's both sized to the physical cores
@@ -45,16 +47,17 @@ class LLMEngine:
             num_blocks = config.num_kv_blocks
         else:
             wanted = config.max_num_seqs * -(-model_len // block_size)
-            affordable = config.kv_cache_bytes // kv_bytes_per_block(args, block_size, self.dtype)
+            affordable = config.kv_cache_bytes // kv_bytes_per_block(args, block_size, self.kv_dtype)
             num_blocks = max(1, min(wanted, affordable))
         # One sequence must always fit on its own, or it could never finish.
         self.max_model_len = min(model_len, num_blocks * block_size)
         self.model = load_model(self.checkpoint, self.dtype, self.max_model_len, config.quant)
         _return_freed_memory()
-        self.kv_pool = allocate_kv_pool(args, num_blocks, block_size, self.dtype)
+        self.kv_pool = allocate_kv_pool(args, num_blocks, block_size, self.kv_dtype)
+        self.kv_scales = allocate_kv_scales(args, num_blocks, block_size) if self.kv_dtype is torch.int8 else None
         self.block_manager = BlockManager(num_blocks, block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, self.kv_pool, block_size)
+        self.runner = ModelRunner(self.model, self.kv_pool, self.kv_scales, block_size)
         self.sequences: dict[str, Sequence] = {}
         self.num_steps = 0
 
@@ -148,9 +151,10 @@ class LLMEngine:
             metrics=metrics,
         )
 
-    def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
+    def prompt_logits(self, token_ids: list[int], chunk: int | None = None) -> torch.Tensor:
         """Logits at every position of token_ids, (T, V) float32, in one prefill outside the scheduler (for scoring
-        and perplexity). It borrows KV blocks, so call it when no requests are running."""
+        and perplexity), or in chunks of `chunk` tokens that read the KV cache as later steps do (1: every token as
+        a decode step). It borrows KV blocks, so call it when no requests are running."""
         if not token_ids or len(token_ids) > self.max_model_len:
             raise RequestError(f"score {len(token_ids)} tokens: need 1..{self.max_model_len}", param="token_ids")
         seq = Sequence("score", token_ids, SamplingParams())
@@ -158,7 +162,7 @@ class LLMEngine:
             raise RequestError("not enough free KV blocks to score this text now; wait for running requests")
         self.block_manager.append_slots(seq, seq.num_tokens)
         try:
-            return self.runner.all_logits(seq)
+            return self.runner.all_logits(seq, chunk)
         finally:
             self.block_manager.free(seq)
 

@@ -8,12 +8,15 @@ from ironlm.sampling import Sampler, SampleResult, SampleState
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, kv_pool: torch.Tensor, block_size: int):
+    def __init__(self, model: LlamaForCausalLM, kv_pool: torch.Tensor, kv_scales: torch.Tensor | None,
+                 block_size: int):
         self.model = model
         self.block_size = block_size
         self.kv_pool = kv_pool
         for index, attn in enumerate(model.attention_layers()):
             attn.k_cache, attn.v_cache = kv_pool[index, 0], kv_pool[index, 1]
+            if kv_scales is not None:  # an int8 pool
+                attn.k_scale, attn.v_scale = kv_scales[index, 0], kv_scales[index, 1]
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}  # seeded requests only
 
@@ -30,10 +33,17 @@ class ModelRunner:
         return {seq.request_id: result for seq, result in zip(sampling_seqs, results)}
 
     @torch.inference_mode()
-    def all_logits(self, seq: Sequence) -> torch.Tensor:
-        """Logits at every position of a sequence whose blocks are allocated and nothing computed: (T, V)."""
-        hidden, _, _ = self._forward([(seq, seq.num_tokens)])
-        return self.model.compute_logits(hidden)
+    def all_logits(self, seq: Sequence, chunk: int | None = None) -> torch.Tensor:
+        """Logits at every position of a sequence whose blocks are allocated and nothing computed: (T, V).
+        chunk: tokens per forward pass, each attending to the cached K/V of those before it (1: as decoding)."""
+        chunk = chunk or seq.num_tokens
+        parts = []
+        while seq.num_computed_tokens < seq.num_tokens:
+            n = min(chunk, seq.num_tokens - seq.num_computed_tokens)
+            hidden, _, _ = self._forward([(seq, n)])
+            parts.append(self.model.compute_logits(hidden))
+            seq.num_computed_tokens += n
+        return torch.cat(parts)
 
     def _forward(self, scheduled: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[int], list[Sequence]]:
         input_ids, positions, slots = [], [], []

@@ -50,10 +50,13 @@ class PagedAttention(nn.Module):
         # (num_blocks, KVH, block_size, D) views into the engine's pool, bound once by the model runner
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
+        # (num_blocks, KVH, block_size) row scales when the pool is int8, else None
+        self.k_scale: torch.Tensor | None = None
+        self.v_scale: torch.Tensor | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         # q: (T, H, D); k, v: (T, KVH, D) -> (T, H, D)
-        kernels.write_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        kernels.write_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
         if meta.decode_only and self.sliding_window is None:
             return self._decode(q, meta)
         out = torch.empty_like(q)
@@ -61,12 +64,12 @@ class PagedAttention(nn.Module):
         if fast:  # the step's decodes, in one kernel call
             out[meta.single_rows] = kernels.paged_attention_decode(
                 q.index_select(0, meta.single_rows), self.k_cache, self.v_cache, meta.single_tables,
-                meta.single_lens, self.scale)
+                meta.single_lens, self.scale, self.k_scale, self.v_scale)
         for i, (start, length, context) in enumerate(zip(meta.query_starts, meta.query_lens, meta.context_lens)):
             if fast and meta.single[i]:
                 continue
             q_seq = q[start:start + length]
-            if context == length:  # nothing cached before this step: use the fresh K/V directly
+            if context == length:  # nothing cached before this step: use the fresh K/V directly (unrounded)
                 k_seq, v_seq = k[start:start + length], v[start:start + length]
             else:
                 k_seq, v_seq = self._gather(meta.block_tables[i], context)
@@ -77,11 +80,14 @@ class PagedAttention(nn.Module):
         return out
 
     def _gather(self, block_table: torch.Tensor, context: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A sequence's first `context` cached K and V rows: (C, KVH, D) each; int8 rows come back as float32."""
         num_blocks = -(-context // self.k_cache.shape[2])
         blocks = block_table[:num_blocks]
-        k = self.k_cache.index_select(0, blocks).transpose(1, 2).flatten(0, 1)[:context]  # (C, KVH, D)
-        v = self.v_cache.index_select(0, blocks).transpose(1, 2).flatten(0, 1)[:context]
-        return k, v
+        k, v = self.k_cache.index_select(0, blocks), self.v_cache.index_select(0, blocks)  # (N, KVH, bs, D)
+        if self.k_scale is not None:
+            k = kernels.dequantize_kv(k, self.k_scale.index_select(0, blocks))
+            v = kernels.dequantize_kv(v, self.v_scale.index_select(0, blocks))
+        return k.transpose(1, 2).flatten(0, 1)[:context], v.transpose(1, 2).flatten(0, 1)[:context]
 
     def _attend_window(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: int) -> torch.Tensor:
         """Causal attention within the sliding window, through PyTorch's SDPA and a mask."""
@@ -100,4 +106,4 @@ class PagedAttention(nn.Module):
     def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         # q: (B, H, D), one new token per sequence, its K/V already in the cache
         return kernels.paged_attention_decode(q, self.k_cache, self.v_cache, meta.block_tables,
-                                              meta.context_lens_tensor, self.scale)
+                                              meta.context_lens_tensor, self.scale, self.k_scale, self.v_scale)
