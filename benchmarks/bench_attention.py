@@ -3,7 +3,7 @@ attention against PyTorch's scaled_dot_product_attention.
 
     python benchmarks/bench_attention.py [--threads 2]
 
-Decode, two kinds of case. "batched": many sequences with long contexts, one call, the KV far larger than
+Decode, bf16 and int8 KV, two kinds of case. "batched": many sequences with long contexts, one call, the KV far larger than
 the L3 cache. "cold, 24 layers": one sequence, a call per layer over 24 separate caches (as a decode step
 makes), so each layer's KV comes from memory as in a real model. Prefill: one layer's causal attention of a
 whole prompt, or of a chunk after cached tokens (SDPA then needs a mask), bf16. Random values: speed does
@@ -37,12 +37,18 @@ PREFILL_CASES = [
 ]
 
 
-def run_case(heads: int, kv_heads: int, head_dim: int, batch: int, ctx: int, layers: int, repeats: int) -> float:
+def run_case(heads: int, kv_heads: int, head_dim: int, batch: int, ctx: int, layers: int, repeats: int,
+             kv_dtype: torch.dtype = torch.bfloat16) -> float:
     """Best seconds for one pass over all layers."""
     blocks_per_seq = -(-ctx // BLOCK_SIZE)
     num_blocks = batch * blocks_per_seq
-    caches = [(torch.randn(num_blocks, kv_heads, BLOCK_SIZE, head_dim).bfloat16(),
-               torch.randn(num_blocks, kv_heads, BLOCK_SIZE, head_dim).bfloat16()) for _ in range(layers)]
+    shape = (num_blocks, kv_heads, BLOCK_SIZE, head_dim)
+
+    def cache():  # (rows, scales): int8 rows come with a float scale each
+        if kv_dtype is torch.int8:
+            return torch.randint(-127, 128, shape, dtype=torch.int8), torch.rand(shape[:3]) * 0.02
+        return torch.randn(shape).to(kv_dtype), None
+    caches = [(cache(), cache()) for _ in range(layers)]
     tables = torch.randperm(num_blocks).to(torch.int32).reshape(batch, blocks_per_seq)
     lens = torch.full((batch,), ctx, dtype=torch.int32)
     q = torch.randn(batch, heads, head_dim).bfloat16()
@@ -50,8 +56,8 @@ def run_case(heads: int, kv_heads: int, head_dim: int, batch: int, ctx: int, lay
     best = float("inf")
     for _ in range(repeats + 1):  # the first sweep warms up
         start = time.perf_counter()
-        for k, v in caches:
-            kernels.paged_attention_decode(q, k, v, tables, lens, scale)
+        for (k, k_scale), (v, v_scale) in caches:
+            kernels.paged_attention_decode(q, k, v, tables, lens, scale, k_scale, v_scale)
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -92,13 +98,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
     kernels.set_num_threads(args.threads)
-    print(f"isa={kernels.isa()[0]} threads={args.threads}; bf16 KV, block size {BLOCK_SIZE}; GB/s = K+V bytes / time")
-    print(f"{'case':36} {'H':>3} {'KVH':>3} {'D':>4} {'seqs':>4} {'ctx':>5} {'ms':>8} {'GB/s':>6}")
+    print(f"isa={kernels.isa()[0]} threads={args.threads}; decode, block size {BLOCK_SIZE}; GB/s = K+V bytes / time "
+          "(int8: rows and their scales)")
+    print(f"{'case':36} {'H':>3} {'KVH':>3} {'D':>4} {'seqs':>4} {'ctx':>5} {'bf16 ms':>8} {'GB/s':>6} "
+          f"{'int8 ms':>8} {'GB/s':>6}")
     for name, heads, kv_heads, head_dim, batch, ctx, layers in CASES:
-        seconds = run_case(heads, kv_heads, head_dim, batch, ctx, layers, args.repeats)
-        kv_bytes = layers * batch * ctx * kv_heads * head_dim * 2 * 2
-        print(f"{name:36} {heads:>3} {kv_heads:>3} {head_dim:>4} {batch:>4} {ctx:>5} {seconds * 1e3:>8.2f} "
-              f"{kv_bytes / seconds / 1e9:>6.1f}")
+        rows = layers * batch * ctx * kv_heads * 2  # K and V
+        bf16 = run_case(heads, kv_heads, head_dim, batch, ctx, layers, args.repeats)
+        int8 = run_case(heads, kv_heads, head_dim, batch, ctx, layers, args.repeats, torch.int8)
+        print(f"{name:36} {heads:>3} {kv_heads:>3} {head_dim:>4} {batch:>4} {ctx:>5} {bf16 * 1e3:>8.2f} "
+              f"{rows * head_dim * 2 / bf16 / 1e9:>6.1f} {int8 * 1e3:>8.2f} {rows * (head_dim + 4) / int8 / 1e9:>6.1f}")
     print()
     print("prefill, one layer, bf16; GFLOP/s counts the causal half of Q K^T and P V")
     print(f"{'case':36} {'H':>3} {'KVH':>3} {'D':>4} {'new':>5} {'ctx':>5} {'ironlm ms':>10} {'GFLOP/s':>8} "
