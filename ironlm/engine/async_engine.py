@@ -39,7 +39,7 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queues: dict[str, asyncio.Queue] = {}  # loop side: live request id -> where its outputs go
         self._error: BaseException | None = None
-        self._stats: dict = {}
+        self._stats: dict = engine.stats()  # before any step: the empty engine's, so /metrics is whole from the start
 
     # --- lifecycle (event loop side) ---------------------------------------------------------------------
 
