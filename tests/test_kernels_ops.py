@@ -15,7 +15,7 @@ def close(actual, expected, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows,dim", [(1, 64), (3, 100), (17, 576)])
+@pytest.mark.parametrize("rows,dim", [(1, 64), (3, 100), (17, 576), (70, 576)])  # the last one on the pool
 def test_rms_norm(isa, dtype, rows, dim):
     g = torch.Generator().manual_seed(rows + dim)
     x = (torch.randn(rows, dim, generator=g) * 3).to(dtype)
@@ -36,7 +36,7 @@ def test_add_rms_norm_updates_residual(isa, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows,inter", [(1, 16), (2, 37), (5, 1536)])
+@pytest.mark.parametrize("rows,inter", [(1, 16), (2, 37), (5, 1536), (12, 1536)])  # the last one on the pool
 def test_silu_mul(isa, dtype, rows, inter):
     g = torch.Generator().manual_seed(inter)
     gate_up = (torch.randn(rows, 2 * inter, generator=g) * 4).to(dtype)
@@ -46,14 +46,15 @@ def test_silu_mul(isa, dtype, rows, inter):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim,rot_dim", [(64, 64), (128, 128), (80, 48)])
-def test_rope(isa, dtype, head_dim, rot_dim):
+@pytest.mark.parametrize("tokens", [4, 90])  # 90 tokens go to the pool
+def test_rope(isa, dtype, head_dim, rot_dim, tokens):
     g = torch.Generator().manual_seed(head_dim)
     inv_freq = 1.0 / (10000 ** (torch.arange(0, rot_dim, 2).float() / rot_dim))
     cos, sin = kernels.rope_cos_sin(inv_freq, 4096)
-    positions = torch.tensor([0, 5, 4095, 17])
-    qkv = torch.randn(4, 9 * head_dim, generator=g).to(dtype)
-    q = qkv[:, : 6 * head_dim].view(4, 6, head_dim)  # strided views into a fused qkv, as models use
-    k = qkv[:, 6 * head_dim : 8 * head_dim].view(4, 2, head_dim)
+    positions = torch.tensor([0, 5, 4095, 17] + list(range(100, 100 + tokens - 4)))
+    qkv = torch.randn(tokens, 9 * head_dim, generator=g).to(dtype)
+    q = qkv[:, : 6 * head_dim].view(tokens, 6, head_dim)  # strided views into a fused qkv, as models use
+    k = qkv[:, 6 * head_dim : 8 * head_dim].view(tokens, 2, head_dim)
     ref_q, ref_k = kernels.reference_rope(q.clone(), k.clone(), positions, cos, sin)
     kernels.apply_rope(q, k, positions, cos, sin)
     close(q, ref_q, dtype)
