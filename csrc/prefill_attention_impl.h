@@ -1,10 +1,9 @@
 // Causal attention of a prompt chunk over its sequence's whole context (prefill), flash style.
 // Included by ops_impl.h (inside its anonymous namespace) after the vector helpers.
 //
-// The call first copies K into (KVH, Cp / 16, Dp, 16) floats (each group of 16 keys transposed) and V into
-// (KVH, Cp, Dp), and Q into
-// (L, H, Dp) floats times the scale (Dp: head_dim rounded up to 64, Cp: context rounded up to 64, the
-// padding zero). A task is 24 query rows of one head. Its rows go 6 at a time over key blocks of 64:
+// The call first copies K into (KVH, Cp / 16, Dp, 16) floats (each group of 16 keys transposed), V into
+// (KVH, Cp, Dp) and Q into (L, H, Dp) floats times the scale (Dp: head_dim rounded up to 64, Cp: context
+// rounded up to 64, the padding zero). A task is 24 query rows of one head. Its rows go 6 at a time over key blocks of 64:
 // the 6 x 64 scores come from broadcasting q[d] against element d of 4 groups of 16 keys (24
 // accumulators), an online softmax keeps each row's running max and sum, and P V adds the block's
 // keys into a 6 x Dp output kept in L1.
@@ -13,7 +12,7 @@ constexpr int64_t kPrefillRows = 6;       // query rows per register tile
 constexpr int64_t kPrefillTaskRows = 24;  // query rows per task
 constexpr int64_t kKeyBlock = 64;         // keys per block; also the padding unit of Dp and Cp
 constexpr int64_t kMaxPrefillDim = 256;
-constexpr float kSlack = 8.0f;           // how far scores may pass a row's reference max unrescaled
+constexpr float kSlack = 8.0f;            // how far scores may pass a row's reference max unrescaled
 
 inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
 
