@@ -3,10 +3,10 @@
 //
 // The call first copies K into (KVH, Cp / 16, Dp, 16) floats (each group of 16 keys transposed), V into
 // (KVH, Cp, Dp) and Q into (L, H, Dp) floats times the scale (Dp: head_dim rounded up to 64, Cp: context
-// rounded up to 64, the padding zero). A task is 24 query rows of one head. Its rows go 6 at a time over key blocks of 64:
-// the 6 x 64 scores come from broadcasting q[d] against element d of 4 groups of 16 keys (24
-// accumulators), an online softmax keeps each row's running max and sum, and P V adds the block's
-// keys into a 6 x Dp output kept in L1.
+// rounded up to 64, the padding zero). A task is 24 query rows of one head. Its rows go 6 at a time over
+// key blocks of 64: the 6 x 64 scores come from broadcasting q[d] against element d of 4 groups of 16 keys
+// (24 accumulators), an online softmax keeps each row's running max and sum, and P V adds the block's keys
+// into a 6 x Dp output kept in L1.
 
 constexpr int64_t kPrefillRows = 6;       // query rows per register tile
 constexpr int64_t kPrefillTaskRows = 24;  // query rows per task
