@@ -56,7 +56,14 @@ void prefill_pack_q(void* ctx, int64_t begin, int64_t end) {
         }
 }
 
-// Query rows [r0, r0 + nr) of head h (nr <= 4; a short tile repeats its last row and stores only nr).
+// acc[i] += x * w[i] for the 4 vectors of one tile row: a score block (x = q[d], w = K^T row d) or an output
+// block (x = p[j], w = V row j).
+inline void add_scaled(v16f (&acc)[4], float x, const v16f (&w)[4]) {
+    const v16f xv = splat(x);
+    for (int i = 0; i < 4; ++i) acc[i] += xv * w[i];
+}
+
+// Query rows [r0, r0 + nr) of head h (nr <= kPrefillRows; a short tile repeats its last row and stores only nr).
 void prefill_rows(const PrefillCtx& c, int64_t h, int64_t r0, int64_t nr) {
     const PrefillAttentionArgs& a = *c.a;
     const int64_t dp = c.dp, cp = c.cp, hk = h / (a.heads / a.kv_heads);
@@ -86,15 +93,9 @@ void prefill_rows(const PrefillCtx& c, int64_t h, int64_t r0, int64_t nr) {
         const float* group = kt + j0 * dp;  // 4 groups of 16 keys, dp x 16 floats each
         for (int64_t d = 0; d < dp; ++d) {
             const float* kr = group + d * kLanes;
-            const v16f k0 = load16(kr), k1 = load16(kr + dp * kLanes), k2 = load16(kr + 2 * dp * kLanes),
-                       k3 = load16(kr + 3 * dp * kLanes);
-            for (int r = 0; r < kPrefillRows; ++r) {
-                const v16f qv = splat(q[r][d]);
-                s[r][0] += qv * k0;
-                s[r][1] += qv * k1;
-                s[r][2] += qv * k2;
-                s[r][3] += qv * k3;
-            }
+            const v16f k[4] = {load16(kr), load16(kr + dp * kLanes), load16(kr + 2 * dp * kLanes),
+                               load16(kr + 3 * dp * kLanes)};
+            for (int r = 0; r < kPrefillRows; ++r) add_scaled(s[r], q[r][d], k);
         }
         // Online softmax; keys past a row's position weigh nothing. A row's reference max moves only when a
         // block's max passes it by more than kSlack (e^(s - m) stays below e^8), so most blocks rescale nothing.
@@ -132,14 +133,8 @@ void prefill_rows(const PrefillCtx& c, int64_t h, int64_t r0, int64_t nr) {
                 for (int v = 0; v < 4; ++v) acc[r][v] = load16(o[r] + d0 + 16 * v);
             for (int64_t j = 0; j < nk; ++j) {
                 const float* vr = vs + (j0 + j) * dp + d0;
-                const v16f v0 = load16(vr), v1 = load16(vr + 16), v2 = load16(vr + 32), v3 = load16(vr + 48);
-                for (int r = 0; r < kPrefillRows; ++r) {
-                    const v16f pj = splat(p[r][j]);
-                    acc[r][0] += pj * v0;
-                    acc[r][1] += pj * v1;
-                    acc[r][2] += pj * v2;
-                    acc[r][3] += pj * v3;
-                }
+                const v16f v[4] = {load16(vr), load16(vr + 16), load16(vr + 32), load16(vr + 48)};
+                for (int r = 0; r < kPrefillRows; ++r) add_scaled(acc[r], p[r][j], v);
             }
             for (int r = 0; r < kPrefillRows; ++r)
                 for (int v = 0; v < 4; ++v) store16(o[r] + d0 + 16 * v, acc[r][v]);

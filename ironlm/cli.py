@@ -28,8 +28,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quant", default="auto", choices=["auto", "none", "int8", "int4", "int4_sym", "bf16"],
                         help="linear weight format: auto keeps GGUF Q4_0/Q4_1/Q8_0 blocks as stored and runs other "
                              "weights in bf16 with ironlm's kernels; none uses torch; or quantize at load")
-    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16", "int8"],
-                        help="KV cache element type: auto follows --dtype; int8 (a scale per row) holds about twice the tokens in the same memory and reads half the bytes per decode step")
+    add_kv_cache_argument(parser)
+
+
+def add_kv_cache_argument(parser: argparse.ArgumentParser) -> None:
+    from ironlm.config import KV_CACHE_DTYPES
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                        help="KV cache element type: auto follows --dtype; int8 (a scale per row) holds about twice "
+                             "the tokens in the same memory")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:

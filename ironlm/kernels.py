@@ -126,9 +126,9 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
             or k.stride(2) != 1 or v.stride(2) != 1 or any(t.dtype not in _FLOAT_TYPES for t in (q, k, v)):
         raise ValueError(f"prefill_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must be "
                          "(L, H, D) and (C, KVH, D) float32/bfloat16 with contiguous D")
-    if q.shape[0] == 0:
-        return torch.empty(q.shape, dtype=q.dtype)
     out = torch.empty(q.shape, dtype=q.dtype)
+    if q.shape[0] == 0:
+        return out
     _kernels.prefill_attention(q.shape[0], k.shape[0], q.shape[1], k.shape[1], q.shape[2], q.data_ptr(), q.stride(0),
                                q.stride(1), q.dtype is torch.bfloat16, k.data_ptr(), k.stride(0), k.stride(1),
                                k.dtype is torch.bfloat16, v.data_ptr(), v.stride(0), v.stride(1),

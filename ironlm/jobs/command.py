@@ -16,6 +16,7 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from ironlm.cli import add_kv_cache_argument
 from ironlm.errors import IronlmError
 
 EXIT_OK, EXIT_REFUSED, EXIT_SOME_FAILED, EXIT_INTERRUPTED = 0, 2, 3, 130
@@ -29,8 +30,7 @@ def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: best for this CPU)")
     parser.add_argument("--quant", default="auto", choices=["auto", "none", "int8", "int4", "int4_sym", "bf16"],
                         help="linear weight format (default auto: GGUF blocks as stored, dense weights in bf16)")
-    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16", "int8"],
-                        help="KV cache element type: auto follows --dtype; int8 (a scale per row) holds about twice the tokens in the same memory and reads half the bytes per decode step")
+    add_kv_cache_argument(parser)
     parser.add_argument("--threads", type=int, help="threads (default: physical cores)")
     parser.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together (default 64)")
