@@ -103,8 +103,8 @@ inline v16f vexp(v16f x) {
     return p * scale;
 }
 
-// Below this many elements an op runs on the calling thread: handing work to the pool costs ~3 us, about
-// what 32K elements of a norm or rope take on one core (half as many for SiLU, an exp each).
+// Below this many elements an op runs on the calling thread: handing work to the pool costs a few
+// microseconds, about what 32K elements of a norm or rope take on one core (half as many for SiLU, an exp each).
 constexpr int64_t kParallelElements = 32768;
 
 // ---- RMSNorm, optionally after residual += x. Matches HF: normalise in float32, cast to the

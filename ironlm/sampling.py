@@ -144,7 +144,7 @@ class Sampler:
         greedy = [i for i, s in enumerate(states) if s.params.greedy]
         if greedy:
             rows = logits if len(greedy) == len(states) else logits[greedy]
-            ids = rows.numpy().argmax(-1).tolist()  # numpy's argmax: 35 us for 16 x 49k floats, torch's 256 us
+            ids = rows.numpy().argmax(-1).tolist()  # numpy's argmax: several times faster than torch's on CPU
             for i, token_id in zip(greedy, ids):
                 picks[i] = token_id
         sampled = [i for i, s in enumerate(states) if not s.params.greedy]

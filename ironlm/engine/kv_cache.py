@@ -19,8 +19,8 @@ def allocate_kv_pool(args: ModelArgs, num_blocks: int, block_size: int, dtype: t
     # An anonymous mapping: the OS maps and zeroes its pages lazily, so the pool costs memory only as sequences
     # fill it (torch.zeros writes it all up front). Attention reads only written slots. Not numpy's zeros: numpy
     # asks for transparent huge pages on large arrays, and where the kernel then compacts memory to find one, a
-    # KV write that first touches a 2 MB page stalled for up to 9 ms (1.7B shape, 16 sequences: KV writes took
-    # 7.8 ms a step instead of 2.4).
+    # KV write that first touched a 2 MB page could stall for milliseconds (1.7B shape, 16 sequences: KV writes
+    # 7.6 ms a step instead of 2.4, `benchmarks/profile_decode.py --batch 16`).
     shape = (args.num_hidden_layers, 2, num_blocks, args.num_key_value_heads, block_size, args.head_dim)
     return _lazy_zeros(shape, dtype)
 
