@@ -44,11 +44,12 @@ def run_case(heads: int, kv_heads: int, head_dim: int, batch: int, ctx: int, lay
     num_blocks = batch * blocks_per_seq
     shape = (num_blocks, kv_heads, BLOCK_SIZE, head_dim)
 
-    def cache():  # (rows, scales): int8 rows come with a float scale each
+    def cache() -> kernels.PagedCache:  # int8 rows come with a float scale each
         if kv_dtype is torch.int8:
-            return torch.randint(-127, 128, shape, dtype=torch.int8), torch.rand(shape[:3]) * 0.02
-        return torch.randn(shape).to(kv_dtype), None
-    caches = [(cache(), cache()) for _ in range(layers)]
+            rows = [torch.randint(-127, 128, shape, dtype=torch.int8) for _ in range(2)]
+            return kernels.PagedCache(*rows, *(torch.rand(shape[:3]) * 0.02 for _ in range(2)))
+        return kernels.PagedCache(*(torch.randn(shape).to(kv_dtype) for _ in range(2)))
+    caches = [cache() for _ in range(layers)]
     tables = torch.randperm(num_blocks).to(torch.int32).reshape(batch, blocks_per_seq)
     lens = torch.full((batch,), ctx, dtype=torch.int32)
     q = torch.randn(batch, heads, head_dim).bfloat16()
@@ -56,8 +57,8 @@ def run_case(heads: int, kv_heads: int, head_dim: int, batch: int, ctx: int, lay
     best = float("inf")
     for _ in range(repeats + 1):  # the first sweep warms up
         start = time.perf_counter()
-        for (k, k_scale), (v, v_scale) in caches:
-            kernels.paged_attention_decode(q, k, v, tables, lens, scale, k_scale, v_scale)
+        for layer_cache in caches:
+            kernels.paged_attention_decode(q, layer_cache, tables, lens, scale)
         best = min(best, time.perf_counter() - start)
     return best
 

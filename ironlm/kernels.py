@@ -29,25 +29,25 @@ def isa() -> tuple[str, str]:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim, as Hugging Face Llama computes it."""
     x2 = _rows(x, "x")  # (T, D)
-    out = torch.empty(x2.shape, dtype=x2.dtype)
+    out = torch.empty_like(x2)  # x2 is dense or has gaps between rows; either way out is contiguous
     w = _vector(weight, x2.shape[1], "weight")
     _kernels.rms_norm(x2.shape[0], x2.shape[1], x2.data_ptr(), _row_stride(x2), x2.dtype is torch.bfloat16, 0, 0, False,
                       w.data_ptr(), w.dtype is torch.bfloat16, out.data_ptr(), x2.shape[1], out.dtype is torch.bfloat16, eps)
-    return out.reshape(x.shape)
+    return out if x2 is x else out.reshape(x.shape)
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """residual += x (in place), then return RMSNorm(residual) in x's dtype."""
     x2 = _rows(x, "x")  # (T, D)
-    r2 = residual.view(-1, residual.shape[-1])
+    r2 = residual if residual.dim() == 2 else residual.view(-1, residual.shape[-1])
     if r2.shape != x2.shape or r2.dtype not in _FLOAT_TYPES or r2.stride(-1) != 1:
         raise ValueError(f"add_rms_norm: residual {tuple(residual.shape)} {residual.dtype} must match x and have contiguous rows")
-    out = torch.empty(x2.shape, dtype=x2.dtype)
+    out = torch.empty_like(x2)
     w = _vector(weight, x2.shape[1], "weight")
     _kernels.rms_norm(x2.shape[0], x2.shape[1], x2.data_ptr(), _row_stride(x2), x2.dtype is torch.bfloat16,
                       r2.data_ptr(), _row_stride(r2), r2.dtype is torch.bfloat16, w.data_ptr(), w.dtype is torch.bfloat16,
                       out.data_ptr(), x2.shape[1], out.dtype is torch.bfloat16, eps)
-    return out.reshape(x.shape)
+    return out if x2 is x else out.reshape(x.shape)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -59,7 +59,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     out = torch.empty((g2.shape[0], inter), dtype=g2.dtype)
     _kernels.silu_mul(g2.shape[0], inter, g2.data_ptr(), _row_stride(g2), g2.dtype is torch.bfloat16, out.data_ptr(),
                       inter, out.dtype is torch.bfloat16)
-    return out.reshape(*gate_up.shape[:-1], inter)
+    return out if g2 is gate_up else out.reshape(*gate_up.shape[:-1], inter)
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,7 +79,7 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: t
     if cos.dtype != torch.float32 or sin.dtype != torch.float32 or cos.shape != sin.shape or cos.dim() != 2 \
             or not cos.is_contiguous() or not sin.is_contiguous() or 2 * cos.shape[1] > q.shape[2]:
         raise ValueError(f"apply_rope: cos/sin {tuple(cos.shape)} must be contiguous float32 (max_positions, rot_dim / 2)")
-    pos = positions.to(torch.int64).contiguous()
+    pos = _int64(positions)
     if pos.shape != (q.shape[0],):
         raise ValueError(f"apply_rope: positions {tuple(positions.shape)} must be ({q.shape[0]},)")
     _kernels.rope(q.shape[0], q.shape[2], 2 * cos.shape[1], q.data_ptr(), q.shape[1], q.stride(0), q.stride(1),
@@ -87,34 +87,52 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: t
                   pos.data_ptr(), cos.data_ptr(), sin.data_ptr(), cos.shape[0])
 
 
-def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                           context_lens: torch.Tensor, scale: float, k_scale: torch.Tensor | None = None,
-                           v_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """One new token per sequence attends to its cached tokens. q (B, H, D); caches
-    (num_blocks, KVH, block_size, D) contiguous, bf16, float32 or int8 (e.g. pool[layer, 0] and
-    pool[layer, 1]); an int8 cache comes with float32 scales (num_blocks, KVH, block_size), one per row;
-    block_tables (B, max_blocks) int32; context_lens (B,) int32 counting the new token, whose K/V are
-    already written. Returns (B, H, D) in q's dtype."""
-    if q.dim() != 3 or q.stride(2) != 1 or q.dtype not in _FLOAT_TYPES:
-        raise ValueError(f"paged_attention_decode: q {tuple(q.shape)} {q.dtype} must be (B, H, D) float32/bfloat16")
-    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.dtype != v_cache.dtype \
-            or k_cache.dtype not in _KV_TYPES or not k_cache.is_contiguous() or not v_cache.is_contiguous() \
-            or k_cache.shape[3] != q.shape[2] or q.shape[1] % k_cache.shape[1]:
-        raise ValueError(f"paged_attention_decode: caches {tuple(k_cache.shape)} must be contiguous (blocks, KVH, block_size, {q.shape[2]})"
-                         f" with KVH dividing the {q.shape[1]} query heads")
+class PagedCache:
+    """One layer's paged K and V pools (num_blocks, KVH, block_size, D), contiguous, bf16, float32 or int8 (e.g.
+    pool[layer, 0] and pool[layer, 1]); an int8 pool comes with float32 row scales (num_blocks, KVH, block_size).
+    Checked once here, so the per-token kernels below check only what changes from call to call."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, k_scale: torch.Tensor | None = None,
+                 v_scale: torch.Tensor | None = None):
+        if k.dim() != 4 or k.shape != v.shape or k.dtype != v.dtype or k.dtype not in _KV_TYPES \
+                or not k.is_contiguous() or not v.is_contiguous():
+            raise ValueError(f"paged cache: K {tuple(k.shape)} {k.dtype} and V {tuple(v.shape)} {v.dtype} must be "
+                             "contiguous (blocks, KVH, block_size, D) of one dtype: float32, bfloat16 or int8")
+        if k.dtype is torch.int8:
+            for scale in (k_scale, v_scale):
+                if scale is None or scale.dtype != torch.float32 or scale.shape != k.shape[:3] or not scale.is_contiguous():
+                    raise ValueError(f"paged cache: an int8 cache needs contiguous float32 K and V scales of shape {tuple(k.shape[:3])}")
+        elif k_scale is not None or v_scale is not None:
+            raise ValueError("paged cache: scales go only with an int8 cache")
+        self.k, self.v, self.k_scale, self.v_scale = k, v, k_scale, v_scale
+        self.num_blocks, self.kv_heads, self.block_size, self.head_dim = k.shape
+        # (dtype id, K, V, K scales, V scales) as the kernels take them; the tensors above keep them alive
+        self.pointers = (_KV_TYPES[k.dtype], k.data_ptr(), v.data_ptr(),
+                         0 if k_scale is None else k_scale.data_ptr(), 0 if v_scale is None else v_scale.data_ptr())
+
+
+def paged_attention_decode(q: torch.Tensor, cache: PagedCache, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                           scale: float) -> torch.Tensor:
+    """One new token per sequence attends to its cached tokens. q (B, H, D); block_tables (B, max_blocks) int32;
+    context_lens (B,) int32 counting the new token, whose K/V are already written. Returns (B, H, D) in q's dtype."""
+    if q.dim() != 3 or q.stride(2) != 1 or q.dtype not in _FLOAT_TYPES or q.shape[2] != cache.head_dim \
+            or q.shape[1] % cache.kv_heads:
+        raise ValueError(f"paged_attention_decode: q {tuple(q.shape)} {q.dtype} must be (B, H, {cache.head_dim}) "
+                         f"float32/bfloat16 with H a multiple of the cache's {cache.kv_heads} kv heads")
     batch = q.shape[0]
     if block_tables.dtype != torch.int32 or block_tables.dim() != 2 or block_tables.shape[0] != batch \
             or not block_tables.is_contiguous():
         raise ValueError("paged_attention_decode: block_tables must be contiguous int32 (B, max_blocks)")
     if context_lens.dtype != torch.int32 or context_lens.shape != (batch,) or not context_lens.is_contiguous():
         raise ValueError("paged_attention_decode: context_lens must be contiguous int32 (B,)")
-    k_scale_ptr, v_scale_ptr = _kv_scales(k_cache, k_scale, v_scale, "paged_attention_decode")
-    out = torch.empty(q.shape, dtype=q.dtype)
-    _kernels.paged_attention_decode(batch, q.shape[1], k_cache.shape[1], q.shape[2], k_cache.shape[2],
-                                    block_tables.shape[1], k_cache.shape[0], q.data_ptr(), q.dtype is torch.bfloat16,
-                                    q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(),
-                                    _KV_TYPES[k_cache.dtype], k_scale_ptr, v_scale_ptr, block_tables.data_ptr(),
-                                    context_lens.data_ptr(), float(scale), out.data_ptr(), out.dtype is torch.bfloat16)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dtype, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr = cache.pointers
+    q_strides = q.stride()
+    _kernels.paged_attention_decode(batch, q.shape[1], cache.kv_heads, cache.head_dim, cache.block_size,
+                                    block_tables.shape[1], cache.num_blocks, q.data_ptr(), q.dtype is torch.bfloat16,
+                                    q_strides[0], q_strides[1], k_ptr, v_ptr, dtype, k_scale_ptr, v_scale_ptr,
+                                    block_tables.data_ptr(), context_lens.data_ptr(), float(scale), out.data_ptr(),
+                                    out.dtype is torch.bfloat16)
     return out
 
 
@@ -136,40 +154,23 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     return out
 
 
-def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slots: torch.Tensor, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
+def write_kv(k: torch.Tensor, v: torch.Tensor, cache: PagedCache, slots: torch.Tensor) -> None:
     """Store new tokens' k, v (T, KVH, D), float32/bfloat16 with contiguous D, at flat slots (T,)
-    (block * block_size + offset) of caches (num_blocks, KVH, block_size, D), converting to the cache's dtype.
-    An int8 cache stores each row as round(x * 127 / max|x|) and max|x| / 127 in its scales
-    (num_blocks, KVH, block_size) float32."""
+    (block * block_size + offset) of the cache, converting to its dtype. An int8 cache stores each row as
+    round(x * 127 / max|x|) and max|x| / 127 in its scales."""
     if k.dim() != 3 or k.shape != v.shape or k.stride(2) != 1 or v.stride(2) != 1 \
-            or k.dtype not in _FLOAT_TYPES or v.dtype not in _FLOAT_TYPES:
-        raise ValueError(f"write_kv: k {tuple(k.shape)} and v {tuple(v.shape)} must be (T, KVH, D) float32/bfloat16 with contiguous D")
-    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.dtype != v_cache.dtype \
-            or k_cache.dtype not in _KV_TYPES or not k_cache.is_contiguous() or not v_cache.is_contiguous() \
-            or k_cache.shape[1] != k.shape[1] or k_cache.shape[3] != k.shape[2]:
-        raise ValueError(f"write_kv: caches {tuple(k_cache.shape)} must be contiguous (blocks, {k.shape[1]}, block_size, {k.shape[2]})")
-    slots = slots.to(torch.int64).contiguous()
+            or k.dtype not in _FLOAT_TYPES or v.dtype not in _FLOAT_TYPES \
+            or k.shape[1] != cache.kv_heads or k.shape[2] != cache.head_dim:
+        raise ValueError(f"write_kv: k {tuple(k.shape)} and v {tuple(v.shape)} must be (T, {cache.kv_heads}, "
+                         f"{cache.head_dim}) float32/bfloat16 with contiguous D, as the cache")
+    slots = _int64(slots)
     if slots.shape != (k.shape[0],):
         raise ValueError(f"write_kv: slots {tuple(slots.shape)} must be ({k.shape[0]},)")
-    k_scale_ptr, v_scale_ptr = _kv_scales(k_cache, k_scale, v_scale, "write_kv")
-    _kernels.kv_write(k.shape[0], k.shape[1], k.shape[2], k_cache.shape[2], k_cache.shape[0], k.data_ptr(), k.stride(0),
-                      k.stride(1), k.dtype is torch.bfloat16, v.data_ptr(), v.stride(0), v.stride(1),
-                      v.dtype is torch.bfloat16, k_cache.data_ptr(), v_cache.data_ptr(), _KV_TYPES[k_cache.dtype],
-                      k_scale_ptr, v_scale_ptr, slots.data_ptr())
-
-
-def _kv_scales(cache: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
-               name: str) -> tuple[int, int]:
-    """Addresses of an int8 cache's row scales (0, 0 for float caches, which take none)."""
-    if cache.dtype is not torch.int8:
-        if k_scale is not None or v_scale is not None:
-            raise ValueError(f"{name}: scales go only with an int8 cache")
-        return 0, 0
-    for scale in (k_scale, v_scale):
-        if scale is None or scale.dtype != torch.float32 or scale.shape != cache.shape[:3] or not scale.is_contiguous():
-            raise ValueError(f"{name}: an int8 cache needs contiguous float32 K and V scales of shape {tuple(cache.shape[:3])}")
-    return k_scale.data_ptr(), v_scale.data_ptr()
+    dtype, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr = cache.pointers
+    k_strides, v_strides = k.stride(), v.stride()
+    _kernels.kv_write(k.shape[0], cache.kv_heads, cache.head_dim, cache.block_size, cache.num_blocks, k.data_ptr(),
+                      k_strides[0], k_strides[1], k.dtype is torch.bfloat16, v.data_ptr(), v_strides[0], v_strides[1],
+                      v.dtype is torch.bfloat16, k_ptr, v_ptr, dtype, k_scale_ptr, v_scale_ptr, slots.data_ptr())
 
 
 def dequantize_kv(cache: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
@@ -183,10 +184,15 @@ def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
     """x as a 2-D float32/bfloat16 view (rows, last dim) with contiguous rows, copying only if needed."""
     if x.dtype not in _FLOAT_TYPES:
         raise ValueError(f"{name} has dtype {x.dtype}; the kernels take float32 or bfloat16")
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < x2.shape[1]):
         x2 = x2.contiguous()
     return x2
+
+
+def _int64(t: torch.Tensor) -> torch.Tensor:
+    """t as contiguous int64, converting only if needed (the engine already passes that)."""
+    return t if t.dtype is torch.int64 and t.is_contiguous() else t.to(torch.int64).contiguous()
 
 
 def _row_stride(x2: torch.Tensor) -> int:

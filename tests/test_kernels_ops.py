@@ -82,7 +82,7 @@ def test_paged_attention_decode(isa, kv_dtype, heads, kv_heads, head_dim):
         perm[0:1], perm[1:2], perm[2:5], perm[5:10])
     q = torch.randn(4, heads, head_dim, generator=g).to(kv_dtype)
     scale = head_dim ** -0.5
-    out = kernels.paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale)
+    out = kernels.paged_attention_decode(q, kernels.PagedCache(k_cache, v_cache), block_tables, context_lens, scale)
     ref = kernels.reference_paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale)
     assert out.shape == q.shape and out.dtype == q.dtype
     close(out, ref, kv_dtype)
@@ -102,7 +102,8 @@ def test_paged_attention_decode_long_contexts(isa, heads, kv_heads, head_dim):
     block_tables = torch.zeros(3, 33, dtype=torch.int32)
     block_tables[0, :19], block_tables[2, :33] = perm[:19], perm[19:52]
     q = torch.randn(3, heads, head_dim, generator=g).bfloat16()
-    out = kernels.paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, head_dim ** -0.5)
+    out = kernels.paged_attention_decode(q, kernels.PagedCache(k_cache, v_cache), block_tables, context_lens,
+                                         head_dim ** -0.5)
     ref = kernels.reference_paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, head_dim ** -0.5)
     close(out, ref, torch.bfloat16)
     assert torch.count_nonzero(out[1]) == 0
@@ -155,11 +156,11 @@ def test_write_kv(isa, kv_dtype, src_dtype):
     kv = torch.randn(5, 2, 3, 40, generator=g).to(src_dtype)
     k, v = kv[:, 0], kv[:, 1]  # strided views, as a fused qkv output gives
     slots = torch.tensor([0, 17, 18, 95, 40])
-    kernels.write_kv(k, v, k_cache, v_cache, slots)
+    kernels.write_kv(k, v, kernels.PagedCache(k_cache, v_cache), slots)
     kernels.reference_write_kv(k, v, ref_k, ref_v, slots)
     assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)
     with pytest.raises(ValueError, match="slot outside"):
-        kernels.write_kv(k, v, k_cache, v_cache, torch.tensor([0, 1, 2, 3, 96]))
+        kernels.write_kv(k, v, kernels.PagedCache(k_cache, v_cache), torch.tensor([0, 1, 2, 3, 96]))
 
 
 @pytest.mark.parametrize("src_dtype", DTYPES)
@@ -174,7 +175,7 @@ def test_write_kv_int8(isa, src_dtype, head_dim):
     kv[2, 1, 0] = 0.0
     k, v = kv[:, 0], kv[:, 1]
     slots = torch.tensor([0, 17, 18, 95, 40])
-    kernels.write_kv(k, v, k_cache, v_cache, slots, k_scale, v_scale)
+    kernels.write_kv(k, v, kernels.PagedCache(k_cache, v_cache, k_scale, v_scale), slots)
     kernels.reference_write_kv(k, v, *refs[:2], slots, *refs[2:])
     assert torch.equal(k_cache, refs[0]) and torch.equal(v_cache, refs[1])
     torch.testing.assert_close(k_scale, refs[2], rtol=1e-6, atol=0)
@@ -200,12 +201,15 @@ def test_paged_attention_decode_int8(isa, heads, kv_heads, head_dim):
     block_tables[0, :1], block_tables[1, :3], block_tables[2, :19] = perm[:1], perm[1:4], perm[4:23]
     q = torch.randn(4, heads, head_dim, generator=g).bfloat16()
     scale = head_dim ** -0.5
-    out = kernels.paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale)
+    out = kernels.paged_attention_decode(q, kernels.PagedCache(k_cache, v_cache, k_scale, v_scale), block_tables,
+                                         context_lens, scale)
     ref = kernels.reference_paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale,
                                                    v_scale)
     close(out, ref, torch.bfloat16)
     with pytest.raises(ValueError, match="needs contiguous float32 K and V scales"):
-        kernels.paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale)
+        kernels.PagedCache(k_cache, v_cache)
+    with pytest.raises(ValueError, match="only with an int8 cache"):
+        kernels.PagedCache(k_cache.float(), v_cache.float(), k_scale, v_scale)
 
 
 def test_paged_attention_rejects_bad_block_table():
@@ -213,4 +217,24 @@ def test_paged_attention_rejects_bad_block_table():
     q = torch.zeros(1, 2, 64)
     tables = torch.tensor([[7]], dtype=torch.int32)
     with pytest.raises(ValueError, match="block table"):
-        kernels.paged_attention_decode(q, k, k, tables, torch.tensor([5], dtype=torch.int32), 1.0)
+        kernels.paged_attention_decode(q, kernels.PagedCache(k, k), tables, torch.tensor([5], dtype=torch.int32), 1.0)
+
+
+def test_paged_cache_and_decode_reject_mismatches():
+    k = torch.zeros(4, 2, 16, 64)
+    with pytest.raises(ValueError, match="contiguous"):
+        kernels.PagedCache(k, torch.zeros(4, 2, 16, 32))
+    with pytest.raises(ValueError, match="contiguous"):
+        kernels.PagedCache(k.transpose(1, 2), k.transpose(1, 2))
+    with pytest.raises(ValueError, match="float32, bfloat16 or int8"):
+        kernels.PagedCache(k.half(), k.half())
+    cache = kernels.PagedCache(k, k)
+    tables, lens = torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="multiple of the cache's 2 kv heads"):
+        kernels.paged_attention_decode(torch.zeros(1, 3, 64), cache, tables, lens, 1.0)
+    with pytest.raises(ValueError, match=r"\(B, H, 64\)"):
+        kernels.paged_attention_decode(torch.zeros(1, 2, 32), cache, tables, lens, 1.0)
+    with pytest.raises(ValueError, match="context_lens"):
+        kernels.paged_attention_decode(torch.zeros(1, 2, 64), cache, tables, lens.long(), 1.0)
+    with pytest.raises(ValueError, match=r"\(T, 2, 64\)"):
+        kernels.write_kv(torch.zeros(1, 1, 64), torch.zeros(1, 1, 64), cache, torch.zeros(1, dtype=torch.int64))

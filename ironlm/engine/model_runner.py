@@ -1,6 +1,7 @@
 """Runs one scheduled step: builds the flat token batch and its attention metadata, runs the model, samples."""
 import torch
 
+from ironlm import kernels
 from ironlm.engine.sequence import Sequence
 from ironlm.layers.attention import AttentionMetadata
 from ironlm.models.llama import LlamaForCausalLM
@@ -14,9 +15,8 @@ class ModelRunner:
         self.block_size = block_size
         self.kv_pool = kv_pool
         for index, attn in enumerate(model.attention_layers()):
-            attn.k_cache, attn.v_cache = kv_pool[index, 0], kv_pool[index, 1]
-            if kv_scales is not None:  # an int8 pool
-                attn.k_scale, attn.v_scale = kv_scales[index, 0], kv_scales[index, 1]
+            scales = (None, None) if kv_scales is None else (kv_scales[index, 0], kv_scales[index, 1])  # int8 pools
+            attn.cache = kernels.PagedCache(kv_pool[index, 0], kv_pool[index, 1], *scales)
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}  # seeded requests only
 

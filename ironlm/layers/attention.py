@@ -3,9 +3,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ironlm import kernels
+from ironlm.layers.module import Module
 
 
 @dataclass
@@ -37,7 +37,7 @@ class AttentionMetadata:
             self.single_lens = self.context_lens_tensor.index_select(0, seqs).contiguous()
 
 
-class PagedAttention(nn.Module):
+class PagedAttention(Module):
     """Writes K/V into the paged pool, then attends each query to its sequence's whole context."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, sliding_window: int | None = None):
@@ -47,24 +47,19 @@ class PagedAttention(nn.Module):
         self.head_dim = head_dim
         self.scale = head_dim ** -0.5
         self.sliding_window = sliding_window
-        # (num_blocks, KVH, block_size, D) views into the engine's pool, bound once by the model runner
-        self.k_cache: torch.Tensor | None = None
-        self.v_cache: torch.Tensor | None = None
-        # (num_blocks, KVH, block_size) row scales when the pool is int8, else None
-        self.k_scale: torch.Tensor | None = None
-        self.v_scale: torch.Tensor | None = None
+        # this layer's views into the engine's KV pool, bound once by the model runner
+        self.cache: kernels.PagedCache | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         # q: (T, H, D); k, v: (T, KVH, D) -> (T, H, D)
-        kernels.write_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
+        kernels.write_kv(k, v, self.cache, meta.slot_mapping)
         if meta.decode_only and self.sliding_window is None:
             return self._decode(q, meta)
         out = torch.empty_like(q)
         fast = self.sliding_window is None and meta.single_rows is not None
         if fast:  # the step's decodes, in one kernel call
             out[meta.single_rows] = kernels.paged_attention_decode(
-                q.index_select(0, meta.single_rows), self.k_cache, self.v_cache, meta.single_tables,
-                meta.single_lens, self.scale, self.k_scale, self.v_scale)
+                q.index_select(0, meta.single_rows), self.cache, meta.single_tables, meta.single_lens, self.scale)
         for i, (start, length, context) in enumerate(zip(meta.query_starts, meta.query_lens, meta.context_lens)):
             if fast and meta.single[i]:
                 continue
@@ -81,12 +76,12 @@ class PagedAttention(nn.Module):
 
     def _gather(self, block_table: torch.Tensor, context: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A sequence's first `context` cached K and V rows: (C, KVH, D) each; int8 rows come back as float32."""
-        num_blocks = -(-context // self.k_cache.shape[2])
-        blocks = block_table[:num_blocks]
-        k, v = self.k_cache.index_select(0, blocks), self.v_cache.index_select(0, blocks)  # (N, KVH, bs, D)
-        if self.k_scale is not None:
-            k = kernels.dequantize_kv(k, self.k_scale.index_select(0, blocks))
-            v = kernels.dequantize_kv(v, self.v_scale.index_select(0, blocks))
+        cache = self.cache
+        blocks = block_table[:-(-context // cache.block_size)]
+        k, v = cache.k.index_select(0, blocks), cache.v.index_select(0, blocks)  # (N, KVH, bs, D)
+        if cache.k_scale is not None:
+            k = kernels.dequantize_kv(k, cache.k_scale.index_select(0, blocks))
+            v = kernels.dequantize_kv(v, cache.v_scale.index_select(0, blocks))
         return k.transpose(1, 2).flatten(0, 1)[:context], v.transpose(1, 2).flatten(0, 1)[:context]
 
     def _attend_window(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: int) -> torch.Tensor:
@@ -105,5 +100,4 @@ class PagedAttention(nn.Module):
 
     def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         # q: (B, H, D), one new token per sequence, its K/V already in the cache
-        return kernels.paged_attention_decode(q, self.k_cache, self.v_cache, meta.block_tables,
-                                              meta.context_lens_tensor, self.scale, self.k_scale, self.v_scale)
+        return kernels.paged_attention_decode(q, self.cache, meta.block_tables, meta.context_lens_tensor, self.scale)

@@ -2,9 +2,10 @@ import torch
 from torch import nn
 
 from ironlm import kernels
+from ironlm.layers.module import Module
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(Module):
     def __init__(self, hidden_size: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))

@@ -2,10 +2,10 @@
 import math
 
 import torch
-from torch import nn
 
 from ironlm import kernels
 from ironlm.errors import ModelLoadError
+from ironlm.layers.module import Module
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "llama3_freqs")
 
@@ -38,7 +38,7 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: dict | None,
     return inv_freq.float()
 
 
-class RotaryEmbedding(nn.Module):
+class RotaryEmbedding(Module):
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None = None,
                  freq_factors: torch.Tensor | None = None):
         super().__init__()

@@ -7,6 +7,7 @@ from torch import nn
 from ironlm.errors import ModelLoadError
 from ironlm.layers.activation import SiluAndMul
 from ironlm.layers.attention import AttentionMetadata, PagedAttention
+from ironlm.layers.module import Module
 from ironlm.layers.norm import RMSNorm
 from ironlm.layers.rotary import RotaryEmbedding
 from ironlm.quant import QuantLinear
@@ -68,7 +69,7 @@ def _scaling_from_parameters(rope_params: dict) -> dict | None:
     return rope_params
 
 
-class LlamaAttention(nn.Module):
+class LlamaAttention(Module):
     def __init__(self, args: ModelArgs, rotary: RotaryEmbedding):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
@@ -103,7 +104,7 @@ class LlamaAttention(nn.Module):
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 
-class LlamaMLP(nn.Module):
+class LlamaMLP(Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=args.mlp_bias)
@@ -114,7 +115,7 @@ class LlamaMLP(nn.Module):
         return self.down_proj(self.act(self.gate_up_proj(x)))  # (T, hidden)
 
 
-class LlamaDecoderLayer(nn.Module):
+class LlamaDecoderLayer(Module):
     attention_cls = LlamaAttention
 
     def __init__(self, args: ModelArgs, rotary: RotaryEmbedding):
@@ -135,7 +136,7 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(x), residual
 
 
-class LlamaModel(nn.Module):
+class LlamaModel(Module):
     def __init__(self, args: ModelArgs, layer_cls: type[LlamaDecoderLayer], freq_factors: torch.Tensor | None):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
@@ -154,7 +155,7 @@ class LlamaModel(nn.Module):
         return x
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(Module):
     layer_cls = LlamaDecoderLayer
     # Checkpoint name -> (our fused module, shard index): the loader concatenates shards in this order.
     packed_modules_mapping = {

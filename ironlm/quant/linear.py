@@ -104,20 +104,26 @@ class QuantLinear(nn.Module):
             raise ValueError(f"QuantLinear expects {k} input features, got shape {tuple(x.shape)}")
         x2 = x if x.dim() == 2 else x.reshape(-1, k)  # (T, K)
         t = x2.shape[0]
-        if x2.stride(1) != 1 or (t > 1 and x2.stride(0) < k):
+        row_stride, col_stride = x2.stride()
+        if col_stride != 1 or (t > 1 and row_stride < k):
             x2 = x2.contiguous()
-        bf16 = x2.dtype is torch.bfloat16
+            row_stride = k
+        if out_dtype is not None and out_dtype is not torch.bfloat16 and out_dtype is not torch.float32:
+            raise ValueError(f"QuantLinear writes float32 or bfloat16, not {out_dtype}")
         y = torch.empty((t, n), dtype=out_dtype or x2.dtype)  # (T, N)
-        if y.dtype is not torch.bfloat16 and y.dtype is not torch.float32:
-            raise ValueError(f"QuantLinear writes float32 or bfloat16, not {y.dtype}")
         # _buffers directly: nn.Module attribute lookup costs ~1 us, and forward runs hundreds of
         # times per token on small models.
         buffers = self._buffers
         bias = buffers["bias"]
         _kernels.gemm(self._fmt_id, buffers["packed"].data_ptr(), n, self.k_padded, t, k, x2.data_ptr(),
-                      x2.stride(0) if t > 1 else k, bf16, y.data_ptr(), n, y.dtype is torch.bfloat16,
-                      0 if bias is None else bias.data_ptr())
+                      row_stride if t > 1 else k, x2.dtype is torch.bfloat16, y.data_ptr(), n,
+                      y.dtype is torch.bfloat16, 0 if bias is None else bias.data_ptr())
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
+
+    def __call__(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        # Straight to forward: nn.Module's hook dispatch costs ~1 us a call, a decode step of a small model
+        # makes over a hundred of these calls, and ironlm registers no hooks (as ironlm.layers.module.Module).
+        return self.forward(x, out_dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}, bias={self.bias is not None}"
