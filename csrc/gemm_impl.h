@@ -16,6 +16,10 @@ constexpr int64_t kPrefetchBytes = 2048;
 
 inline void prefetch(const uint8_t* p) { __builtin_prefetch(p, 0, 3); }
 
+// What a micro-tile prefetches: kPrefetchBytes along its own streams (near), the next micro-tile (unit), or
+// nothing (its weights are already in cache).
+enum class Ahead { near, unit, none };
+
 inline int32_t load_i32(const int8_t* p) {
     int32_t v;
     __builtin_memcpy(&v, p, 4);
@@ -97,7 +101,7 @@ void store_tile(const GemmArgs& a, int64_t r, int64_t tile, VF acc) {
 
 // R rows of x times T tiles of 16 output rows, over all of K.
 template <int FMT, int R, int T>
-void int_micro(const Prepared& p, int64_t r0, int64_t tile0) {
+void int_micro(const Prepared& p, int64_t r0, int64_t tile0, Ahead ahead) {
     const GemmArgs& a = *p.a;
     const int64_t kp = a.k_padded, kb = kp / kBlock;
     const int64_t tb = tile_block_bytes(FMT);
@@ -107,8 +111,13 @@ void int_micro(const Prepared& p, int64_t r0, int64_t tile0) {
     VF acc[R][T];
     for (int r = 0; r < R; ++r)
         for (int t = 0; t < T; ++t) acc[r][t] = fzero();
+    const int64_t stream = kb * tb;  // bytes of one tile's weights, tiles back to back
     const uint8_t* wt[T];
-    for (int t = 0; t < T; ++t) wt[t] = a.w + (tile0 + t) * kb * tb;
+    const uint8_t* tile_end[T];
+    for (int t = 0; t < T; ++t) {
+        wt[t] = a.w + (tile0 + t) * stream;
+        tile_end[t] = wt[t] + stream;
+    }
     for (int64_t b = 0; b < kb; ++b) {
         const int8_t* xr[R];
         VI ai[R][T];
@@ -136,8 +145,17 @@ void int_micro(const Prepared& p, int64_t r0, int64_t tile0) {
                 }
             }
         }
-        for (int t = 0; t < T; ++t)
-            for (int64_t off = 0; off < tb; off += 64) prefetch(wt[t] + kPrefetchBytes + off);
+        for (int t = 0; t < T && ahead != Ahead::none; ++t) {
+            if (ahead == Ahead::unit) {  // the same block of the next micro-tile's tile t, into L2
+                for (int64_t off = 0; off < tb; off += 64) __builtin_prefetch(wt[t] + T * stream + off, 0, 1);
+                continue;
+            }
+            // Near a tile's end, run ahead into the same tile of the next micro-tile (T tiles on), so the
+            // next call finds its streams already started instead of waiting on DRAM.
+            const uint8_t* pf = wt[t] + kPrefetchBytes;
+            if (pf >= tile_end[t]) pf += (T - 1) * stream;
+            for (int64_t off = 0; off < tb; off += 64) prefetch(pf + off);
+        }
         VF d[T];
         for (int t = 0; t < T; ++t) d[t] = load_h16(wt[t] + qbytes);
         for (int r = 0; r < R; ++r) {
@@ -165,11 +183,15 @@ void bf16_micro(const Prepared& p, int64_t r0, int64_t tile0) {
     VF acc[R][T];
     for (int r = 0; r < R; ++r)
         for (int t = 0; t < T; ++t) acc[r][t] = fzero();
+    const int64_t stream = pairs * 64;  // bytes of one tile's weights, tiles back to back
     const uint8_t* wt[T];
-    for (int t = 0; t < T; ++t) wt[t] = a.w + (tile0 + t) * pairs * 64;
+    for (int t = 0; t < T; ++t) wt[t] = a.w + (tile0 + t) * stream;
     for (int64_t q = 0; q < pairs; ++q) {
+        // The prefetch runs ahead into the same tile of the next micro-tile near a tile's end, as int_micro's.
+        const int64_t near = q * 64 + kPrefetchBytes;
+        const int64_t pf = near >= stream ? near + (T - 1) * stream : near;
         for (int t = 0; t < T; ++t) {
-            prefetch(wt[t] + q * 64 + kPrefetchBytes);
+            prefetch(wt[t] + pf);
             const VI w = wload(wt[t] + q * 64);
 #ifdef IRONLM_BF16_DOT
             for (int r = 0; r < R; ++r) acc[r][t] = bf16_dot(acc[r][t], w, load_i32(p.xb + (r0 + r) * kp + 2 * q));
@@ -187,17 +209,17 @@ void bf16_micro(const Prepared& p, int64_t r0, int64_t tile0) {
 }
 
 template <int FMT, int R, int T>
-void micro(const Prepared& p, int64_t r0, int64_t tile0) {
+void micro(const Prepared& p, int64_t r0, int64_t tile0, Ahead ahead) {
     if constexpr (FMT == static_cast<int>(WeightFormat::bf16)) bf16_micro<R, T>(p, r0, tile0);
-    else int_micro<FMT, R, T>(p, r0, tile0);
+    else int_micro<FMT, R, T>(p, r0, tile0, ahead);
 }
 
 // Rows [r0, r0 + rest) with rest < kMaxRows, as one micro-tile of exactly `rest` rows.
 template <int FMT, int T, int R>
-void row_tail(const Prepared& p, int64_t r0, int64_t rest, int64_t tile0) {
+void row_tail(const Prepared& p, int64_t r0, int64_t rest, int64_t tile0, Ahead ahead) {
     if constexpr (R > 0) {
-        if (rest == R) micro<FMT, R, T>(p, r0, tile0);
-        else row_tail<FMT, T, R - 1>(p, r0, rest, tile0);
+        if (rest == R) micro<FMT, R, T>(p, r0, tile0, ahead);
+        else row_tail<FMT, T, R - 1>(p, r0, rest, tile0, ahead);
     }
 }
 
@@ -205,9 +227,17 @@ template <int FMT, int T>
 void rows_for_tiles(const Prepared& p, int64_t r_begin, int64_t r_end, int64_t tile0) {
     // bf16 needs no integer accumulators, so it affords more rows per micro-tile.
     constexpr int kRows = FMT == static_cast<int>(WeightFormat::bf16) ? kMaxRBf16 : kMaxR;
+    // With several passes of rows over the same tiles, the first pass fetches the next micro-tile's weights
+    // while the later passes compute from cache, so DRAM streams during all of them instead of during the
+    // first only (batch 16: +8-9 % tokens/s with int4 weights). bf16 tiles are too large to hold two in L2.
+    const bool passes = r_end - r_begin > kRows && FMT != static_cast<int>(WeightFormat::bf16);
+    Ahead ahead = passes ? Ahead::unit : Ahead::near;
     int64_t r0 = r_begin;
-    for (; r0 + kRows <= r_end; r0 += kRows) micro<FMT, kRows, T>(p, r0, tile0);
-    row_tail<FMT, T, kRows - 1>(p, r0, r_end - r0, tile0);
+    for (; r0 + kRows <= r_end; r0 += kRows) {
+        micro<FMT, kRows, T>(p, r0, tile0, ahead);
+        if (passes) ahead = Ahead::none;
+    }
+    row_tail<FMT, T, kRows - 1>(p, r0, r_end - r0, tile0, ahead);
 }
 
 constexpr int64_t kRowBlock = 64;  // rows of x kept in L2 while a thread sweeps its tiles
