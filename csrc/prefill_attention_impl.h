@@ -1,9 +1,10 @@
 // Causal attention of a prompt chunk over its sequence's whole context (prefill), flash style.
 // Included by ops_impl.h (inside its anonymous namespace) after the vector helpers.
 //
-// The call first copies K into (KVH, Cp / 16, Dp, 16) floats (each group of 16 keys transposed), V into
-// (KVH, Cp, Dp) and Q into (L, H, Dp) floats times the scale (Dp: head_dim rounded up to 64, Cp: context
-// rounded up to 64, the padding zero). A task is 24 query rows of one head. Its rows go 6 at a time over
+// The call works through the kv heads in slices small enough for the cache. For each slice it copies K into
+// (slice, Cp / 16, Dp, 16) floats (each group of 16 keys transposed), V into (slice, Cp, Dp) and the slice's
+// query heads into (L, heads, Dp) floats times the scale (Dp: head_dim rounded up to 64, Cp: context rounded
+// up to 64, the padding zero). A task is 24 query rows of one head. Its rows go 6 at a time over
 // key blocks of 64: the 6 x 64 scores come from broadcasting q[d] against element d of 4 groups of 16 keys
 // (24 accumulators), an online softmax keeps each row's running max and sum, and P V adds the block's keys
 // into a 6 x Dp output kept in L1.
@@ -19,36 +20,45 @@ inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; 
 struct PrefillCtx {
     const PrefillAttentionArgs* a;
     int64_t dp, cp, q_blocks;
-    float* qs;  // (L, H, Dp), scaled
-    float* kt;  // (KVH, Cp / 16, Dp, 16)
-    float* vs;  // (KVH, Cp, Dp)
+    int64_t group;   // query heads per kv head
+    int64_t kvh0, kvh_n;  // the slice of kv heads being worked on: [kvh0, kvh0 + kvh_n)
+    float* qs;  // (L, kvh_n * group, Dp), the slice's query heads, scaled
+    float* kt;  // (kvh_n, Cp / 16, Dp, 16)
+    float* vs;  // (kvh_n, Cp, Dp)
 };
 
-void prefill_pack_kv(void* ctx, int64_t begin, int64_t end) {  // over tokens, padding included
+void prefill_pack_kv(void* ctx, int64_t begin, int64_t end) {  // over groups of 16 keys, padding included
     const PrefillCtx& c = *static_cast<const PrefillCtx*>(ctx);
     const PrefillAttentionArgs& a = *c.a;
     alignas(64) float row[kMaxPrefillDim];
-    for (int64_t t = begin; t < end; ++t)
-        for (int64_t h = 0; h < a.kv_heads; ++h) {
-            for (int64_t i = 0; i < c.dp; i += kLanes) {
-                const int64_t left = t < a.context ? a.head_dim - i : 0;  // padding keys and dims are zero
-                const int n = left >= kLanes ? kLanes : static_cast<int>(left > 0 ? left : 0);
-                store16(row + i, n ? load_any(a.k, a.k_type, t * a.k_stride_t + h * a.k_stride_h + i, n) : v16f{});
-                store16(c.vs + (h * c.cp + t) * c.dp + i,
-                        n ? load_any(a.v, a.v_type, t * a.v_stride_t + h * a.v_stride_h + i, n) : v16f{});
-            }
+    // Group by group and head by head, so each transposed group is filled while its lines are in L1.
+    for (int64_t g = begin; g < end; ++g) {
+        for (int64_t s = 0; s < c.kvh_n; ++s) {
+            const int64_t h = c.kvh0 + s;
             // The 16 keys of a group sit side by side for each d, in a 4 KB run (head_dim 64).
-            float* group = c.kt + h * c.dp * c.cp + (t / kLanes) * c.dp * kLanes + t % kLanes;
-            for (int64_t d = 0; d < c.dp; ++d) group[d * kLanes] = row[d];
+            float* group = c.kt + s * c.dp * c.cp + g * c.dp * kLanes;
+            for (int64_t t = g * kLanes; t < (g + 1) * kLanes; ++t) {
+                for (int64_t i = 0; i < c.dp; i += kLanes) {
+                    const int64_t left = t < a.context ? a.head_dim - i : 0;  // padding keys and dims are zero
+                    const int n = left >= kLanes ? kLanes : static_cast<int>(left > 0 ? left : 0);
+                    store16(row + i, n ? load_any(a.k, a.k_type, t * a.k_stride_t + h * a.k_stride_h + i, n) : v16f{});
+                    store16(c.vs + (s * c.cp + t) * c.dp + i,
+                            n ? load_any(a.v, a.v_type, t * a.v_stride_t + h * a.v_stride_h + i, n) : v16f{});
+                }
+                for (int64_t d = 0; d < c.dp; ++d) group[d * kLanes + t % kLanes] = row[d];
+            }
         }
+    }
 }
 
 void prefill_pack_q(void* ctx, int64_t begin, int64_t end) {
     const PrefillCtx& c = *static_cast<const PrefillCtx*>(ctx);
     const PrefillAttentionArgs& a = *c.a;
+    const int64_t nq = c.kvh_n * c.group, hq0 = c.kvh0 * c.group;
     for (int64_t t = begin; t < end; ++t)
-        for (int64_t h = 0; h < a.heads; ++h) {
-            float* dst = c.qs + (t * a.heads + h) * c.dp;
+        for (int64_t s = 0; s < nq; ++s) {
+            const int64_t h = hq0 + s;
+            float* dst = c.qs + (t * nq + s) * c.dp;
             for (int64_t i = 0; i < c.dp; i += kLanes) {
                 const int n = a.head_dim - i >= kLanes ? kLanes : static_cast<int>(a.head_dim > i ? a.head_dim - i : 0);
                 store16(dst + i, n ? load_any(a.q, a.q_type, t * a.q_stride_t + h * a.q_stride_h + i, n) * a.scale : v16f{});
@@ -63,17 +73,18 @@ inline void add_scaled(v16f (&acc)[4], float x, const v16f (&w)[4]) {
     for (int i = 0; i < 4; ++i) acc[i] += xv * w[i];
 }
 
-// Query rows [r0, r0 + nr) of head h (nr <= kPrefillRows; a short tile repeats its last row and stores only nr).
-void prefill_rows(const PrefillCtx& c, int64_t h, int64_t r0, int64_t nr) {
+// Query rows [r0, r0 + nr) of the slice's query head s (nr <= kPrefillRows; a short tile repeats its last row
+// and stores only nr).
+void prefill_rows(const PrefillCtx& c, int64_t s, int64_t r0, int64_t nr) {
     const PrefillAttentionArgs& a = *c.a;
-    const int64_t dp = c.dp, cp = c.cp, hk = h / (a.heads / a.kv_heads);
-    const float* kt = c.kt + hk * dp * cp;
-    const float* vs = c.vs + hk * cp * dp;
+    const int64_t dp = c.dp, cp = c.cp, nq = c.kvh_n * c.group, h = c.kvh0 * c.group + s;
+    const float* kt = c.kt + s / c.group * dp * cp;
+    const float* vs = c.vs + s / c.group * cp * dp;
     const float* q[kPrefillRows];
     int64_t pos[kPrefillRows];  // each row's position: it sees keys [0, pos]
     for (int r = 0; r < kPrefillRows; ++r) {
         const int64_t row = r0 + (r < nr ? r : nr - 1);
-        q[r] = c.qs + (row * a.heads + h) * dp;
+        q[r] = c.qs + (row * nq + s) * dp;
         pos[r] = a.context - a.q_len + row;
     }
     const int64_t kv_end = pos[kPrefillRows - 1] + 1;
@@ -153,24 +164,39 @@ void prefill_tasks(void* ctx, int64_t begin, int64_t end) {
     const PrefillCtx& c = *static_cast<const PrefillCtx*>(ctx);
     const PrefillAttentionArgs& a = *c.a;
     for (int64_t task = begin; task < end; ++task) {
-        // The costliest rows (the last, which see the most keys) first, so the pool's threads finish together.
-        const int64_t block = c.q_blocks - 1 - task / a.heads, h = task % a.heads;
+        // Head by head, so a thread's tasks in a row share one head's K and V in its L2; within a head the
+        // costliest rows (the last, which see the most keys) first, so the pool's threads finish together.
+        const int64_t s = task / c.q_blocks, block = c.q_blocks - 1 - task % c.q_blocks;
         const int64_t row_end = (block + 1) * kPrefillTaskRows < a.q_len ? (block + 1) * kPrefillTaskRows : a.q_len;
         for (int64_t r0 = block * kPrefillTaskRows; r0 < row_end; r0 += kPrefillRows)
-            prefill_rows(c, h, r0, row_end - r0 < kPrefillRows ? row_end - r0 : kPrefillRows);
+            prefill_rows(c, s, r0, row_end - r0 < kPrefillRows ? row_end - r0 : kPrefillRows);
     }
 }
 
+// Packed K and V of one slice of kv heads stay under this, so they are still in cache when read (packing
+// every head of a long context first would write tens of MB and read it back from DRAM).
+constexpr int64_t kSliceBytes = 4 << 20;
+
 void prefill_attention(const PrefillAttentionArgs& a) {
     PrefillCtx c{&a, round_up(a.head_dim, kKeyBlock), round_up(a.context, kKeyBlock),
-                 (a.q_len + kPrefillTaskRows - 1) / kPrefillTaskRows, nullptr, nullptr, nullptr};
-    const int64_t q_floats = a.q_len * a.heads * c.dp, kv_floats = a.kv_heads * c.dp * c.cp;
+                 (a.q_len + kPrefillTaskRows - 1) / kPrefillTaskRows, a.heads / a.kv_heads, 0, 0,
+                 nullptr, nullptr, nullptr};
+    // kv heads per slice: within the byte budget, but enough tasks to keep every thread busy
+    const int64_t head_bytes = 2 * c.dp * c.cp * static_cast<int64_t>(sizeof(float));
+    const int64_t wanted_tasks = 4 * static_cast<int64_t>(num_threads());
+    int64_t slice = kSliceBytes / head_bytes;
+    if (slice * c.group * c.q_blocks < wanted_tasks) slice = (wanted_tasks + c.group * c.q_blocks - 1) / (c.group * c.q_blocks);
+    slice = slice < 1 ? 1 : slice > a.kv_heads ? a.kv_heads : slice;
+    const int64_t q_floats = a.q_len * slice * c.group * c.dp, kv_floats = slice * c.dp * c.cp;
     float* scratch = static_cast<float*>(scratch_alloc((q_floats + 2 * kv_floats) * sizeof(float)));
     c.qs = scratch;
     c.kt = scratch + q_floats;
     c.vs = scratch + q_floats + kv_floats;
-    parallel_for(c.cp, prefill_pack_kv, &c);
-    parallel_for(a.q_len, prefill_pack_q, &c);
-    parallel_for(c.q_blocks * a.heads, prefill_tasks, &c);
+    for (c.kvh0 = 0; c.kvh0 < a.kv_heads; c.kvh0 += slice) {
+        c.kvh_n = a.kv_heads - c.kvh0 < slice ? a.kv_heads - c.kvh0 : slice;
+        parallel_for(c.cp / kLanes, prefill_pack_kv, &c);
+        parallel_for(a.q_len, prefill_pack_q, &c);
+        parallel_for(c.q_blocks * c.kvh_n * c.group, prefill_tasks, &c);
+    }
     scratch_free(scratch);
 }

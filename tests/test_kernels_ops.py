@@ -115,6 +115,7 @@ def test_paged_attention_decode_long_contexts(isa, heads, kv_heads, head_dim):
     (100, 300, 9, 3, 64),    # a chunk after 200 cached tokens, grouped heads
     (5, 70, 4, 4, 80),       # head_dim padded to 128 inside the kernel
     (129, 129, 8, 2, 128),
+    (200, 1024, 24, 12, 64),  # 12 kv heads of 1,024 keys: packed and attended in slices of 8 and 4 kv heads
 ])
 def test_prefill_attention(isa, dtype, length, context, heads, kv_heads, head_dim):
     g = torch.Generator().manual_seed(length)
