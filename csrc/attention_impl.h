@@ -9,7 +9,9 @@
 // that share it (GQA); each leaves its max score, sum of exponentials and unnormalised output, and
 // merge_stretches combines a sequence's stretches.
 constexpr int64_t kMinStretch = 64;    // tokens: shorter stretches cost more in set-up and merging than they save
-constexpr int64_t kPrefetchTokens = 64;  // a head's rows in flight ahead of the one being read
+// Bytes of a head's rows in flight ahead of the one being read: what keeps the scattered blocks streaming. Counted
+// in bytes, not tokens: an int8 row is half a bf16 one, and 64 tokens of it left the int8 cache waiting on DRAM.
+constexpr int64_t kPrefetchBytes = 8192;
 
 inline void prefetch_span(const void* p, int64_t bytes) {
     for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(static_cast<const char*>(p) + off, 0, 3);
@@ -164,10 +166,11 @@ void attend_pass(const AttentionArgs& a, const int64_t* rows, int64_t n_tok, int
     const KV* k_base = static_cast<const KV*>(a.k_cache) + kvh * a.block_size * a.head_dim;
     const KV* v_base = static_cast<const KV*>(a.v_cache) + kvh * a.block_size * a.head_dim;
     const int64_t row_bytes = a.head_dim * static_cast<int64_t>(sizeof(KV));
+    const int64_t ahead = kPrefetchBytes / row_bytes > 8 ? kPrefetchBytes / row_bytes : 8;  // tokens
     // Elements in the final chunk; Full (head_dim a multiple of 32) makes every load a whole vector.
     const int last = Full ? 2 * kLanes : static_cast<int>(a.head_dim - (NC2 - 1) * 2 * kLanes);
-    // The loops below prefetch kPrefetchTokens ahead; the first rows of K and V are requested here.
-    for (int64_t t = 0; t < n_tok && t < kPrefetchTokens; ++t) {
+    // The loops below prefetch `ahead` tokens ahead; the first rows of K and V are requested here.
+    for (int64_t t = 0; t < n_tok && t < ahead; ++t) {
         prefetch_span(k_base + rows[t], row_bytes);
         prefetch_span(v_base + rows[t], row_bytes);
     }
@@ -181,7 +184,7 @@ void attend_pass(const AttentionArgs& a, const int64_t* rows, int64_t n_tok, int
         const int n = n_tok - t0 < kLanes ? static_cast<int>(n_tok - t0) : kLanes;
         for (int j = 0; j < n; ++j) {
             const int64_t t = t0 + j;
-            if (t + kPrefetchTokens < n_tok) prefetch_span(k_base + rows[t + kPrefetchTokens], row_bytes);
+            if (t + ahead < n_tok) prefetch_span(k_base + rows[t + ahead], row_bytes);
             Pair k[NC2];
             for (int c = 0; c < NC2; ++c) k[c] = load_pair(k_base + rows[t] + c * 2 * kLanes, c == NC2 - 1 ? last : 2 * kLanes);
             for (int g = 0; g < G; ++g) {
@@ -222,9 +225,9 @@ void attend_pass(const AttentionArgs& a, const int64_t* rows, int64_t n_tok, int
     // The next pass reads the same tokens of kv head next_kvh (if any): its first rows are requested during
     // this pass's last ones, so it does not start by waiting on memory.
     const int64_t next = next_kvh < 0 ? 0 : (next_kvh - kvh) * a.block_size * a.head_dim;
-    const int64_t handover = n_tok > kPrefetchTokens ? n_tok - kPrefetchTokens : 0;
+    const int64_t handover = n_tok > ahead ? n_tok - ahead : 0;
     for (int64_t t = 0; t < n_tok; ++t) {
-        if (t + kPrefetchTokens < n_tok) prefetch_span(v_base + rows[t + kPrefetchTokens], row_bytes);
+        if (t + ahead < n_tok) prefetch_span(v_base + rows[t + ahead], row_bytes);
         if (next_kvh >= 0 && t >= handover) {
             prefetch_span(k_base + next + rows[t - handover], row_bytes);
             prefetch_span(v_base + next + rows[t - handover], row_bytes);
