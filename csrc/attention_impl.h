@@ -58,7 +58,7 @@ inline float hmax(v16f v) {  // a tree of half-width maxima, like hsum
 }
 
 // A 32-element stretch of a K/V row as two float vectors. bf16 rows: the even and the odd elements, a
-// shift and a mask of 32-bit words with no widening shuffle; float rows: elements 0-15 and 16-31.
+// shift and a mask of 32-bit words with no widening shuffle; float and int8 rows: elements 0-15 and 16-31.
 // Queries and outputs are arranged the same way, which a dot product does not notice.
 struct Pair {
     v16f a, b;
@@ -80,16 +80,16 @@ inline Pair load_pair(const float* p, int n) {
     return {load16(p, n < kLanes ? n : kLanes), n > kLanes ? load16(p + kLanes, n - kLanes) : v16f{}};
 }
 
-// 16 int16 as int32 lanes (sign-extended); written per level, as the compiler splits
+// 16 int8 as int32 lanes (sign-extended); written per level, as the compiler splits
 // __builtin_convertvector from narrow integers into scalar moves.
-inline v16i widen16(const int16_t* p) {
+inline v16i widen8(const int8_t* p) {
     v16i r;
 #if defined(__AVX512F__)
-    const __m512i w = _mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    const __m512i w = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     __builtin_memcpy(&r, &w, 64);
 #elif defined(__AVX2__)
-    const __m256i a = _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    const __m256i b = _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+    const __m256i a = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    const __m256i b = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8)));
     __builtin_memcpy(&r, &a, 32);
     __builtin_memcpy(reinterpret_cast<char*>(&r) + 32, &b, 32);
 #else
@@ -98,23 +98,19 @@ inline v16i widen16(const int16_t* p) {
     return r;
 }
 
-// int8 rows: the even and the odd elements as bf16 rows, from byte pairs widened to 32-bit lanes and
-// sign-extended by shifts (one widening per 32 elements).
+// int8 rows: elements 0-15 and 16-31, as float rows, one sign-extending widen and one convert per 16.
 inline Pair load_pair(const int8_t* p, int n) {
     alignas(32) int8_t tail[2 * kLanes] = {};
     if (n < 2 * kLanes) {
         __builtin_memcpy(tail, p, n);
         p = tail;
     }
-    int16_t pairs[kLanes];
-    __builtin_memcpy(pairs, p, 2 * kLanes);
-    const v16i w = widen16(pairs);
-    return {__builtin_convertvector((w << 24) >> 24, v16f), __builtin_convertvector((w << 16) >> 24, v16f)};
+    return {__builtin_convertvector(widen8(p), v16f), __builtin_convertvector(widen8(p + kLanes), v16f)};
 }
 
 template <typename KV>
-inline Pair arrange(const float* x) {  // 32 floats in KV's order: even/odd for bf16 and int8
-    if constexpr (sizeof(KV) != 4) {
+inline Pair arrange(const float* x) {  // 32 floats in KV's order: even/odd for bf16, halves for float and int8
+    if constexpr (sizeof(KV) == 2) {
         Pair r;
         for (int i = 0; i < kLanes; ++i) r.a[i] = x[2 * i], r.b[i] = x[2 * i + 1];
         return r;
@@ -125,7 +121,7 @@ inline Pair arrange(const float* x) {  // 32 floats in KV's order: even/odd for 
 
 template <typename KV>
 inline void unarrange(const Pair& p, float* x) {
-    if constexpr (sizeof(KV) != 4) {
+    if constexpr (sizeof(KV) == 2) {
         for (int i = 0; i < kLanes; ++i) x[2 * i] = p.a[i], x[2 * i + 1] = p.b[i];
     } else {
         store16(x, p.a);

@@ -2,7 +2,7 @@
 #include "ops.h"
 #include "threadpool.h"
 
-#include <immintrin.h>  // widen16 in attention_impl.h
+#include <immintrin.h>  // widen8 in attention_impl.h
 
 namespace ironlm {
 namespace {
