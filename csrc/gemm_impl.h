@@ -19,6 +19,7 @@ inline void prefetch(const uint8_t* p) { __builtin_prefetch(p, 0, 3); }
 // What a micro-tile prefetches: kPrefetchBytes along its own streams (near), the next micro-tile (unit), or
 // nothing (its weights are already in cache).
 enum class Ahead { near, unit, none };
+constexpr int64_t kUnitAheadBytes = 64 << 10;  // the largest micro-tile whose successor is fetched a whole pass ahead
 
 inline int32_t load_i32(const int8_t* p) {
     int32_t v;
@@ -229,8 +230,10 @@ void rows_for_tiles(const Prepared& p, int64_t r_begin, int64_t r_end, int64_t t
     constexpr int kRows = FMT == static_cast<int>(WeightFormat::bf16) ? kMaxRBf16 : kMaxR;
     // With several passes of rows over the same tiles, the first pass fetches the next micro-tile's weights
     // while the later passes compute from cache, so DRAM streams during all of them instead of during the
-    // first only (batch 16: +8-9 % tokens/s with int4 weights). bf16 tiles are too large to hold two in L2.
-    const bool passes = r_end - r_begin > kRows && FMT != static_cast<int>(WeightFormat::bf16);
+    // first only. Only for small micro-tiles: larger ones (long rows, int8, bf16) crowd the current one out
+    // of L2 and measured slower.
+    const int64_t unit_bytes = T * (p.a->k_padded / kBlock) * tile_block_bytes(FMT);
+    const bool passes = r_end - r_begin > kRows && unit_bytes <= kUnitAheadBytes;
     Ahead ahead = passes ? Ahead::unit : Ahead::near;
     int64_t r0 = r_begin;
     for (; r0 + kRows <= r_end; r0 += kRows) {
