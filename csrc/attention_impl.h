@@ -267,7 +267,7 @@ void pass_dispatch(int nc2, int g, const AttentionArgs& a, const int64_t* rows, 
 }
 
 // head_dim rounded up to whole 32-element chunks: the length of a partial output.
-inline int64_t padded_dim(int64_t head_dim) { return (head_dim + 2 * kLanes - 1) / (2 * kLanes) * 2 * kLanes; }
+inline int64_t padded_dim(int64_t head_dim) { return round_up(head_dim, 2 * kLanes); }
 
 // The split of every sequence into stretches: task i covers tokens [start, start + len) of seq, and
 // sequence b's tasks are first[b] .. first[b + 1] - 1.
@@ -290,7 +290,7 @@ void attention_tasks(void* ctx, int64_t begin, int64_t end) {
     alignas(64) float sink[kMaxChunks * 2 * kLanes + 2];  // results of the padding heads of a pass
     for (int64_t task = begin; task < end; ++task) {
         const int64_t b = s.seq[task], n_tok = s.len[task];
-        const int64_t stride = (n_tok + kLanes - 1) / kLanes * kLanes;
+        const int64_t stride = round_up(n_tok, kLanes);
         // scores (per_pass rows of stride floats), then the token row offsets
         float* scores = static_cast<float*>(scratch_alloc((per_pass * stride + kLanes) * 4 + 2 * n_tok * 8));
         int64_t* rows = reinterpret_cast<int64_t*>(scores + per_pass * stride + kLanes);
@@ -362,7 +362,7 @@ void merge_stretches(void* ctx, int64_t begin, int64_t end) {
 
 // Tokens per stretch for a sequence of len tokens, `wanted` stretches per sequence.
 inline int64_t stretch_tokens(int64_t len, int64_t wanted) {
-    const int64_t per = ((len + wanted - 1) / wanted + kLanes - 1) / kLanes * kLanes;
+    const int64_t per = round_up((len + wanted - 1) / wanted, kLanes);
     return per < kMinStretch ? kMinStretch : per;
 }
 

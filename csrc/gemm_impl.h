@@ -114,11 +114,7 @@ void int_micro(const Prepared& p, int64_t r0, int64_t tile0, Ahead ahead) {
         for (int t = 0; t < T; ++t) acc[r][t] = fzero();
     const int64_t stream = kb * tb;  // bytes of one tile's weights, tiles back to back
     const uint8_t* wt[T];
-    const uint8_t* tile_end[T];
-    for (int t = 0; t < T; ++t) {
-        wt[t] = a.w + (tile0 + t) * stream;
-        tile_end[t] = wt[t] + stream;
-    }
+    for (int t = 0; t < T; ++t) wt[t] = a.w + (tile0 + t) * stream;
     for (int64_t b = 0; b < kb; ++b) {
         const int8_t* xr[R];
         VI ai[R][T];
@@ -146,16 +142,15 @@ void int_micro(const Prepared& p, int64_t r0, int64_t tile0, Ahead ahead) {
                 }
             }
         }
-        for (int t = 0; t < T && ahead != Ahead::none; ++t) {
-            if (ahead == Ahead::unit) {  // the same block of the next micro-tile's tile t, into L2
+        if (ahead == Ahead::unit) {  // the same block of each tile of the next micro-tile, into L2
+            for (int t = 0; t < T; ++t)
                 for (int64_t off = 0; off < tb; off += 64) __builtin_prefetch(wt[t] + T * stream + off, 0, 1);
-                continue;
-            }
+        } else if (ahead == Ahead::near) {
             // Near a tile's end, run ahead into the same tile of the next micro-tile (T tiles on), so the
             // next call finds its streams already started instead of waiting on DRAM.
-            const uint8_t* pf = wt[t] + kPrefetchBytes;
-            if (pf >= tile_end[t]) pf += (T - 1) * stream;
-            for (int64_t off = 0; off < tb; off += 64) prefetch(pf + off);
+            const int64_t jump = b * tb + kPrefetchBytes >= stream ? (T - 1) * stream : 0;
+            for (int t = 0; t < T; ++t)
+                for (int64_t off = 0; off < tb; off += 64) prefetch(wt[t] + kPrefetchBytes + jump + off);
         }
         VF d[T];
         for (int t = 0; t < T; ++t) d[t] = load_h16(wt[t] + qbytes);

@@ -103,6 +103,8 @@ inline v16f vexp(v16f x) {
     return p * scale;
 }
 
+inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+
 // Below this many elements an op runs on the calling thread: handing work to the pool costs a few
 // microseconds, about what 32K elements of a norm or rope take on one core (half as many for SiLU, an exp each).
 constexpr int64_t kParallelElements = 32768;

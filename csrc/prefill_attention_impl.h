@@ -15,8 +15,6 @@ constexpr int64_t kKeyBlock = 64;         // keys per block; also the padding un
 constexpr int64_t kMaxPrefillDim = 256;
 constexpr float kSlack = 8.0f;            // how far scores may pass a row's reference max unrescaled
 
-inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
-
 struct PrefillCtx {
     const PrefillAttentionArgs* a;
     int64_t dp, cp, q_blocks;

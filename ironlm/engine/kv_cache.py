@@ -10,8 +10,7 @@ from ironlm.models.llama import ModelArgs
 
 
 def kv_bytes_per_block(args: ModelArgs, block_size: int, dtype: torch.dtype) -> int:
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    row_bytes = args.head_dim * itemsize + (4 if dtype is torch.int8 else 0)  # an int8 row has a float scale
+    row_bytes = args.head_dim * dtype.itemsize + (4 if dtype is torch.int8 else 0)  # an int8 row has a float scale
     return args.num_hidden_layers * 2 * block_size * args.num_key_value_heads * row_bytes
 
 
@@ -31,6 +30,5 @@ def allocate_kv_scales(args: ModelArgs, num_blocks: int, block_size: int) -> tor
 
 
 def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    pages = mmap.mmap(-1, math.prod(shape) * itemsize)  # the tensor keeps the mapping alive
+    pages = mmap.mmap(-1, math.prod(shape) * dtype.itemsize)  # the tensor keeps the mapping alive
     return torch.frombuffer(pages, dtype=dtype).view(shape)
