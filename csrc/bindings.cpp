@@ -128,7 +128,29 @@ void prefill_attention_py(int64_t q_len, int64_t context, int64_t heads, int64_t
     check(q_len > 0 && q_len <= context, "prefill_attention: need 0 < q_len <= context");
     PrefillAttentionArgs a{q_len, context, heads, kv_heads, head_dim, ptr<const void>(q), q_stride_t, q_stride_h,
                            dt(q_bf16), ptr<const void>(k), k_stride_t, k_stride_h, dt(k_bf16), ptr<const void>(v),
-                           v_stride_t, v_stride_h, dt(v_bf16), scale, ptr<void>(out), dt(o_bf16)};
+                           v_stride_t, v_stride_h, dt(v_bf16), scale, ptr<void>(out), dt(o_bf16), nullptr, 0,
+                           nullptr, nullptr};
+    nb::gil_scoped_release release;
+    ops().prefill_attention(a);
+}
+
+void prefill_attention_paged_py(int64_t q_len, int64_t context, int64_t heads, int64_t kv_heads, int64_t head_dim,
+                                uintptr_t q, int64_t q_stride_t, int64_t q_stride_h, bool q_bf16, int64_t block_size,
+                                int64_t num_blocks, uintptr_t k_cache, uintptr_t v_cache, int kv_dtype,
+                                uintptr_t k_scale, uintptr_t v_scale, uintptr_t block_table, int64_t table_len,
+                                float scale, uintptr_t out, bool o_bf16) {
+    check(kv_heads > 0 && heads % kv_heads == 0 && head_dim > 0 && head_dim <= 256 && block_size > 0,
+          "prefill_attention: H must be a multiple of KVH and head_dim at most 256");
+    check(q_len > 0 && q_len <= context, "prefill_attention: need 0 < q_len <= context");
+    check(context <= table_len * block_size, "prefill_attention: context exceeds the block table");
+    const int32_t* table = ptr<const int32_t>(block_table);
+    for (int64_t i = 0; i < (context + block_size - 1) / block_size; ++i)
+        check(table[i] >= 0 && table[i] < num_blocks, "prefill_attention: block table entry outside the cache");
+    const DType kv = kv_dt(kv_dtype, k_scale, v_scale);
+    PrefillAttentionArgs a{q_len, context, heads, kv_heads, head_dim, ptr<const void>(q), q_stride_t, q_stride_h,
+                           dt(q_bf16), ptr<const void>(k_cache), 0, 0, kv, ptr<const void>(v_cache), 0, 0, kv, scale,
+                           ptr<void>(out), dt(o_bf16), table, block_size, ptr<const float>(k_scale),
+                           ptr<const float>(v_scale)};
     nb::gil_scoped_release release;
     ops().prefill_attention(a);
 }
@@ -191,6 +213,7 @@ NB_MODULE(_kernels, m) {
     m.def("rope", &rope_py);
     m.def("paged_attention_decode", &attention_py);
     m.def("prefill_attention", &prefill_attention_py);
+    m.def("prefill_attention_paged", &prefill_attention_paged_py);
     m.def("kv_write", &kv_write_py);
     m.def("repack_ggml", &repack_ggml_py);
     m.def("quantize_pack", &quantize_pack_py);

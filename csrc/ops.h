@@ -57,6 +57,11 @@ struct PrefillAttentionArgs {
     const void* v; int64_t v_stride_t, v_stride_h; DType v_type;
     float scale;
     void* out; DType o_type;                                      // (L, H, D) contiguous
+    // Paged K/V instead, when block_table is set: k and v are a cache's pools (blocks, KVH, block_size, D),
+    // contiguous, key t sits in block block_table[t / block_size], and i8 pools bring row scales
+    // (blocks, KVH, block_size). The strides above are then unused.
+    const int32_t* block_table; int64_t block_size;
+    const float* k_scale; const float* v_scale;
 };
 
 struct OpsTable {

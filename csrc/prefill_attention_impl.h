@@ -25,6 +25,18 @@ struct PrefillCtx {
     float* vs;  // (kvh_n, Cp, Dp)
 };
 
+// Elements [i, i + n) of a K or V row as floats; i8 rows still need their scale.
+inline v16f load_kv(const void* p, DType t, int64_t i, int n) {
+    if (t != DType::i8) return load_any(p, t, i, n);
+    const int8_t* src = static_cast<const int8_t*>(p) + i;
+    alignas(16) int8_t tail[kLanes] = {};
+    if (n < kLanes) {
+        __builtin_memcpy(tail, src, n);
+        src = tail;
+    }
+    return __builtin_convertvector(widen8(src), v16f);
+}
+
 void prefill_pack_kv(void* ctx, int64_t begin, int64_t end) {  // over groups of 16 keys, padding included
     const PrefillCtx& c = *static_cast<const PrefillCtx*>(ctx);
     const PrefillAttentionArgs& a = *c.a;
@@ -36,12 +48,19 @@ void prefill_pack_kv(void* ctx, int64_t begin, int64_t end) {  // over groups of
             // The 16 keys of a group sit side by side for each d, in a 4 KB run (head_dim 64).
             float* group = c.kt + s * c.dp * c.cp + g * c.dp * kLanes;
             for (int64_t t = g * kLanes; t < (g + 1) * kLanes; ++t) {
+                // where key t's K and V rows start, and their scales (int8 pools only)
+                int64_t k_at = t * a.k_stride_t + h * a.k_stride_h, v_at = t * a.v_stride_t + h * a.v_stride_h;
+                float ks = 1.0f, vs = 1.0f;
+                if (a.block_table && t < a.context) {
+                    const int64_t r = (a.block_table[t / a.block_size] * a.kv_heads + h) * a.block_size + t % a.block_size;
+                    k_at = v_at = r * a.head_dim;
+                    if (a.k_scale) ks = a.k_scale[r], vs = a.v_scale[r];
+                }
                 for (int64_t i = 0; i < c.dp; i += kLanes) {
                     const int64_t left = t < a.context ? a.head_dim - i : 0;  // padding keys and dims are zero
                     const int n = left >= kLanes ? kLanes : static_cast<int>(left > 0 ? left : 0);
-                    store16(row + i, n ? load_any(a.k, a.k_type, t * a.k_stride_t + h * a.k_stride_h + i, n) : v16f{});
-                    store16(c.vs + (s * c.cp + t) * c.dp + i,
-                            n ? load_any(a.v, a.v_type, t * a.v_stride_t + h * a.v_stride_h + i, n) : v16f{});
+                    store16(row + i, n ? load_kv(a.k, a.k_type, k_at + i, n) * ks : v16f{});
+                    store16(c.vs + (s * c.cp + t) * c.dp + i, n ? load_kv(a.v, a.v_type, v_at + i, n) * vs : v16f{});
                 }
                 for (int64_t d = 0; d < c.dp; ++d) group[d * kLanes + t % kLanes] = row[d];
             }

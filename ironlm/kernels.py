@@ -154,6 +154,29 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     return out
 
 
+def prefill_attention_paged(q: torch.Tensor, cache: PagedCache, block_table: torch.Tensor, context: int,
+                            scale: float) -> torch.Tensor:
+    """prefill_attention over a sequence's first `context` tokens in a paged cache, the L new ones (already
+    written) last: q (L, H, D); block_table (>= context / block_size,) int32, the sequence's blocks. int8 rows
+    are dequantized as they are read, so nothing is gathered. Returns (L, H, D) in q's dtype."""
+    if q.dim() != 3 or q.stride(2) != 1 or q.dtype not in _FLOAT_TYPES or q.shape[2] != cache.head_dim \
+            or q.shape[1] % cache.kv_heads:
+        raise ValueError(f"prefill_attention_paged: q {tuple(q.shape)} {q.dtype} must be (L, H, {cache.head_dim}) "
+                         f"float32/bfloat16 with H a multiple of the cache's {cache.kv_heads} kv heads")
+    if block_table.dtype != torch.int32 or block_table.dim() != 1 or not block_table.is_contiguous():
+        raise ValueError("prefill_attention_paged: block_table must be a contiguous int32 vector")
+    out = torch.empty(q.shape, dtype=q.dtype)
+    if q.shape[0] == 0:
+        return out
+    dtype, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr = cache.pointers
+    _kernels.prefill_attention_paged(q.shape[0], int(context), q.shape[1], cache.kv_heads, cache.head_dim,
+                                     q.data_ptr(), q.stride(0), q.stride(1), q.dtype is torch.bfloat16,
+                                     cache.block_size, cache.num_blocks, k_ptr, v_ptr, dtype, k_scale_ptr, v_scale_ptr,
+                                     block_table.data_ptr(), block_table.shape[0], float(scale), out.data_ptr(),
+                                     out.dtype is torch.bfloat16)
+    return out
+
+
 def write_kv(k: torch.Tensor, v: torch.Tensor, cache: PagedCache, slots: torch.Tensor) -> None:
     """Store new tokens' k, v (T, KVH, D), float32/bfloat16 with contiguous D, at flat slots (T,)
     (block * block_size + offset) of the cache, converting to its dtype. An int8 cache stores each row as

@@ -138,6 +138,46 @@ def test_prefill_attention_strided_views_and_mixed_dtypes(isa):
     close(out, kernels.reference_prefill_attention(q[40:], k.float(), v.float(), 0.2), torch.bfloat16)
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("length,context,heads,kv_heads,head_dim", [
+    (100, 300, 9, 3, 64),     # a chunk after 200 cached tokens in scattered blocks, grouped heads
+    (5, 70, 4, 4, 80),        # head_dim padded inside the kernel; the context ends inside a block
+    (64, 1024, 24, 12, 64),   # several slices of kv heads
+])
+def test_prefill_attention_paged(isa, kv_dtype, length, context, heads, kv_heads, head_dim):
+    # A later prompt chunk reads its context from the paged cache (int8 rows dequantized as they are read):
+    # the same as attending over the context gathered from its blocks.
+    g = torch.Generator().manual_seed(context + head_dim)
+    num_blocks, block_size = 80, 16
+    shape = (num_blocks, kv_heads, block_size, head_dim)
+    scales = [None, None]
+    if kv_dtype is torch.int8:
+        k_cache = torch.randint(-127, 128, shape, generator=g, dtype=torch.int8)
+        v_cache = torch.randint(-127, 128, shape, generator=g, dtype=torch.int8)
+        scales = [torch.rand(shape[:3], generator=g) * 0.05 for _ in range(2)]
+    else:
+        k_cache, v_cache = torch.randn(shape, generator=g).to(kv_dtype), torch.randn(shape, generator=g).to(kv_dtype)
+    blocks = -(-context // block_size)
+    table = torch.randperm(num_blocks, generator=g)[:blocks + 2].to(torch.int32)  # longer than needed, as the engine's
+    q = torch.randn(length, heads, head_dim, generator=g).bfloat16()
+    scale = head_dim ** -0.5
+    out = kernels.prefill_attention_paged(q, kernels.PagedCache(k_cache, v_cache, *scales), table, context, scale)
+
+    def gather(cache, cache_scale):  # (context, KVH, D) float32
+        rows = kernels.dequantize_kv(cache[table[:blocks].long()], None if cache_scale is None else cache_scale[table[:blocks].long()])
+        return rows.transpose(1, 2).flatten(0, 1)[:context]
+
+    ref = kernels.reference_prefill_attention(q, gather(k_cache, scales[0]), gather(v_cache, scales[1]), scale)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    close(out, ref, torch.bfloat16)
+    with pytest.raises(ValueError, match="context exceeds the block table"):
+        kernels.prefill_attention_paged(q, kernels.PagedCache(k_cache, v_cache, *scales), table[:blocks - 1], context, scale)
+    bad = table.clone()
+    bad[0] = num_blocks
+    with pytest.raises(ValueError, match="outside the cache"):
+        kernels.prefill_attention_paged(q, kernels.PagedCache(k_cache, v_cache, *scales), bad, context, scale)
+
+
 def test_prefill_attention_rejects_bad_shapes():
     q = torch.randn(4, 3, 16)
     with pytest.raises(ValueError, match="must be a multiple of KVH"):

@@ -64,14 +64,18 @@ class PagedAttention(Module):
             if fast and meta.single[i]:
                 continue
             q_seq = q[start:start + length]
-            if context == length:  # nothing cached before this step: use the fresh K/V directly (unrounded)
-                k_seq, v_seq = k[start:start + length], v[start:start + length]
-            else:
-                k_seq, v_seq = self._gather(meta.block_tables[i], context)
-            if self.sliding_window is None:
-                out[start:start + length] = kernels.prefill_attention(q_seq, k_seq, v_seq, self.scale)
-            else:
+            if self.sliding_window is not None:
+                if context == length:
+                    k_seq, v_seq = k[start:start + length], v[start:start + length]
+                else:
+                    k_seq, v_seq = self._gather(meta.block_tables[i], context)
                 out[start:start + length] = self._attend_window(q_seq, k_seq.to(q.dtype), v_seq.to(q.dtype), context)
+            elif context == length:  # nothing cached before this step: the fresh K/V directly (unrounded)
+                out[start:start + length] = kernels.prefill_attention(
+                    q_seq, k[start:start + length], v[start:start + length], self.scale)
+            else:  # a later chunk reads its context from the cache, int8 rows dequantized on the way
+                out[start:start + length] = kernels.prefill_attention_paged(
+                    q_seq, self.cache, meta.block_tables[i], context, self.scale)
         return out
 
     def _gather(self, block_table: torch.Tensor, context: int) -> tuple[torch.Tensor, torch.Tensor]:
