@@ -76,6 +76,7 @@ struct OpsTable {
 const OpsTable& ops_scalar();
 const OpsTable& ops_avx2();
 const OpsTable& ops_avx512();
+const OpsTable& ops_avx512_bf16();
 // The table of the current ISA level.
 const OpsTable& ops();
 

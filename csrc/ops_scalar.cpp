@@ -19,7 +19,9 @@ const OpsTable& ops() {
     switch (current_isa()) {
         case Isa::scalar: return ops_scalar();
         case Isa::avx2: return ops_avx2();
-        default: return ops_avx512();
+        case Isa::avx512:
+        case Isa::avx512_vnni: return ops_avx512();
+        default: return ops_avx512_bf16();  // avx512_bf16 and amx
     }
 }
 

@@ -8,6 +8,12 @@
 // key blocks of 64: the 6 x 64 scores come from broadcasting q[d] against element d of 4 groups of 16 keys
 // (24 accumulators), an online softmax keeps each row's running max and sum, and P V adds the block's keys
 // into a 6 x Dp output kept in L1.
+//
+// With AVX512-BF16 and a bf16 q (a bf16 model) the same runs on bf16 pairs with vdpbf16ps, two products per
+// lane: K as (slice, Cp / 16, Dp / 2, 16, 2) (a group's keys side by side for each pair of dims), V as
+// (slice, Cp / 2, Dp, 2) (pairs of keys side by side for each dim), q unscaled (the scores are scaled
+// instead, so q stays exact) and the probabilities rounded to bf16 for P V. int8 rows go in as their integers
+// (exact in bf16) and their scales multiply the scores and the probabilities. The softmax stays in float32.
 
 constexpr int64_t kPrefillRows = 6;       // query rows per register tile
 constexpr int64_t kPrefillTaskRows = 24;  // query rows per task
@@ -23,6 +29,12 @@ struct PrefillCtx {
     float* qs;  // (L, kvh_n * group, Dp), the slice's query heads, scaled
     float* kt;  // (kvh_n, Cp / 16, Dp, 16)
     float* vs;  // (kvh_n, Cp, Dp)
+    // the bf16 layouts instead (see the top): q unscaled
+    uint16_t* qs16;  // (L, kvh_n * group, Dp)
+    uint16_t* kt16;  // (kvh_n, Cp / 16, Dp / 2, 16, 2)
+    uint16_t* vs16;  // (kvh_n, Cp / 2, Dp, 2)
+    float* k_scales;  // (kvh_n, Cp): an int8 pool's row scales, for the bf16 layouts; null otherwise
+    float* v_scales;
 };
 
 // Elements [i, i + n) of a K or V row as floats; i8 rows still need their scale.
@@ -37,16 +49,20 @@ inline v16f load_kv(const void* p, DType t, int64_t i, int n) {
     return __builtin_convertvector(widen8(src), v16f);
 }
 
+template <bool kBf16>
 void prefill_pack_kv(void* ctx, int64_t begin, int64_t end) {  // over groups of 16 keys, padding included
     const PrefillCtx& c = *static_cast<const PrefillCtx*>(ctx);
     const PrefillAttentionArgs& a = *c.a;
+    const int64_t dp = c.dp;
     alignas(64) float row[kMaxPrefillDim];
+    alignas(64) uint16_t krow[kMaxPrefillDim], vrow[kMaxPrefillDim];
     // Group by group and head by head, so each transposed group is filled while its lines are in L1.
     for (int64_t g = begin; g < end; ++g) {
         for (int64_t s = 0; s < c.kvh_n; ++s) {
             const int64_t h = c.kvh0 + s;
-            // The 16 keys of a group sit side by side for each d, in a 4 KB run (head_dim 64).
-            float* group = c.kt + s * c.dp * c.cp + g * c.dp * kLanes;
+            // The 16 keys of a group sit side by side for each d (each pair of d in bf16), in a 4 KB run
+            // (2 KB in bf16) for head_dim 64.
+            const int64_t group_at = s * dp * c.cp + g * dp * kLanes;
             for (int64_t t = g * kLanes; t < (g + 1) * kLanes; ++t) {
                 // where key t's K and V rows start, and their scales (int8 pools only)
                 int64_t k_at = t * a.k_stride_t + h * a.k_stride_h, v_at = t * a.v_stride_t + h * a.v_stride_h;
@@ -56,18 +72,39 @@ void prefill_pack_kv(void* ctx, int64_t begin, int64_t end) {  // over groups of
                     k_at = v_at = r * a.head_dim;
                     if (a.k_scale) ks = a.k_scale[r], vs = a.v_scale[r];
                 }
-                for (int64_t i = 0; i < c.dp; i += kLanes) {
+                if (kBf16 && c.k_scales) {  // the integers go in as they are, their scales apart
+                    c.k_scales[s * c.cp + t] = t < a.context ? ks : 0.0f;
+                    c.v_scales[s * c.cp + t] = t < a.context ? vs : 0.0f;
+                    ks = vs = 1.0f;
+                }
+                for (int64_t i = 0; i < dp; i += kLanes) {
                     const int64_t left = t < a.context ? a.head_dim - i : 0;  // padding keys and dims are zero
                     const int n = left >= kLanes ? kLanes : static_cast<int>(left > 0 ? left : 0);
-                    store16(row + i, n ? load_kv(a.k, a.k_type, k_at + i, n) * ks : v16f{});
-                    store16(c.vs + (s * c.cp + t) * c.dp + i, n ? load_kv(a.v, a.v_type, v_at + i, n) * vs : v16f{});
+                    const v16f kv = n ? load_kv(a.k, a.k_type, k_at + i, n) * ks : v16f{};
+                    const v16f vv = n ? load_kv(a.v, a.v_type, v_at + i, n) * vs : v16f{};
+                    if constexpr (kBf16) {
+                        store16(krow + i, kv);
+                        store16(vrow + i, vv);
+                    } else {
+                        store16(row + i, kv);
+                        store16(c.vs + (s * c.cp + t) * dp + i, vv);
+                    }
                 }
-                for (int64_t d = 0; d < c.dp; ++d) group[d * kLanes + t % kLanes] = row[d];
+                if constexpr (kBf16) {
+                    uint16_t* group = c.kt16 + group_at;
+                    for (int64_t d = 0; d < dp; d += 2) __builtin_memcpy(group + (d * kLanes + 2 * (t % kLanes)), krow + d, 4);
+                    uint16_t* pair = c.vs16 + (s * c.cp + (t & ~int64_t{1})) * dp + (t & 1);  // this key's side of its pair
+                    for (int64_t d = 0; d < dp; ++d) pair[2 * d] = vrow[d];
+                } else {
+                    float* group = c.kt + group_at;
+                    for (int64_t d = 0; d < dp; ++d) group[d * kLanes + t % kLanes] = row[d];
+                }
             }
         }
     }
 }
 
+template <bool kBf16>
 void prefill_pack_q(void* ctx, int64_t begin, int64_t end) {
     const PrefillCtx& c = *static_cast<const PrefillCtx*>(ctx);
     const PrefillAttentionArgs& a = *c.a;
@@ -75,10 +112,11 @@ void prefill_pack_q(void* ctx, int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t)
         for (int64_t s = 0; s < nq; ++s) {
             const int64_t h = hq0 + s;
-            float* dst = c.qs + (t * nq + s) * c.dp;
             for (int64_t i = 0; i < c.dp; i += kLanes) {
                 const int n = a.head_dim - i >= kLanes ? kLanes : static_cast<int>(a.head_dim > i ? a.head_dim - i : 0);
-                store16(dst + i, n ? load_any(a.q, a.q_type, t * a.q_stride_t + h * a.q_stride_h + i, n) * a.scale : v16f{});
+                const v16f q = n ? load_any(a.q, a.q_type, t * a.q_stride_t + h * a.q_stride_h + i, n) : v16f{};
+                if constexpr (kBf16) store16(c.qs16 + (t * nq + s) * c.dp + i, q);
+                else store16(c.qs + (t * nq + s) * c.dp + i, q * a.scale);
             }
         }
 }
@@ -90,23 +128,39 @@ inline void add_scaled(v16f (&acc)[4], float x, const v16f (&w)[4]) {
     for (int i = 0; i < 4; ++i) acc[i] += xv * w[i];
 }
 
+#ifdef __AVX512BF16__
+// acc[i] += x[0] w[i][0] + x[1] w[i][1] over the 4 vectors of one tile row, each lane a bf16 pair: a score
+// block (x = q[2d], q[2d + 1]; w = the pair of dims of 4 groups of keys) or an output block (x = p[j], p[j + 1];
+// w = V rows j and j + 1 for 4 x 16 dims).
+inline void add_pairs(v16f (&acc)[4], const uint16_t* x, const __m512i (&w)[4]) {
+    int32_t x2;
+    __builtin_memcpy(&x2, x, 4);
+    const __m512bh xv = (__m512bh)_mm512_set1_epi32(x2);
+    for (int i = 0; i < 4; ++i) acc[i] = (v16f)_mm512_dpbf16_ps((__m512)acc[i], (__m512bh)w[i], xv);
+}
+
+inline __m512i load_pairs(const uint16_t* p) { return _mm512_loadu_si512(p); }
+#endif
+
 // Query rows [r0, r0 + nr) of the slice's query head s (nr <= kPrefillRows; a short tile repeats its last row
-// and stores only nr).
+// and stores only nr). kBf16: the bf16 layouts and vdpbf16ps (see the top).
+template <bool kBf16>
 void prefill_rows(const PrefillCtx& c, int64_t s, int64_t r0, int64_t nr) {
     const PrefillAttentionArgs& a = *c.a;
     const int64_t dp = c.dp, cp = c.cp, nq = c.kvh_n * c.group, h = c.kvh0 * c.group + s;
-    const float* kt = c.kt + s / c.group * dp * cp;
-    const float* vs = c.vs + s / c.group * cp * dp;
-    const float* q[kPrefillRows];
+    const int64_t kv_at = s / c.group * dp * cp;  // this head's K and V in the slice
+    const int64_t scales_at = s / c.group * cp;  // and its int8 rows' scales
     int64_t pos[kPrefillRows];  // each row's position: it sees keys [0, pos]
+    int64_t q_at[kPrefillRows];
     for (int r = 0; r < kPrefillRows; ++r) {
         const int64_t row = r0 + (r < nr ? r : nr - 1);
-        q[r] = c.qs + (row * nq + s) * dp;
+        q_at[r] = (row * nq + s) * dp;
         pos[r] = a.context - a.q_len + row;
     }
     const int64_t kv_end = pos[kPrefillRows - 1] + 1;
     alignas(64) float o[kPrefillRows][kMaxPrefillDim];
     alignas(64) float p[kPrefillRows][kKeyBlock];
+    alignas(64) uint16_t p16[kPrefillRows][kKeyBlock];
     float m[kPrefillRows], l[kPrefillRows];
     for (int r = 0; r < kPrefillRows; ++r) {
         m[r] = -__builtin_inff();
@@ -118,12 +172,29 @@ void prefill_rows(const PrefillCtx& c, int64_t s, int64_t r0, int64_t nr) {
     for (int64_t j0 = 0; j0 < kv_end; j0 += kKeyBlock) {
         // scores: s[r][v] = q[r] . K[j0 + 16 v + lane]
         v16f s[kPrefillRows][4] = {};
-        const float* group = kt + j0 * dp;  // 4 groups of 16 keys, dp x 16 floats each
-        for (int64_t d = 0; d < dp; ++d) {
-            const float* kr = group + d * kLanes;
-            const v16f k[4] = {load16(kr), load16(kr + dp * kLanes), load16(kr + 2 * dp * kLanes),
-                               load16(kr + 3 * dp * kLanes)};
-            for (int r = 0; r < kPrefillRows; ++r) add_scaled(s[r], q[r][d], k);
+        if constexpr (kBf16) {
+#ifdef __AVX512BF16__
+            const uint16_t* group = c.kt16 + kv_at + j0 * dp;  // 4 groups of 16 keys, dp x 16 bf16 each
+            for (int64_t d = 0; d < dp; d += 2) {
+                const uint16_t* kr = group + d * kLanes;
+                const __m512i k[4] = {load_pairs(kr), load_pairs(kr + dp * kLanes), load_pairs(kr + 2 * dp * kLanes),
+                                      load_pairs(kr + 3 * dp * kLanes)};
+                for (int r = 0; r < kPrefillRows; ++r) add_pairs(s[r], c.qs16 + q_at[r] + d, k);
+            }
+            v16f to_score[4];  // what turns the products into scores: the scale, times each key's for int8 rows
+            for (int v = 0; v < 4; ++v)
+                to_score[v] = c.k_scales ? load16(c.k_scales + scales_at + j0 + 16 * v) * a.scale : splat(a.scale);
+            for (int r = 0; r < kPrefillRows; ++r)
+                for (int v = 0; v < 4; ++v) s[r][v] *= to_score[v];
+#endif
+        } else {
+            const float* group = c.kt + kv_at + j0 * dp;  // 4 groups of 16 keys, dp x 16 floats each
+            for (int64_t d = 0; d < dp; ++d) {
+                const float* kr = group + d * kLanes;
+                const v16f k[4] = {load16(kr), load16(kr + dp * kLanes), load16(kr + 2 * dp * kLanes),
+                                   load16(kr + 3 * dp * kLanes)};
+                for (int r = 0; r < kPrefillRows; ++r) add_scaled(s[r], c.qs[q_at[r] + d], k);
+            }
         }
         // Online softmax; keys past a row's position weigh nothing. A row's reference max moves only when a
         // block's max passes it by more than kSlack (e^(s - m) stays below e^8), so most blocks rescale nothing.
@@ -148,7 +219,8 @@ void prefill_rows(const PrefillCtx& c, int64_t s, int64_t r0, int64_t nr) {
             for (int v = 0; v < 4; ++v) {
                 v16f e = vexp(s[r][v] - m[r]);
                 if (partial) e = lane + static_cast<float>(16 * v) <= limit ? e : v16f{};
-                store16(p[r] + 16 * v, e);
+                if constexpr (kBf16) store16(p16[r] + 16 * v, c.v_scales ? e * load16(c.v_scales + scales_at + j0 + 16 * v) : e);
+                else store16(p[r] + 16 * v, e);
                 sum += e;
             }
             l[r] += hsum(sum);
@@ -159,10 +231,21 @@ void prefill_rows(const PrefillCtx& c, int64_t s, int64_t r0, int64_t nr) {
             v16f acc[kPrefillRows][4];
             for (int r = 0; r < kPrefillRows; ++r)
                 for (int v = 0; v < 4; ++v) acc[r][v] = load16(o[r] + d0 + 16 * v);
-            for (int64_t j = 0; j < nk; ++j) {
-                const float* vr = vs + (j0 + j) * dp + d0;
-                const v16f v[4] = {load16(vr), load16(vr + 16), load16(vr + 32), load16(vr + 48)};
-                for (int r = 0; r < kPrefillRows; ++r) add_scaled(acc[r], p[r][j], v);
+            if constexpr (kBf16) {
+#ifdef __AVX512BF16__
+                // pairs of keys; past nk the probabilities are zero and V is zero padding up to Cp
+                for (int64_t j = 0; j < nk; j += 2) {
+                    const uint16_t* vr = c.vs16 + kv_at + (j0 + j) * dp + 2 * d0;
+                    const __m512i v[4] = {load_pairs(vr), load_pairs(vr + 32), load_pairs(vr + 64), load_pairs(vr + 96)};
+                    for (int r = 0; r < kPrefillRows; ++r) add_pairs(acc[r], p16[r] + j, v);
+                }
+#endif
+            } else {
+                for (int64_t j = 0; j < nk; ++j) {
+                    const float* vr = c.vs + kv_at + (j0 + j) * dp + d0;
+                    const v16f v[4] = {load16(vr), load16(vr + 16), load16(vr + 32), load16(vr + 48)};
+                    for (int r = 0; r < kPrefillRows; ++r) add_scaled(acc[r], p[r][j], v);
+                }
             }
             for (int r = 0; r < kPrefillRows; ++r)
                 for (int v = 0; v < 4; ++v) store16(o[r] + d0 + 16 * v, acc[r][v]);
@@ -177,6 +260,7 @@ void prefill_rows(const PrefillCtx& c, int64_t s, int64_t r0, int64_t nr) {
     }
 }
 
+template <bool kBf16>
 void prefill_tasks(void* ctx, int64_t begin, int64_t end) {
     const PrefillCtx& c = *static_cast<const PrefillCtx*>(ctx);
     const PrefillAttentionArgs& a = *c.a;
@@ -186,7 +270,7 @@ void prefill_tasks(void* ctx, int64_t begin, int64_t end) {
         const int64_t s = task / c.q_blocks, block = c.q_blocks - 1 - task % c.q_blocks;
         const int64_t row_end = (block + 1) * kPrefillTaskRows < a.q_len ? (block + 1) * kPrefillTaskRows : a.q_len;
         for (int64_t r0 = block * kPrefillTaskRows; r0 < row_end; r0 += kPrefillRows)
-            prefill_rows(c, s, r0, row_end - r0 < kPrefillRows ? row_end - r0 : kPrefillRows);
+            prefill_rows<kBf16>(c, s, r0, row_end - r0 < kPrefillRows ? row_end - r0 : kPrefillRows);
     }
 }
 
@@ -194,26 +278,47 @@ void prefill_tasks(void* ctx, int64_t begin, int64_t end) {
 // every head of a long context first would write tens of MB and read it back from DRAM).
 constexpr int64_t kSliceBytes = 4 << 20;
 
-void prefill_attention(const PrefillAttentionArgs& a) {
-    PrefillCtx c{&a, round_up(a.head_dim, kKeyBlock), round_up(a.context, kKeyBlock),
-                 (a.q_len + kPrefillTaskRows - 1) / kPrefillTaskRows, a.heads / a.kv_heads, 0, 0,
-                 nullptr, nullptr, nullptr};
+template <bool kBf16>
+void prefill_slices(PrefillCtx& c) {
+    const PrefillAttentionArgs& a = *c.a;
+    const int64_t elem = kBf16 ? 2 : 4;  // bytes per packed element
     // kv heads per slice: within the byte budget, but enough tasks to keep every thread busy
-    const int64_t head_bytes = 2 * c.dp * c.cp * static_cast<int64_t>(sizeof(float));
+    const int64_t head_bytes = 2 * c.dp * c.cp * elem;
     const int64_t wanted_tasks = 4 * static_cast<int64_t>(num_threads());
     int64_t slice = kSliceBytes / head_bytes;
     if (slice * c.group * c.q_blocks < wanted_tasks) slice = (wanted_tasks + c.group * c.q_blocks - 1) / (c.group * c.q_blocks);
     slice = slice < 1 ? 1 : slice > a.kv_heads ? a.kv_heads : slice;
-    const int64_t q_floats = a.q_len * slice * c.group * c.dp, kv_floats = slice * c.dp * c.cp;
-    float* scratch = static_cast<float*>(scratch_alloc((q_floats + 2 * kv_floats) * sizeof(float)));
-    c.qs = scratch;
-    c.kt = scratch + q_floats;
-    c.vs = scratch + q_floats + kv_floats;
+    const int64_t q_elems = a.q_len * slice * c.group * c.dp, kv_elems = slice * c.dp * c.cp;
+    const int64_t scale_elems = kBf16 && a.k_scale ? slice * c.cp : 0;
+    char* scratch = static_cast<char*>(scratch_alloc((q_elems + 2 * kv_elems) * elem + 2 * scale_elems * 4));
+    if constexpr (kBf16) {
+        c.qs16 = reinterpret_cast<uint16_t*>(scratch);
+        c.kt16 = c.qs16 + q_elems;
+        c.vs16 = c.kt16 + kv_elems;
+        if (scale_elems) {
+            c.k_scales = reinterpret_cast<float*>(c.vs16 + kv_elems);
+            c.v_scales = c.k_scales + scale_elems;
+        }
+    } else {
+        c.qs = reinterpret_cast<float*>(scratch);
+        c.kt = c.qs + q_elems;
+        c.vs = c.kt + kv_elems;
+    }
     for (c.kvh0 = 0; c.kvh0 < a.kv_heads; c.kvh0 += slice) {
         c.kvh_n = a.kv_heads - c.kvh0 < slice ? a.kv_heads - c.kvh0 : slice;
-        parallel_for(c.cp / kLanes, prefill_pack_kv, &c);
-        parallel_for(a.q_len, prefill_pack_q, &c);
-        parallel_for(c.q_blocks * c.kvh_n * c.group, prefill_tasks, &c);
+        parallel_for(c.cp / kLanes, prefill_pack_kv<kBf16>, &c);
+        parallel_for(a.q_len, prefill_pack_q<kBf16>, &c);
+        parallel_for(c.q_blocks * c.kvh_n * c.group, prefill_tasks<kBf16>, &c);
     }
     scratch_free(scratch);
+}
+
+void prefill_attention(const PrefillAttentionArgs& a) {
+    PrefillCtx c{&a, round_up(a.head_dim, kKeyBlock), round_up(a.context, kKeyBlock),
+                 (a.q_len + kPrefillTaskRows - 1) / kPrefillTaskRows, a.heads / a.kv_heads, 0, 0,
+                 nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
+#ifdef __AVX512BF16__
+    if (a.q_type == DType::bf16) return prefill_slices<true>(c);  // a bf16 model: bf16 products are enough
+#endif
+    prefill_slices<false>(c);
 }
