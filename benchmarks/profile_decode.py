@@ -1,10 +1,12 @@
 """Where one decode step's time goes: GEMMs, decode attention, KV writes, norms, rope, SiLU, and the rest.
 
     python benchmarks/profile_decode.py [MODEL] [--prompt-tokens 512] [--new-tokens 64] [--batch 1] [--threads 2]
+    python benchmarks/profile_decode.py MODEL --batch 16 --prompt-tokens 1500 --new-tokens 128 --all-steps
 
 Runs --batch sequences (prompts of token ids, then greedy decoding with EOS ignored) and wraps each kernel
-entry point with a timer that counts only the steps in which every sequence decodes one token. The wrappers
-cost a microsecond or two a call, so "rest" is slightly overstated.
+entry point with a timer that counts only the steps in which every sequence decodes one token. With
+--all-steps it counts every step instead (prompt chunks, mixed and decode steps): where a bulk job's time goes.
+The wrappers cost a microsecond or two a call, so "rest" is slightly overstated.
 """
 
 import argparse
@@ -23,16 +25,21 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch", type=int, default=1, help="sequences decoding together")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--all-steps", action="store_true", help="count every step, not only all-decode ones")
+    parser.add_argument("--kv-cache-dtype", default="auto")
     args = parser.parse_args()
 
-    llm = LLM(model=args.model, threads=args.threads, max_num_seqs=max(64, args.batch))
+    llm = LLM(model=args.model, threads=args.threads, max_num_seqs=max(64, args.batch),
+              kv_cache_dtype=args.kv_cache_dtype)
     params = SamplingParams(max_tokens=args.new_tokens + 1, ignore_eos=True, temperature=0)
 
     def prompts(base: int) -> list[dict]:
         return [{"prompt_token_ids": list(range(base + 7 * i, base + 7 * i + args.prompt_tokens))}
                 for i in range(args.batch)]
 
-    llm.generate(prompts(1000), params)  # warm-up
+    # Warm-up: the same batch, so the measured decode steps find their KV pages already mapped; a short one for
+    # --all-steps, whose job pays that once as a real one does.
+    llm.generate(prompts(1000)[:4] if args.all_steps else prompts(1000), params)
 
     # Only steps in which every sequence decodes one token count: not prefill chunks, not mixed steps.
     spent: dict[str, float] = defaultdict(float)
@@ -41,7 +48,7 @@ def main() -> None:
     execute = runner.execute
 
     def timed_step(scheduled):
-        counting[0] = len(scheduled) == args.batch and all(n == 1 for _, n in scheduled)
+        counting[0] = args.all_steps or (len(scheduled) == args.batch and all(n == 1 for _, n in scheduled))
         start = time.perf_counter()
         out = execute(scheduled)
         if counting[0]:
@@ -62,21 +69,34 @@ def main() -> None:
     runner.execute = timed_step
     linear.QuantLinear.forward = timed(linear.QuantLinear.forward, "gemm")
     for module, name, key in [(attention.kernels, "paged_attention_decode", "attention"),
+                              (attention.kernels, "prefill_attention", "prefill_attn"),
+                              (attention.kernels, "prefill_attention_paged", "prefill_attn"),
                               (attention.kernels, "write_kv", "write_kv"), (norm.kernels, "add_rms_norm", "norm"),
                               (rotary.kernels, "apply_rope", "rope"), (activation.kernels, "silu_mul", "silu_mul")]:
         setattr(module, name, timed(getattr(module, name), key))
 
+    start = time.perf_counter()
     llm.generate(prompts(2000), params)
+    wall = time.perf_counter() - start
     steps = int(spent["steps"])
+    if steps == 0:
+        print("no step had every sequence decoding: the first sequences finished while others were still in their "
+              "prompts; give more --new-tokens, or use --all-steps")
+        return
     step_ms = spent["step"] / steps * 1e3
-    print(f"batch {args.batch}: {steps} decode steps, {step_ms:.2f} ms a step ({args.batch / step_ms * 1e3:.1f} tok/s) "
-          f"after {args.prompt_tokens}-token prompts:")
-    accounted = 0.0
-    for key in ("gemm", "attention", "write_kv", "norm", "rope", "silu_mul"):
-        ms = spent[key] / steps * 1e3
-        accounted += ms
-        print(f"  {key:10} {ms:6.2f} ms")
-    print(f"  {'rest':10} {step_ms - accounted:6.2f} ms  (Python, sampling; scheduling and detokenizing not included)")
+    if args.all_steps:
+        print(f"{args.batch} sequences of {args.prompt_tokens} prompt + {args.new_tokens + 1} new tokens: {wall:.1f} s, "
+              f"{steps} steps taking {spent['step']:.1f} s, of which:")
+    else:
+        print(f"batch {args.batch}: {steps} decode steps, {step_ms:.2f} ms a step "
+              f"({args.batch / step_ms * 1e3:.1f} tok/s) after {args.prompt_tokens}-token prompts:")
+
+    def amount(seconds: float) -> str:  # totals for a whole job, a step's share otherwise
+        return f"{seconds:7.1f} s" if args.all_steps else f"{seconds / steps * 1e3:7.2f} ms"
+    for key in ("gemm", "attention", "prefill_attn", "write_kv", "norm", "rope", "silu_mul"):
+        print(f"  {key:12} {amount(spent[key])}")
+    rest = spent["step"] - sum(spent[key] for key in spent if key not in ("step", "steps"))
+    print(f"  {'rest':12} {amount(rest)}  (Python, sampling; scheduling and detokenizing not included)")
 
 
 if __name__ == "__main__":
