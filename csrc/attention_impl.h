@@ -28,9 +28,11 @@ inline void token_rows(const AttentionArgs& a, const int32_t* table, int64_t t0,
     }
 }
 
-// Lane i of the result is the sum of the lanes of x[i]: four rounds of pairwise shuffles and adds.
-inline v16f hsum16(const v16f* x) {
-    v16f y[8], z[4], w[2];
+// Lane i of the result is the sum of the lanes of x[i], x holding kLanes vectors: rounds of pairwise shuffles
+// and adds, each halving the partial sums per vector.
+inline vf hsum_lanes(const vf* x) {
+#if IRONLM_LANES == 16
+    vf y[8], z[4], w[2];
     for (int i = 0; i < 8; ++i)  // lanes 0-7: 8 partial sums of x[2i]; lanes 8-15: of x[2i+1]
         y[i] = __builtin_shufflevector(x[2 * i], x[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
              + __builtin_shufflevector(x[2 * i], x[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
@@ -42,80 +44,80 @@ inline v16f hsum16(const v16f* x) {
              + __builtin_shufflevector(z[2 * i], z[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
     return __builtin_shufflevector(w[0], w[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
          + __builtin_shufflevector(w[0], w[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+#elif IRONLM_LANES == 8
+    vf y[4], z[2];
+    for (int i = 0; i < 4; ++i)  // lanes 0-3: 4 partial sums of x[2i]; lanes 4-7: of x[2i+1]
+        y[i] = __builtin_shufflevector(x[2 * i], x[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11)
+             + __builtin_shufflevector(x[2 * i], x[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15);
+    for (int i = 0; i < 2; ++i)  // 2 partial sums each of x[4i .. 4i+3]
+        z[i] = __builtin_shufflevector(y[2 * i], y[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13)
+             + __builtin_shufflevector(y[2 * i], y[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15);
+    return __builtin_shufflevector(z[0], z[1], 0, 2, 4, 6, 8, 10, 12, 14) + __builtin_shufflevector(z[0], z[1], 1, 3, 5, 7, 9, 11, 13, 15);
+#else
+    vf y[2];
+    for (int i = 0; i < 2; ++i)  // lanes 0-1: 2 partial sums of x[2i]; lanes 2-3: of x[2i+1]
+        y[i] = __builtin_shufflevector(x[2 * i], x[2 * i + 1], 0, 1, 4, 5) + __builtin_shufflevector(x[2 * i], x[2 * i + 1], 2, 3, 6, 7);
+    return __builtin_shufflevector(y[0], y[1], 0, 2, 4, 6) + __builtin_shufflevector(y[0], y[1], 1, 3, 5, 7);
+#endif
 }
 
-inline float hmax(v16f v) {  // a tree of half-width maxima, like hsum
-    v8f lo, hi;
-    __builtin_memcpy(&lo, &v, 32);
-    __builtin_memcpy(&hi, reinterpret_cast<const char*>(&v) + 32, 32);
-    lo = lo > hi ? lo : hi;
-    v4f a, b;
-    __builtin_memcpy(&a, &lo, 16);
-    __builtin_memcpy(&b, reinterpret_cast<const char*>(&lo) + 16, 16);
-    a = a > b ? a : b;
-    const float x = a[0] > a[2] ? a[0] : a[2], y = a[1] > a[3] ? a[1] : a[3];
-    return x > y ? x : y;
-}
-
-// A 32-element stretch of a K/V row as two float vectors. bf16 rows: the even and the odd elements, a
-// shift and a mask of 32-bit words with no widening shuffle; float and int8 rows: elements 0-15 and 16-31.
+// A stretch of 2 * kLanes elements of a K/V row as two float vectors. bf16 rows: the even and the odd elements,
+// a shift and a mask of 32-bit words with no widening shuffle; float and int8 rows: the first and second half.
 // Queries and outputs are arranged the same way, which a dot product does not notice.
 struct Pair {
-    v16f a, b;
+    vf a, b;
 };
 
-inline Pair load_pair(const uint16_t* p, int n) {  // n <= 32 elements; the rest read as 0
-    v16u u = {};
-    if (n == 2 * kLanes) __builtin_memcpy(&u, p, 64);
+inline Pair load_pair(const uint16_t* p, int n) {  // n <= 2 * kLanes elements; the rest read as 0
+    vu u = {};
+    if (n == 2 * kLanes) __builtin_memcpy(&u, p, kVecBytes);
     else __builtin_memcpy(&u, p, n * 2);
-    const v16u even = u << 16, odd = u & 0xffff0000u;
+    const vu even = u << 16, odd = u & 0xffff0000u;
     Pair r;
-    __builtin_memcpy(&r.a, &even, 64);
-    __builtin_memcpy(&r.b, &odd, 64);
+    __builtin_memcpy(&r.a, &even, kVecBytes);
+    __builtin_memcpy(&r.b, &odd, kVecBytes);
     return r;
 }
 
 inline Pair load_pair(const float* p, int n) {
-    if (n == 2 * kLanes) return {load16(p), load16(p + kLanes)};
-    return {load16(p, n < kLanes ? n : kLanes), n > kLanes ? load16(p + kLanes, n - kLanes) : v16f{}};
+    if (n == 2 * kLanes) return {vload(p), vload(p + kLanes)};
+    return {vload(p, n < kLanes ? n : kLanes), n > kLanes ? vload(p + kLanes, n - kLanes) : vf{}};
 }
 
-// 16 int8 as int32 lanes (sign-extended); written per level, as the compiler splits
+// kLanes int8 as int32 lanes (sign-extended); written per level, as the compiler splits
 // __builtin_convertvector from narrow integers into scalar moves.
-inline v16i widen8(const int8_t* p) {
-    v16i r;
-#if defined(__AVX512F__)
+inline vi widen8(const int8_t* p) {
+    vi r;
+#if IRONLM_LANES == 16
     const __m512i w = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     __builtin_memcpy(&r, &w, 64);
-#elif defined(__AVX2__)
-    const __m256i a = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-    const __m256i b = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8)));
-    __builtin_memcpy(&r, &a, 32);
-    __builtin_memcpy(reinterpret_cast<char*>(&r) + 32, &b, 32);
+#elif IRONLM_LANES == 8
+    const __m256i w = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    __builtin_memcpy(&r, &w, 32);
 #else
     for (int i = 0; i < kLanes; ++i) r[i] = p[i];
 #endif
     return r;
 }
 
-// int8 rows: elements 0-15 and 16-31, as float rows, one sign-extending widen and one convert per 16.
+// int8 rows: the two halves of 2 * kLanes elements as floats, one sign-extending widen and one convert each.
 inline Pair load_pair(const int8_t* p, int n) {
     alignas(32) int8_t tail[2 * kLanes] = {};
     if (n < 2 * kLanes) {
         __builtin_memcpy(tail, p, n);
         p = tail;
     }
-    return {__builtin_convertvector(widen8(p), v16f), __builtin_convertvector(widen8(p + kLanes), v16f)};
+    return {__builtin_convertvector(widen8(p), vf), __builtin_convertvector(widen8(p + kLanes), vf)};
 }
 
 template <typename KV>
-inline Pair arrange(const float* x) {  // 32 floats in KV's order: even/odd for bf16, halves for float and int8
+inline Pair arrange(const float* x) {  // 2 * kLanes floats in KV's order: even/odd for bf16, halves for float and int8
     if constexpr (sizeof(KV) == 2) {
         Pair r;
         for (int i = 0; i < kLanes; ++i) r.a[i] = x[2 * i], r.b[i] = x[2 * i + 1];
         return r;
     } else {
-        return {load16(x), load16(x + kLanes)};
+        return {vload(x), vload(x + kLanes)};
     }
 }
 
@@ -124,29 +126,29 @@ inline void unarrange(const Pair& p, float* x) {
     if constexpr (sizeof(KV) == 2) {
         for (int i = 0; i < kLanes; ++i) x[2 * i] = p.a[i], x[2 * i + 1] = p.b[i];
     } else {
-        store16(x, p.a);
-        store16(x + kLanes, p.b);
+        vstore(x, p.a);
+        vstore(x + kLanes, p.b);
     }
 }
 
-// The scales of n <= 16 int8 rows at scale indices idx[0..n): one load when they sit side by side (16 tokens of
+// The scales of n <= kLanes int8 rows at scale indices idx[0..n): one load when they sit side by side (tokens of
 // one block), else one at a time.
-inline v16f scales16(const float* base, const int64_t* idx, int n) {
-    if (idx[n - 1] == idx[0] + n - 1) return load16(base + idx[0], n);
-    v16f s = {};
+inline vf scales_of(const float* base, const int64_t* idx, int n) {
+    if (idx[n - 1] == idx[0] + n - 1) return vload(base + idx[0], n);
+    vf s = {};
     for (int j = 0; j < n; ++j) s[j] = base[idx[j]];
     return s;
 }
 
 // Where a stretch's partial result for one query head goes: the unnormalised output (head_dim rounded
-// up to 32, in order), then the max score and the sum of exponentials.
+// up to a whole chunk of 2 * kLanes, in order), then the max score and the sum of exponentials.
 struct Partials {
     float* data;
     int64_t per_head;
     float* head(int64_t task, int64_t heads, int64_t h) const { return data + (task * heads + h) * per_head; }
 };
 
-// One pass: G query heads (qf: G rows of NC2 * 32 floats, scaled, zero past head_dim) that read kv head
+// One pass: G query heads (qf: G rows of NC2 chunks of 2 * kLanes floats, scaled, zero past head_dim) that read kv head
 // kvh, over n_tok tokens at `rows`; next_kvh is the kv head of the task's next pass (-1: none, or this one).
 // G and NC2 are constants so that queries and accumulators stay in registers. scores: G rows of `stride`
 // floats. Head g's result goes to out[g].
@@ -163,7 +165,7 @@ void attend_pass(const AttentionArgs& a, const int64_t* rows, int64_t n_tok, int
     const KV* v_base = static_cast<const KV*>(a.v_cache) + kvh * a.block_size * a.head_dim;
     const int64_t row_bytes = a.head_dim * static_cast<int64_t>(sizeof(KV));
     const int64_t ahead = kPrefetchBytes / row_bytes > 8 ? kPrefetchBytes / row_bytes : 8;  // tokens
-    // Elements in the final chunk; Full (head_dim a multiple of 32) makes every load a whole vector.
+    // Elements in the final chunk; Full (head_dim a multiple of 2 * kLanes) makes every load a whole vector.
     const int last = Full ? 2 * kLanes : static_cast<int>(a.head_dim - (NC2 - 1) * 2 * kLanes);
     // The loops below prefetch `ahead` tokens ahead; the first rows of K and V are requested here.
     for (int64_t t = 0; t < n_tok && t < ahead; ++t) {
@@ -173,9 +175,9 @@ void attend_pass(const AttentionArgs& a, const int64_t* rows, int64_t n_tok, int
     Pair q[G][NC2];
     for (int g = 0; g < G; ++g)
         for (int c = 0; c < NC2; ++c) q[g][c] = arrange<KV>(qf + (g * NC2 + c) * 2 * kLanes);
-    v16f mx[G];
+    vf mx[G];
     for (int g = 0; g < G; ++g) mx[g] = splat(-3.0e38f);
-    alignas(64) v16f dots[G][kLanes];
+    alignas(64) vf dots[G][kLanes];
     for (int64_t t0 = 0; t0 < n_tok; t0 += kLanes) {
         const int n = n_tok - t0 < kLanes ? static_cast<int>(n_tok - t0) : kLanes;
         for (int j = 0; j < n; ++j) {
@@ -184,18 +186,18 @@ void attend_pass(const AttentionArgs& a, const int64_t* rows, int64_t n_tok, int
             Pair k[NC2];
             for (int c = 0; c < NC2; ++c) k[c] = load_pair(k_base + rows[t] + c * 2 * kLanes, c == NC2 - 1 ? last : 2 * kLanes);
             for (int g = 0; g < G; ++g) {
-                v16f d = q[g][0].a * k[0].a + q[g][0].b * k[0].b;
+                vf d = q[g][0].a * k[0].a + q[g][0].b * k[0].b;
                 for (int c = 1; c < NC2; ++c) d += q[g][c].a * k[c].a + q[g][c].b * k[c].b;
                 dots[g][j] = d;
             }
         }
-        v16f ks = {};
-        if constexpr (kScaled) ks = scales16(k_scale, scale_rows + t0, n);
+        vf ks = {};
+        if constexpr (kScaled) ks = scales_of(k_scale, scale_rows + t0, n);
         for (int g = 0; g < G; ++g) {
-            for (int j = n; j < kLanes; ++j) dots[g][j] = v16f{};
-            v16f sc = hsum16(dots[g]);
+            for (int j = n; j < kLanes; ++j) dots[g][j] = vf{};
+            vf sc = hsum_lanes(dots[g]);
             if constexpr (kScaled) sc *= ks;
-            store16(scores + g * stride + t0, sc);
+            vstore(scores + g * stride + t0, sc);
             for (int j = n; j < kLanes; ++j) sc[j] = -3.0e38f;  // past the stretch: not part of the max
             mx[g] = sc > mx[g] ? sc : mx[g];
         }
@@ -203,14 +205,14 @@ void attend_pass(const AttentionArgs& a, const int64_t* rows, int64_t n_tok, int
     for (int g = 0; g < G; ++g) {
         float* sg = scores + g * stride;
         const float m = hmax(mx[g]);
-        v16f sum = {};
+        vf sum = {};
         for (int64_t t = 0; t < n_tok; t += kLanes) {
             const int n = n_tok - t < kLanes ? static_cast<int>(n_tok - t) : kLanes;
-            v16f e = vexp(load16(sg + t, n) - m);
+            vf e = vexp(vload(sg + t, n) - m);
             for (int i = n; i < kLanes; ++i) e[i] = 0.0f;
             sum += e;
-            if constexpr (kScaled) e *= scales16(v_scale, scale_rows + t, n);  // V rows' scales, in the weights
-            store16(sg + t, e, n);
+            if constexpr (kScaled) e *= scales_of(v_scale, scale_rows + t, n);  // V rows' scales, in the weights
+            vstore(sg + t, e, n);
         }
         out[g][NC2 * 2 * kLanes] = m;
         out[g][NC2 * 2 * kLanes + 1] = hsum(sum);
@@ -239,11 +241,14 @@ void attend_pass(const AttentionArgs& a, const int64_t* rows, int64_t n_tok, int
         for (int c = 0; c < NC2; ++c) unarrange<KV>(acc[g][c], out[g] + c * 2 * kLanes);
 }
 
-constexpr int kMaxChunks = 8;  // 32-element chunks per head: head_dim <= 256
+constexpr int kMaxChunks = 256 / (2 * kLanes);  // chunks of 2 * kLanes elements per head: head_dim <= 256
 
-// Query heads per pass for NC2 chunks per head: their queries take at most 16 vector registers.
+// Query heads per pass for NC2 chunks per head: their queries take at most half the vector registers.
 constexpr int kMaxHeadsPerPass = 4;
-constexpr int heads_per_pass(int nc2) { return 8 / nc2 < 1 ? 1 : 8 / nc2 > kMaxHeadsPerPass ? kMaxHeadsPerPass : 8 / nc2; }
+constexpr int kQueryPairs = kVecRegs / 4;  // two registers a chunk
+constexpr int heads_per_pass(int nc2) {
+    return kQueryPairs / nc2 < 1 ? 1 : kQueryPairs / nc2 > kMaxHeadsPerPass ? kMaxHeadsPerPass : kQueryPairs / nc2;
+}
 
 template <typename KV, int NC2, int G>
 void pass_dispatch_g(int g, const AttentionArgs& a, const int64_t* rows, int64_t n_tok, int64_t kvh, int64_t next_kvh,
@@ -266,7 +271,7 @@ void pass_dispatch(int nc2, int g, const AttentionArgs& a, const int64_t* rows, 
     pass_dispatch_g<KV, NC2, heads_per_pass(NC2)>(g, a, rows, n_tok, kvh, next_kvh, qf, scores, stride, out);
 }
 
-// head_dim rounded up to whole 32-element chunks: the length of a partial output.
+// head_dim rounded up to whole chunks: the length of a partial output.
 inline int64_t padded_dim(int64_t head_dim) { return round_up(head_dim, 2 * kLanes); }
 
 // The split of every sequence into stretches: task i covers tokens [start, start + len) of seq, and
@@ -304,7 +309,7 @@ void attention_tasks(void* ctx, int64_t begin, int64_t end) {
                     const int64_t h = kvh * group + g0 + g;
                     float* qg = qf + g * nc2 * 2 * kLanes;
                     if (g0 + g >= group) {  // padding head: zero query, result discarded
-                        for (int64_t i = 0; i < nc2 * 2 * kLanes; i += kLanes) store16(qg + i, v16f{});
+                        for (int64_t i = 0; i < nc2 * 2 * kLanes; i += kLanes) vstore(qg + i, vf{});
                         out[g] = sink;
                         continue;
                     }
@@ -312,7 +317,7 @@ void attention_tasks(void* ctx, int64_t begin, int64_t end) {
                     const void* q = row_ptr(a.q, a.q_type, b * a.q_stride_b + h * a.q_stride_h);
                     for (int64_t i = 0; i < nc2 * 2 * kLanes; i += kLanes) {
                         const int n = d - i >= kLanes ? kLanes : d - i > 0 ? static_cast<int>(d - i) : 0;
-                        store16(qg + i, n ? load_any(q, a.q_type, i, n) * a.scale : v16f{});
+                        vstore(qg + i, n ? load_any(q, a.q_type, i, n) * a.scale : vf{});
                     }
                 }
                 const int64_t next_kvh = g0 + per_pass < group || kvh + 1 == a.kv_heads ? -1 : kvh + 1;
@@ -350,12 +355,12 @@ void merge_stretches(void* ctx, int64_t begin, int64_t end) {
             const float* p = s.part.head(t, a.heads, h);
             const float w = __builtin_expf(p[dp] - m);
             total += p[dp + 1] * w;
-            for (int64_t c = 0; c < d; c += kLanes) store16(o + c, load16(o + c) + load16(p + c) * w);
+            for (int64_t c = 0; c < d; c += kLanes) vstore(o + c, vload(o + c) + vload(p + c) * w);
         }
         const float inv = total > 0.0f ? 1.0f / total : 0.0f;
         for (int64_t c = 0; c < d; c += kLanes) {
             const int n = d - c < kLanes ? static_cast<int>(d - c) : kLanes;
-            store_any(a.out, a.o_type, (b * a.heads + h) * d + c, load16(o + c) * inv, n);
+            store_any(a.out, a.o_type, (b * a.heads + h) * d + c, vload(o + c) * inv, n);
         }
     }
 }
@@ -401,22 +406,21 @@ void attention(const AttentionArgs& a) {
 // No fused multiply-add: the product is rounded before rounding to an integer, on every ISA level alike.
 __attribute__((optimize("fp-contract=off"))) inline void quantize_row(const void* src, DType type, int64_t offset, int64_t d, int8_t* dst, float* scale) {
     alignas(64) float x[kMaxChunks * 2 * kLanes];
-    v16f top = {};
+    vf top = {};
     for (int64_t i = 0; i < d; i += kLanes) {
         const int n = d - i < kLanes ? static_cast<int>(d - i) : kLanes;
-        const v16f v = load_any(src, type, offset + i, n);
-        store16(x + i, v);
-        const v16f mag = v < 0.0f ? -v : v;
+        const vf v = load_any(src, type, offset + i, n);
+        vstore(x + i, v);
+        const vf mag = v < 0.0f ? -v : v;
         top = mag > top ? mag : top;
     }
     const float amax = hmax(top);
     *scale = amax / 127.0f;
     const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-    typedef int8_t v16c __attribute__((vector_size(16)));
     for (int64_t i = 0; i < d; i += kLanes) {
         // Adding and taking away 1.5 * 2^23 rounds |v| <= 127 to the nearest integer, ties to even (as lrintf).
-        const v16f r = (load16(x + i) * inv + 12582912.0f) - 12582912.0f;
-        const v16c q = __builtin_convertvector(__builtin_convertvector(r, v16i), v16c);
+        const vf r = (vload(x + i) * inv + 12582912.0f) - 12582912.0f;
+        const vc q = __builtin_convertvector(__builtin_convertvector(r, vi), vc);
         __builtin_memcpy(dst + i, &q, d - i < kLanes ? d - i : kLanes);
     }
 }

@@ -1,76 +1,120 @@
 // Fused small ops and (through attention_impl.h) paged decode attention, written once with GCC vector
-// extensions and compiled per ISA level (ops_scalar.cpp, ops_avx2.cpp, ops_avx512.cpp): a 16-float vector
-// becomes one zmm, two ymm or four xmm. Included inside an anonymous namespace.
+// extensions and compiled per ISA level (ops_scalar.cpp, ops_avx2.cpp, ops_avx512.cpp). A vector is as wide as
+// the level's registers: 16 floats with AVX-512, 8 with AVX2, 4 with the baseline's SSE2. GCC keeps a generic
+// vector wider than the hardware's in memory, not in registers, so a 16-float vector on AVX2 ran several
+// times slower than two 8-float ones. Included inside an anonymous namespace.
 
-typedef float v16f __attribute__((vector_size(64)));
-typedef int32_t v16i __attribute__((vector_size(64)));
-typedef uint32_t v16u __attribute__((vector_size(64)));
-typedef uint16_t v16h __attribute__((vector_size(32)));
-constexpr int kLanes = 16;
+#if defined(__AVX512F__)
+#define IRONLM_LANES 16
+#elif defined(__AVX2__)
+#define IRONLM_LANES 8
+#else
+#define IRONLM_LANES 4
+#endif
+constexpr int kLanes = IRONLM_LANES;
+constexpr int kVecBytes = 4 * kLanes;
+typedef float vf __attribute__((vector_size(kVecBytes)));
+typedef int32_t vi __attribute__((vector_size(kVecBytes)));
+typedef uint32_t vu __attribute__((vector_size(kVecBytes)));
+typedef uint16_t vh __attribute__((vector_size(kVecBytes / 2)));
+typedef int8_t vc __attribute__((vector_size(kVecBytes / 4)));
+// Registers of the level's width: what the register tiles below are sized by.
+constexpr int kVecRegs = kLanes == 16 ? 32 : 16;
 
-// Not v16f{} + v: adding +0 is not an identity (-0 + 0 = +0), so the compiler emits the add before broadcasting.
-inline v16f splat(float v) { return v16f{v, v, v, v, v, v, v, v, v, v, v, v, v, v, v, v}; }
+// Not vf{} + v: adding +0 is not an identity (-0 + 0 = +0), so the compiler emits the add before broadcasting.
+inline vf splat(float v) {
+#if IRONLM_LANES == 16
+    return vf{v, v, v, v, v, v, v, v, v, v, v, v, v, v, v, v};
+#elif IRONLM_LANES == 8
+    return vf{v, v, v, v, v, v, v, v};
+#else
+    return vf{v, v, v, v};
+#endif
+}
 
 typedef float v8f __attribute__((vector_size(32)));
 typedef float v4f __attribute__((vector_size(16)));
 
-inline float hsum(v16f v) {  // a tree of half-width adds
+// The lowest 4 lanes of a tree of half-width combinations of v: max or sum.
+template <bool kMax>
+inline v4f fold4(vf v) {
+#if IRONLM_LANES == 16
     v8f lo, hi;
     __builtin_memcpy(&lo, &v, 32);
     __builtin_memcpy(&hi, reinterpret_cast<const char*>(&v) + 32, 32);
-    lo += hi;
+    if constexpr (kMax) lo = lo > hi ? lo : hi;
+    else lo += hi;
+#elif IRONLM_LANES == 8
+    const v8f lo = v;
+#endif
+#if IRONLM_LANES >= 8
     v4f a, b;
     __builtin_memcpy(&a, &lo, 16);
     __builtin_memcpy(&b, reinterpret_cast<const char*>(&lo) + 16, 16);
-    a += b;
+    if constexpr (kMax) a = a > b ? a : b;
+    else a += b;
+    return a;
+#else
+    return v;
+#endif
+}
+
+inline float hsum(vf v) {  // a tree of half-width adds
+    const v4f a = fold4<false>(v);
     return (a[0] + a[2]) + (a[1] + a[3]);
 }
 
-// Loads and stores of 16 elements (n < 16 for a row's tail: the rest reads as 0).
-inline v16f load16(const float* p, int n = kLanes) {
-    v16f v = {};
-    if (n == kLanes) __builtin_memcpy(&v, p, 64);
+inline float hmax(vf v) {  // a tree of half-width maxima, like hsum
+    const v4f a = fold4<true>(v);
+    const float x = a[0] > a[2] ? a[0] : a[2], y = a[1] > a[3] ? a[1] : a[3];
+    return x > y ? x : y;
+}
+
+// Loads and stores of one vector (n < kLanes for a row's tail: the rest reads as 0).
+inline vf vload(const float* p, int n = kLanes) {
+    vf v = {};
+    if (n == kLanes) __builtin_memcpy(&v, p, kVecBytes);
     else __builtin_memcpy(&v, p, n * 4);
     return v;
 }
 
-inline v16f load16(const uint16_t* p, int n = kLanes) {
-    v16h h = {};
-    if (n == kLanes) __builtin_memcpy(&h, p, 32);
+inline vf vload(const uint16_t* p, int n = kLanes) {
+    vh h = {};
+    if (n == kLanes) __builtin_memcpy(&h, p, kVecBytes / 2);
     else __builtin_memcpy(&h, p, n * 2);
-    const v16u u = __builtin_convertvector(h, v16u) << 16;
-    v16f f;
-    __builtin_memcpy(&f, &u, 64);
+    const vu u = __builtin_convertvector(h, vu) << 16;
+    vf f;
+    __builtin_memcpy(&f, &u, kVecBytes);
     return f;
 }
 
-inline void store16(float* p, v16f v, int n = kLanes) {
-    if (n == kLanes) __builtin_memcpy(p, &v, 64);  // constant size: one vector store, no call
+inline void vstore(float* p, vf v, int n = kLanes) {
+    if (n == kLanes) __builtin_memcpy(p, &v, kVecBytes);  // constant size: one vector store, no call
     else __builtin_memcpy(p, &v, n * 4);
 }
 
-inline void store16(uint16_t* p, v16f v, int n = kLanes) {
-    v16u u;
-    __builtin_memcpy(&u, &v, 64);
+inline void vstore(uint16_t* p, vf v, int n = kLanes) {
+    vu u;
+    __builtin_memcpy(&u, &v, kVecBytes);
     u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even (NaN payloads are not preserved)
-    const v16h h = __builtin_convertvector(u >> 16, v16h);
-    if (n == kLanes) __builtin_memcpy(p, &h, 32);
+    const vh h = __builtin_convertvector(u >> 16, vh);
+    if (n == kLanes) __builtin_memcpy(p, &h, kVecBytes / 2);
     else __builtin_memcpy(p, &h, n * 2);
 }
 
-inline v16f round_bf16(v16f v) {  // what storing as bf16 and loading back gives
+inline vf round_bf16(vf v) {  // what storing as bf16 and loading back gives
     alignas(64) uint16_t t[kLanes];
-    store16(t, v);
-    return load16(t);
+    vstore(t, v);
+    return vload(t);
 }
 
-inline v16f load_any(const void* p, DType t, int64_t i, int n = kLanes) {
-    return t == DType::f32 ? load16(static_cast<const float*>(p) + i, n) : load16(static_cast<const uint16_t*>(p) + i, n);
+inline vf load_any(const void* p, DType t, int64_t i, int n = kLanes) {
+    return t == DType::f32 ? vload(static_cast<const float*>(p) + i, n) : vload(static_cast<const uint16_t*>(p) + i, n);
 }
 
-inline void store_any(void* p, DType t, int64_t i, v16f v, int n = kLanes) {
-    if (t == DType::f32) store16(static_cast<float*>(p) + i, v, n);
-    else store16(static_cast<uint16_t*>(p) + i, v, n);
+inline void store_any(void* p, DType t, int64_t i, vf v, int n = kLanes) {
+    if (t == DType::f32) vstore(static_cast<float*>(p) + i, v, n);
+    else vstore(static_cast<uint16_t*>(p) + i, v, n);
 }
 
 inline const void* row_ptr(const void* p, DType t, int64_t offset) {
@@ -82,24 +126,24 @@ inline void* row_ptr(void* p, DType t, int64_t offset) {
 }
 
 // exp for float vectors: 2^n * p(r), |r| <= ln2/2, relative error about 2e-7 (Cephes polynomial).
-inline v16f vexp(v16f x) {
+inline vf vexp(vf x) {
     x = x > 88.0f ? splat(88.0f) : x;
     x = x < -88.0f ? splat(-88.0f) : x;
-    const v16f fx = x * 1.44269504088896341f;
-    v16i n = __builtin_convertvector(fx + (fx >= 0.0f ? splat(0.5f) : splat(-0.5f)), v16i);
-    const v16f nf = __builtin_convertvector(n, v16f);
-    v16f r = x - nf * 0.693359375f;
+    const vf fx = x * 1.44269504088896341f;
+    vi n = __builtin_convertvector(fx + (fx >= 0.0f ? splat(0.5f) : splat(-0.5f)), vi);
+    const vf nf = __builtin_convertvector(n, vf);
+    vf r = x - nf * 0.693359375f;
     r = r - nf * -2.12194440e-4f;
-    v16f p = splat(1.9875691500e-4f);
+    vf p = splat(1.9875691500e-4f);
     p = p * r + 1.3981999507e-3f;
     p = p * r + 8.3334519073e-3f;
     p = p * r + 4.1665795894e-2f;
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
-    const v16i bits = (n + 127) << 23;
-    v16f scale;
-    __builtin_memcpy(&scale, &bits, 64);
+    const vi bits = (n + 127) << 23;
+    vf scale;
+    __builtin_memcpy(&scale, &bits, kVecBytes);
     return p * scale;
 }
 
@@ -119,10 +163,10 @@ void rms_norm_rows(void* ctx, int64_t begin, int64_t end) {
         void* res = a.residual ? row_ptr(a.residual, a.r_type, r * a.ldr) : nullptr;
         const void* src = res ? static_cast<const void*>(res) : x;
         const DType src_type = res ? a.r_type : a.x_type;
-        v16f ss = {};
+        vf ss = {};
         for (int64_t i = 0; i < d; i += kLanes) {
             const int n = d - i < kLanes ? static_cast<int>(d - i) : kLanes;
-            v16f v = load_any(x, a.x_type, i, n);
+            vf v = load_any(x, a.x_type, i, n);
             if (res) {
                 v += load_any(res, a.r_type, i, n);
                 store_any(res, a.r_type, i, v, n);
@@ -134,7 +178,7 @@ void rms_norm_rows(void* ctx, int64_t begin, int64_t end) {
         void* out = row_ptr(a.out, a.o_type, r * a.ldo);
         for (int64_t i = 0; i < d; i += kLanes) {
             const int n = d - i < kLanes ? static_cast<int>(d - i) : kLanes;
-            v16f v = load_any(src, src_type, i, n) * inv;
+            vf v = load_any(src, src_type, i, n) * inv;
             if (src_type == DType::bf16) v = round_bf16(v);
             store_any(out, a.o_type, i, v * load_any(a.weight, a.w_type, i, n), n);
         }
@@ -155,7 +199,7 @@ void silu_mul_rows(void* ctx, int64_t begin, int64_t end) {
         void* out = row_ptr(a.out, a.o_type, r * a.ldo);
         for (int64_t i = 0; i < a.inter; i += kLanes) {
             const int n = a.inter - i < kLanes ? static_cast<int>(a.inter - i) : kLanes;
-            const v16f gate = load_any(g, a.g_type, i, n), up = load_any(g, a.g_type, a.inter + i, n);
+            const vf gate = load_any(g, a.g_type, i, n), up = load_any(g, a.g_type, a.inter + i, n);
             store_any(out, a.o_type, i, gate / (1.0f + vexp(-gate)) * up, n);
         }
     }
@@ -171,8 +215,8 @@ void silu_mul(const SiluMulArgs& a) {
 void rope_head(void* p, DType t, const float* c, const float* s, int64_t half) {
     for (int64_t i = 0; i < half; i += kLanes) {
         const int n = half - i < kLanes ? static_cast<int>(half - i) : kLanes;
-        const v16f x1 = load_any(p, t, i, n), x2 = load_any(p, t, half + i, n);
-        const v16f cv = load16(c + i, n), sv = load16(s + i, n);
+        const vf x1 = load_any(p, t, i, n), x2 = load_any(p, t, half + i, n);
+        const vf cv = vload(c + i, n), sv = vload(s + i, n);
         store_any(p, t, i, x1 * cv - x2 * sv, n);
         store_any(p, t, half + i, x2 * cv + x1 * sv, n);
     }

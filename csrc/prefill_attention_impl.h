@@ -2,12 +2,12 @@
 // Included by ops_impl.h (inside its anonymous namespace) after the vector helpers.
 //
 // The call works through the kv heads in slices small enough for the cache. For each slice it copies K into
-// (slice, Cp / 16, Dp, 16) floats (each group of 16 keys transposed), V into (slice, Cp, Dp) and the slice's
-// query heads into (L, heads, Dp) floats times the scale (Dp: head_dim rounded up to 64, Cp: context rounded
-// up to 64, the padding zero). A task is 24 query rows of one head. Its rows go 6 at a time over
-// key blocks of 64: the 6 x 64 scores come from broadcasting q[d] against element d of 4 groups of 16 keys
-// (24 accumulators), an online softmax keeps each row's running max and sum, and P V adds the block's keys
-// into a 6 x Dp output kept in L1.
+// (slice, Cp / W, Dp, W) floats (each group of W = kLanes keys transposed), V into (slice, Cp, Dp) and the
+// slice's query heads into (L, heads, Dp) floats times the scale (Dp: head_dim and Cp: context rounded up to a
+// key block, the padding zero). A task is 24 query rows of one head. Its rows go R = kPrefillRows at a time
+// over key blocks of 4 W keys (64 with AVX-512, 32 with AVX2): the R x 4W scores come from broadcasting q[d]
+// against element d of 4 groups of W keys (4R accumulators), an online softmax keeps each row's running max
+// and sum, and P V adds the block's keys into an R x Dp output kept in L1.
 //
 // With AVX512-BF16 and a bf16 q (a bf16 model) the same runs on bf16 pairs with vdpbf16ps, two products per
 // lane: K as (slice, Cp / 16, Dp / 2, 16, 2) (a group's keys side by side for each pair of dims), V as
@@ -15,9 +15,10 @@
 // instead, so q stays exact) and the probabilities rounded to bf16 for P V. int8 rows go in as their integers
 // (exact in bf16) and their scales multiply the scores and the probabilities. The softmax stays in float32.
 
-constexpr int64_t kPrefillRows = 6;       // query rows per register tile
+// Query rows per register tile: 4 accumulators a row, and a quarter of the registers left for the keys.
+constexpr int64_t kPrefillRows = kVecRegs == 32 ? 6 : 3;
 constexpr int64_t kPrefillTaskRows = 24;  // query rows per task
-constexpr int64_t kKeyBlock = 64;         // keys per block; also the padding unit of Dp and Cp
+constexpr int64_t kKeyBlock = 4 * kLanes; // keys per block; also the padding unit of Dp and Cp
 constexpr int64_t kMaxPrefillDim = 256;
 constexpr float kSlack = 8.0f;            // how far scores may pass a row's reference max unrescaled
 
@@ -27,7 +28,7 @@ struct PrefillCtx {
     int64_t group;   // query heads per kv head
     int64_t kvh0, kvh_n;  // the slice of kv heads being worked on: [kvh0, kvh0 + kvh_n)
     float* qs;  // (L, kvh_n * group, Dp), the slice's query heads, scaled
-    float* kt;  // (kvh_n, Cp / 16, Dp, 16)
+    float* kt;  // (kvh_n, Cp / W, Dp, W)
     float* vs;  // (kvh_n, Cp, Dp)
     // the bf16 layouts instead (see the top): q unscaled
     uint16_t* qs16;  // (L, kvh_n * group, Dp)
@@ -38,7 +39,7 @@ struct PrefillCtx {
 };
 
 // Elements [i, i + n) of a K or V row as floats; i8 rows still need their scale.
-inline v16f load_kv(const void* p, DType t, int64_t i, int n) {
+inline vf load_kv(const void* p, DType t, int64_t i, int n) {
     if (t != DType::i8) return load_any(p, t, i, n);
     const int8_t* src = static_cast<const int8_t*>(p) + i;
     alignas(16) int8_t tail[kLanes] = {};
@@ -46,11 +47,11 @@ inline v16f load_kv(const void* p, DType t, int64_t i, int n) {
         __builtin_memcpy(tail, src, n);
         src = tail;
     }
-    return __builtin_convertvector(widen8(src), v16f);
+    return __builtin_convertvector(widen8(src), vf);
 }
 
 template <bool kBf16>
-void prefill_pack_kv(void* ctx, int64_t begin, int64_t end) {  // over groups of 16 keys, padding included
+void prefill_pack_kv(void* ctx, int64_t begin, int64_t end) {  // over groups of W keys, padding included
     const PrefillCtx& c = *static_cast<const PrefillCtx*>(ctx);
     const PrefillAttentionArgs& a = *c.a;
     const int64_t dp = c.dp;
@@ -60,8 +61,8 @@ void prefill_pack_kv(void* ctx, int64_t begin, int64_t end) {  // over groups of
     for (int64_t g = begin; g < end; ++g) {
         for (int64_t s = 0; s < c.kvh_n; ++s) {
             const int64_t h = c.kvh0 + s;
-            // The 16 keys of a group sit side by side for each d (each pair of d in bf16), in a 4 KB run
-            // (2 KB in bf16) for head_dim 64.
+            // The W keys of a group sit side by side for each d (each pair of d in bf16), in a 4 KB run
+            // (2 KB in bf16) for head_dim 64 and W = 16.
             const int64_t group_at = s * dp * c.cp + g * dp * kLanes;
             for (int64_t t = g * kLanes; t < (g + 1) * kLanes; ++t) {
                 // where key t's K and V rows start, and their scales (int8 pools only)
@@ -80,14 +81,14 @@ void prefill_pack_kv(void* ctx, int64_t begin, int64_t end) {  // over groups of
                 for (int64_t i = 0; i < dp; i += kLanes) {
                     const int64_t left = t < a.context ? a.head_dim - i : 0;  // padding keys and dims are zero
                     const int n = left >= kLanes ? kLanes : static_cast<int>(left > 0 ? left : 0);
-                    const v16f kv = n ? load_kv(a.k, a.k_type, k_at + i, n) * ks : v16f{};
-                    const v16f vv = n ? load_kv(a.v, a.v_type, v_at + i, n) * vs : v16f{};
+                    const vf kv = n ? load_kv(a.k, a.k_type, k_at + i, n) * ks : vf{};
+                    const vf vv = n ? load_kv(a.v, a.v_type, v_at + i, n) * vs : vf{};
                     if constexpr (kBf16) {
-                        store16(krow + i, kv);
-                        store16(vrow + i, vv);
+                        vstore(krow + i, kv);
+                        vstore(vrow + i, vv);
                     } else {
-                        store16(row + i, kv);
-                        store16(c.vs + (s * c.cp + t) * dp + i, vv);
+                        vstore(row + i, kv);
+                        vstore(c.vs + (s * c.cp + t) * dp + i, vv);
                     }
                 }
                 if constexpr (kBf16) {
@@ -114,17 +115,17 @@ void prefill_pack_q(void* ctx, int64_t begin, int64_t end) {
             const int64_t h = hq0 + s;
             for (int64_t i = 0; i < c.dp; i += kLanes) {
                 const int n = a.head_dim - i >= kLanes ? kLanes : static_cast<int>(a.head_dim > i ? a.head_dim - i : 0);
-                const v16f q = n ? load_any(a.q, a.q_type, t * a.q_stride_t + h * a.q_stride_h + i, n) : v16f{};
-                if constexpr (kBf16) store16(c.qs16 + (t * nq + s) * c.dp + i, q);
-                else store16(c.qs + (t * nq + s) * c.dp + i, q * a.scale);
+                const vf q = n ? load_any(a.q, a.q_type, t * a.q_stride_t + h * a.q_stride_h + i, n) : vf{};
+                if constexpr (kBf16) vstore(c.qs16 + (t * nq + s) * c.dp + i, q);
+                else vstore(c.qs + (t * nq + s) * c.dp + i, q * a.scale);
             }
         }
 }
 
 // acc[i] += x * w[i] for the 4 vectors of one tile row: a score block (x = q[d], w = K^T row d) or an output
 // block (x = p[j], w = V row j).
-inline void add_scaled(v16f (&acc)[4], float x, const v16f (&w)[4]) {
-    const v16f xv = splat(x);
+inline void add_scaled(vf (&acc)[4], float x, const vf (&w)[4]) {
+    const vf xv = splat(x);
     for (int i = 0; i < 4; ++i) acc[i] += xv * w[i];
 }
 
@@ -132,11 +133,11 @@ inline void add_scaled(v16f (&acc)[4], float x, const v16f (&w)[4]) {
 // acc[i] += x[0] w[i][0] + x[1] w[i][1] over the 4 vectors of one tile row, each lane a bf16 pair: a score
 // block (x = q[2d], q[2d + 1]; w = the pair of dims of 4 groups of keys) or an output block (x = p[j], p[j + 1];
 // w = V rows j and j + 1 for 4 x 16 dims).
-inline void add_pairs(v16f (&acc)[4], const uint16_t* x, const __m512i (&w)[4]) {
+inline void add_pairs(vf (&acc)[4], const uint16_t* x, const __m512i (&w)[4]) {
     int32_t x2;
     __builtin_memcpy(&x2, x, 4);
     const __m512bh xv = (__m512bh)_mm512_set1_epi32(x2);
-    for (int i = 0; i < 4; ++i) acc[i] = (v16f)_mm512_dpbf16_ps((__m512)acc[i], (__m512bh)w[i], xv);
+    for (int i = 0; i < 4; ++i) acc[i] = (vf)_mm512_dpbf16_ps((__m512)acc[i], (__m512bh)w[i], xv);
 }
 
 inline __m512i load_pairs(const uint16_t* p) { return _mm512_loadu_si512(p); }
@@ -165,13 +166,13 @@ void prefill_rows(const PrefillCtx& c, int64_t s, int64_t r0, int64_t nr) {
     for (int r = 0; r < kPrefillRows; ++r) {
         m[r] = -__builtin_inff();
         l[r] = 0.0f;
-        for (int64_t i = 0; i < dp; i += kLanes) store16(o[r] + i, v16f{});
+        for (int64_t i = 0; i < dp; i += kLanes) vstore(o[r] + i, vf{});
     }
-    v16f lane;
+    vf lane;
     for (int i = 0; i < kLanes; ++i) lane[i] = static_cast<float>(i);
     for (int64_t j0 = 0; j0 < kv_end; j0 += kKeyBlock) {
-        // scores: s[r][v] = q[r] . K[j0 + 16 v + lane]
-        v16f s[kPrefillRows][4] = {};
+        // scores: s[r][v] = q[r] . K[j0 + W v + lane]
+        vf s[kPrefillRows][4] = {};
         if constexpr (kBf16) {
 #ifdef __AVX512BF16__
             const uint16_t* group = c.kt16 + kv_at + j0 * dp;  // 4 groups of 16 keys, dp x 16 bf16 each
@@ -181,18 +182,18 @@ void prefill_rows(const PrefillCtx& c, int64_t s, int64_t r0, int64_t nr) {
                                       load_pairs(kr + 3 * dp * kLanes)};
                 for (int r = 0; r < kPrefillRows; ++r) add_pairs(s[r], c.qs16 + q_at[r] + d, k);
             }
-            v16f to_score[4];  // what turns the products into scores: the scale, times each key's for int8 rows
+            vf to_score[4];  // what turns the products into scores: the scale, times each key's for int8 rows
             for (int v = 0; v < 4; ++v)
-                to_score[v] = c.k_scales ? load16(c.k_scales + scales_at + j0 + 16 * v) * a.scale : splat(a.scale);
+                to_score[v] = c.k_scales ? vload(c.k_scales + scales_at + j0 + kLanes * v) * a.scale : splat(a.scale);
             for (int r = 0; r < kPrefillRows; ++r)
                 for (int v = 0; v < 4; ++v) s[r][v] *= to_score[v];
 #endif
         } else {
-            const float* group = c.kt + kv_at + j0 * dp;  // 4 groups of 16 keys, dp x 16 floats each
+            const float* group = c.kt + kv_at + j0 * dp;  // 4 groups of W keys, dp x W floats each
             for (int64_t d = 0; d < dp; ++d) {
                 const float* kr = group + d * kLanes;
-                const v16f k[4] = {load16(kr), load16(kr + dp * kLanes), load16(kr + 2 * dp * kLanes),
-                                   load16(kr + 3 * dp * kLanes)};
+                const vf k[4] = {vload(kr), vload(kr + dp * kLanes), vload(kr + 2 * dp * kLanes),
+                                   vload(kr + 3 * dp * kLanes)};
                 for (int r = 0; r < kPrefillRows; ++r) add_scaled(s[r], c.qs[q_at[r] + d], k);
             }
         }
@@ -200,10 +201,10 @@ void prefill_rows(const PrefillCtx& c, int64_t s, int64_t r0, int64_t nr) {
         // block's max passes it by more than kSlack (e^(s - m) stays below e^8), so most blocks rescale nothing.
         for (int r = 0; r < kPrefillRows; ++r) {
             const bool partial = j0 + kKeyBlock > pos[r] + 1;
-            const v16f limit = splat(static_cast<float>(pos[r] - j0));  // exact: positions < 2^24
-            v16f top = splat(-__builtin_inff());
+            const vf limit = splat(static_cast<float>(pos[r] - j0));  // exact: positions < 2^24
+            vf top = splat(-__builtin_inff());
             for (int v = 0; v < 4; ++v) {
-                if (partial) s[r][v] = lane + static_cast<float>(16 * v) <= limit ? s[r][v] : splat(-__builtin_inff());
+                if (partial) s[r][v] = lane + static_cast<float>(kLanes * v) <= limit ? s[r][v] : splat(-__builtin_inff());
                 top = s[r][v] > top ? s[r][v] : top;
             }
             const float block_max = hmax(top);
@@ -211,26 +212,26 @@ void prefill_rows(const PrefillCtx& c, int64_t s, int64_t r0, int64_t nr) {
                 if (l[r] > 0.0f) {
                     const float alpha = vexp(splat(m[r] - block_max))[0];
                     l[r] *= alpha;
-                    for (int64_t i = 0; i < dp; i += kLanes) store16(o[r] + i, load16(o[r] + i) * alpha);
+                    for (int64_t i = 0; i < dp; i += kLanes) vstore(o[r] + i, vload(o[r] + i) * alpha);
                 }
                 m[r] = block_max;
             }
-            v16f sum = {};
+            vf sum = {};
             for (int v = 0; v < 4; ++v) {
-                v16f e = vexp(s[r][v] - m[r]);
-                if (partial) e = lane + static_cast<float>(16 * v) <= limit ? e : v16f{};
-                if constexpr (kBf16) store16(p16[r] + 16 * v, c.v_scales ? e * load16(c.v_scales + scales_at + j0 + 16 * v) : e);
-                else store16(p[r] + 16 * v, e);
+                vf e = vexp(s[r][v] - m[r]);
+                if (partial) e = lane + static_cast<float>(kLanes * v) <= limit ? e : vf{};
+                if constexpr (kBf16) vstore(p16[r] + kLanes * v, c.v_scales ? e * vload(c.v_scales + scales_at + j0 + kLanes * v) : e);
+                else vstore(p[r] + kLanes * v, e);
                 sum += e;
             }
             l[r] += hsum(sum);
         }
-        // o += p V over the block's keys, 64 output dims at a time
+        // o += p V over the block's keys, 4 W output dims at a time
         const int64_t nk = kv_end - j0 < kKeyBlock ? kv_end - j0 : kKeyBlock;
         for (int64_t d0 = 0; d0 < dp; d0 += kKeyBlock) {
-            v16f acc[kPrefillRows][4];
+            vf acc[kPrefillRows][4];
             for (int r = 0; r < kPrefillRows; ++r)
-                for (int v = 0; v < 4; ++v) acc[r][v] = load16(o[r] + d0 + 16 * v);
+                for (int v = 0; v < 4; ++v) acc[r][v] = vload(o[r] + d0 + kLanes * v);
             if constexpr (kBf16) {
 #ifdef __AVX512BF16__
                 // pairs of keys; past nk the probabilities are zero and V is zero padding up to Cp
@@ -243,19 +244,19 @@ void prefill_rows(const PrefillCtx& c, int64_t s, int64_t r0, int64_t nr) {
             } else {
                 for (int64_t j = 0; j < nk; ++j) {
                     const float* vr = c.vs + kv_at + (j0 + j) * dp + d0;
-                    const v16f v[4] = {load16(vr), load16(vr + 16), load16(vr + 32), load16(vr + 48)};
+                    const vf v[4] = {vload(vr), vload(vr + kLanes), vload(vr + 2 * kLanes), vload(vr + 3 * kLanes)};
                     for (int r = 0; r < kPrefillRows; ++r) add_scaled(acc[r], p[r][j], v);
                 }
             }
             for (int r = 0; r < kPrefillRows; ++r)
-                for (int v = 0; v < 4; ++v) store16(o[r] + d0 + 16 * v, acc[r][v]);
+                for (int v = 0; v < 4; ++v) vstore(o[r] + d0 + kLanes * v, acc[r][v]);
         }
     }
     for (int r = 0; r < nr; ++r) {
         const float inv = 1.0f / l[r];
         for (int64_t i = 0; i < a.head_dim; i += kLanes) {
             const int n = a.head_dim - i < kLanes ? static_cast<int>(a.head_dim - i) : kLanes;
-            store_any(a.out, a.o_type, ((r0 + r) * a.heads + h) * a.head_dim + i, load16(o[r] + i) * inv, n);
+            store_any(a.out, a.o_type, ((r0 + r) * a.heads + h) * a.head_dim + i, vload(o[r] + i) * inv, n);
         }
     }
 }
