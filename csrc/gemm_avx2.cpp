@@ -14,7 +14,7 @@ struct VF {
     __m256 lo, hi;
 };
 constexpr int kMaxR = 2;  // 16 ymm registers: 2 rows x 1 tile of accumulators
-constexpr int kMaxRBf16 = 3;
+constexpr int kMaxRBf16 = 4;  // 8 float accumulators; 5 or 6 rows measured slower (spills, and 16 rows leave a tail)
 constexpr int kT = 1;
 constexpr int kTSmall = 2;  // decode: 1 row x 2 tiles
 constexpr int kSmallRows = 1;
@@ -51,10 +51,16 @@ inline __m256i dot4(__m256i acc, __m256i u, __m256i s) {
     const __m256i p16 = _mm256_maddubs_epi16(u, s);
     return _mm256_add_epi32(acc, _mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
 }
-inline VI dot_q4(VI acc, VI w, int32_t x4) {
-    // w <= 15, |x| <= 127: pair sums fit int16.
+// int4 weights: w <= 15 and |x| <= 127, so a pair of products is at most 3,810 and the 8 pairs a lane gets in a
+// block of 32 add up to at most 30,480: they sum in int16 and widen once a block, not once a pair.
+#define IRONLM_Q4_SUM16 1
+inline VI q4_pairs(VI pairs, VI w, int32_t x4) {
     const __m256i x = _mm256_set1_epi32(x4);
-    return {dot4(acc.lo, w.lo, x), dot4(acc.hi, w.hi, x)};
+    return {_mm256_add_epi16(pairs.lo, _mm256_maddubs_epi16(w.lo, x)), _mm256_add_epi16(pairs.hi, _mm256_maddubs_epi16(w.hi, x))};
+}
+inline VI q4_widen(VI acc, VI pairs) {
+    const __m256i one = _mm256_set1_epi16(1);
+    return {_mm256_add_epi32(acc.lo, _mm256_madd_epi16(pairs.lo, one)), _mm256_add_epi32(acc.hi, _mm256_madd_epi16(pairs.hi, one))};
 }
 inline __m256i dot_q8_half(__m256i acc, __m256i w, __m256i x) {
     // |w| as unsigned (exact even for -128) times x with w's sign; |x| <= 127 so no overflow.

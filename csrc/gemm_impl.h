@@ -8,7 +8,8 @@
 //   kT: 16-row weight tiles per micro-tile, kTSmall of them when x has at most kSmallRows rows;
 //   kQ8Offset: what int8 weights are stored offset by, as seen by dot_q8;
 //   wload, nib_lo, nib_hi, iset1, fzero, fset1, fmul, fmadd, cvt, load_h16, fstore, dot_q4, dot_q8,
-//   quantize_block, and either bf16_dot (with IRONLM_BF16_DOT defined) or bf16_even/bf16_odd.
+//   quantize_block, and either bf16_dot (with IRONLM_BF16_DOT defined) or bf16_even/bf16_odd;
+//   with IRONLM_Q4_SUM16 defined, q4_pairs and q4_widen instead of dot_q4 for the int4 formats.
 
 // Software prefetch distance along each tile's weight stream; the hardware prefetchers alone
 // leave single-core bandwidth on the table.
@@ -131,6 +132,24 @@ void int_micro(const Prepared& p, int64_t r0, int64_t tile0, Ahead ahead) {
                 }
             }
         } else {
+#ifdef IRONLM_Q4_SUM16
+            // The level sums a block's 16-bit pair products before widening them (q4_pairs, q4_widen).
+            VI pairs[R][T];
+            for (int r = 0; r < R; ++r)
+                for (int t = 0; t < T; ++t) pairs[r][t] = iset1(0);
+            for (int v = 0; v < 4; ++v) {
+                for (int t = 0; t < T; ++t) {
+                    const VI w = wload(wt[t] + v * 64);
+                    const VI lo = nib_lo(w), hi = nib_hi(w);
+                    for (int r = 0; r < R; ++r) {
+                        pairs[r][t] = q4_pairs(pairs[r][t], lo, load_i32(xr[r] + 4 * v));
+                        pairs[r][t] = q4_pairs(pairs[r][t], hi, load_i32(xr[r] + 16 + 4 * v));
+                    }
+                }
+            }
+            for (int r = 0; r < R; ++r)
+                for (int t = 0; t < T; ++t) ai[r][t] = q4_widen(ai[r][t], pairs[r][t]);
+#else
             for (int v = 0; v < 4; ++v) {
                 for (int t = 0; t < T; ++t) {
                     const VI w = wload(wt[t] + v * 64);
@@ -141,6 +160,7 @@ void int_micro(const Prepared& p, int64_t r0, int64_t tile0, Ahead ahead) {
                     }
                 }
             }
+#endif
         }
         if (ahead == Ahead::unit) {  // the same block of each tile of the next micro-tile, into L2
             for (int t = 0; t < T; ++t)
