@@ -61,3 +61,28 @@ def test_bfloat16_close_to_float32(tiny_pair, make_tiny_model):
     ours = bf16.engine.prompt_logits(tokens)
     # bf16 keeps 8 bits of mantissa: compare the distributions, not the digits.
     assert torch.nn.functional.cosine_similarity(ours, reference, dim=-1).min() > 0.99
+
+
+def test_bf16_checkpoint_at_float32_keeps_bf16_weights(make_tiny_model, tmp_path):
+    """A bf16 checkpoint run in float32: where the bf16 kernel multiplies float32 activations, the weights stay
+    bf16 (half the bytes of float32, nothing lost) and the logits are float32 math on those same weights."""
+    from transformers import AutoModelForCausalLM
+
+    from ironlm.quant import QuantLinear, bf16_rounds_activations
+
+    directory, _ = make_tiny_model("llama")
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16).eval()
+    bf16_dir = tmp_path / "bf16"
+    model.save_pretrained(bf16_dir, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        (bf16_dir / name).write_bytes((directory / name).read_bytes())
+    llm = LLM(str(bf16_dir), dtype="float32", threads=2, num_kv_blocks=64, block_size=4)
+    down = llm.engine.model.model.layers[0].mlp.down_proj
+    if bf16_rounds_activations():
+        assert not isinstance(down, QuantLinear)  # bf16 products would round the activations: torch's float32
+    else:
+        assert isinstance(down, QuantLinear) and down.fmt == "bf16"
+    tokens = list(range(3, 40))
+    with torch.no_grad():
+        expected = model.float()(torch.tensor([tokens])).logits[0]
+    torch.testing.assert_close(llm.engine.prompt_logits(tokens), expected, atol=1e-4, rtol=1e-4)

@@ -8,7 +8,7 @@ from ironlm.errors import ModelLoadError
 from ironlm.formats.checkpoint import Checkpoint, WeightSource
 from ironlm.models import get_model_class
 from ironlm.models.llama import LlamaForCausalLM, ModelArgs
-from ironlm.quant import FORMATS, QuantLinear
+from ironlm.quant import FORMATS, QuantLinear, bf16_rounds_activations
 from ironlm.quant.formats import GGUF_FORMATS
 from ironlm.quant.kquants import KQUANT_TARGETS
 
@@ -44,11 +44,11 @@ def load_model(checkpoint: Checkpoint, dtype: torch.dtype, max_model_len: int | 
         raise ModelLoadError(f"{checkpoint.path} is already converted to {stored['format']}; load it with --quant auto, "
                              f"or convert the original model to {quant}")
     groups = _group_sources(model, checkpoint)
+    linears = {name for name, module in model.named_modules() if isinstance(module, nn.Linear)}
     if stored:
         quant = stored["format"]
     elif quant == "auto":
-        quant = _auto_quant(groups, dtype)
-    linears = {name for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+        quant = _auto_quant(groups, dtype, linears)
     for target, pieces in groups.items():
         module_name, _, param_name = target.rpartition(".")
         if quant != "none" and module_name in linears and param_name in ("weight", PACKED_SUFFIX):
@@ -85,12 +85,18 @@ def load_model(checkpoint: Checkpoint, dtype: torch.dtype, max_model_len: int | 
     return model
 
 
-def _auto_quant(groups: dict[str, dict[int, WeightSource]], dtype: torch.dtype) -> str:
-    """Quantized files keep their blocks; dense weights run in bf16 on our kernels when the compute dtype is
-    bf16, and on torch's float32 matmul when it is float32 (the exact reference path)."""
+def _auto_quant(groups: dict[str, dict[int, WeightSource]], dtype: torch.dtype, linears: set[str]) -> str:
+    """Quantized files keep their blocks. Dense weights run in bf16 on our kernels when the compute dtype is bf16,
+    or when every matmul weight is stored in bf16 and the kernel multiplies float32 activations (widening bf16 is
+    exact, and reads half the bytes of float32); otherwise on torch's float32 matmul (the exact reference path)."""
     if any(s.dtype not in DENSE_TYPES for pieces in groups.values() for s in pieces.values()):
         return "auto"
-    return "bf16" if dtype == torch.bfloat16 else "none"
+    if dtype == torch.bfloat16:
+        return "bf16"
+    matmul = [s for target, pieces in groups.items() if target.rpartition(".")[0] in linears for s in pieces.values()]
+    if matmul and all(s.dtype == "BF16" for s in matmul) and not bf16_rounds_activations():
+        return "bf16"
+    return "none"
 
 
 def _group_sources(model: LlamaForCausalLM, checkpoint: Checkpoint) -> dict[str, dict[int, WeightSource]]:

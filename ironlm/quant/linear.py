@@ -142,6 +142,12 @@ def _repack_gguf(raw: np.ndarray, ggml_type: str, shape: tuple[int, int]) -> tor
     return packed
 
 
+def bf16_rounds_activations() -> bool:
+    """Whether the bf16 GEMM of the current ISA level rounds activations to bf16 (vdpbf16ps, AMX tiles). Below
+    AVX512-BF16 it widens the weights and multiplies float32 activations, so bf16-stored weights lose nothing."""
+    return _kernels.active_isa()[0] in ("avx512_bf16", "amx")
+
+
 def kernel_report() -> dict[str, str]:
     """Which kernel each weight format runs on the current ISA level (for `ironlm info`)."""
     return {fmt: _kernels.gemm_kernel_name(FORMAT_IDS[fmt]) for fmt in FORMATS}
