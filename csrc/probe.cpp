@@ -160,12 +160,15 @@ double peak_gops(const std::string& kind, int threads, int64_t iters, int repeat
     } else if (kind == "int8_avx512") {
         if (!__builtin_cpu_supports("avx512vnni")) throw std::invalid_argument("probe: CPU lacks AVX512-VNNI");
         kernel = [iters](float*, int32_t* i) { return int8_dot_avx512(iters, i); };
+    } else if (kind == "int8_avx2") {
+        if (!__builtin_cpu_supports("avx2")) throw std::invalid_argument("probe: CPU lacks AVX2");
+        kernel = [iters](float*, int32_t* i) { return int8_dot_avx2(iters, i); };
     } else if (kind == "int8_avxvnni") {
         if (!__builtin_cpu_supports("avxvnni")) throw std::invalid_argument("probe: CPU lacks AVX-VNNI");
         kernel = [iters](float*, int32_t* i) { return int8_dot_avxvnni(iters, i); };
     } else {
         throw std::invalid_argument("probe: unknown kind '" + kind +
-                                    "' (fp32_avx2, fp32_avx512, bf16_avx512, int8_avx512, int8_avxvnni)");
+                                    "' (fp32_avx2, fp32_avx512, bf16_avx512, int8_avx512, int8_avxvnni, int8_avx2)");
     }
     std::vector<double> ops(threads * 8, 0.0);
     std::vector<float> fsink(threads * 16);

@@ -21,5 +21,6 @@ double fp32_fma_avx512(int64_t iters, float* sink);
 double bf16_dot_avx512(int64_t iters, float* sink);   // vdpbf16ps
 double int8_dot_avx512(int64_t iters, int32_t* sink);  // vpdpbusd zmm (AVX512-VNNI)
 double int8_dot_avxvnni(int64_t iters, int32_t* sink); // vpdpbusd ymm (AVX-VNNI)
+double int8_dot_avx2(int64_t iters, int32_t* sink);    // vpmaddubsw + vpaddw ymm (int16 sums)
 
 }  // namespace ironlm::probe

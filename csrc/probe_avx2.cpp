@@ -46,4 +46,24 @@ double fp32_fma_avx2(int64_t iters, float* sink) {
     return static_cast<double>(iters) * kChains * 8 * 2;
 }
 
+double int8_dot_avx2(int64_t iters, int32_t* sink) {
+    // The fastest dot product ironlm's AVX2 kernels run (int4 weights): vpmaddubsw, then vpaddw into 16-bit sums
+    // (the vpmaddwd that widens them comes once per 8 of these). Each chain feeds its accumulator back in as the
+    // bytes, so nothing is loop-invariant.
+    constexpr int kChains = 12;
+    __m256i acc[kChains];
+    _Pragma("GCC unroll 16")
+    for (int c = 0; c < kChains; ++c) acc[c] = _mm256_set1_epi32(c);
+    const __m256i b = _mm256_set1_epi8(-2);
+    for (int64_t i = 0; i < iters; ++i) {
+        _Pragma("GCC unroll 16")
+        for (int c = 0; c < kChains; ++c)
+            acc[c] = _mm256_add_epi16(acc[c], _mm256_maddubs_epi16(acc[c], b));
+    }
+    __m256i s = acc[0];
+    for (int c = 1; c < kChains; ++c) s = _mm256_add_epi16(s, acc[c]);
+    *sink = _mm256_extract_epi32(s, 0);
+    return static_cast<double>(iters) * kChains * 32 * 2;  // 32 products a vpmaddubsw
+}
+
 }  // namespace ironlm::probe

@@ -89,6 +89,8 @@ def test_probe_kernel_choice_follows_features():
     assert probes.peak_kernels({}) == {"fp32": None, "bf16": None, "int8": None}
     assert probes.peak_kernels({"avx2": True, "avx_vnni": True}) == {"fp32": "fp32_avx2", "bf16": None,
                                                                       "int8": "int8_avxvnni"}
+    assert probes.peak_kernels({"avx2": True}) == {"fp32": "fp32_avx2", "bf16": None, "int8": "int8_avx2"}
+    assert probes.peak_kernels({"avx2": True, "avx512f": True})["int8"] is None
     full = probes.peak_kernels({"avx2": True, "avx512f": True, "avx512_bf16": True, "avx512_vnni": True})
     assert full == {"fp32": "fp32_avx512", "bf16": "bf16_avx512", "int8": "int8_avx512"}
     assert probes.read_isa({"avx2": True}) == "avx2"

@@ -13,7 +13,7 @@ from pathlib import Path
 from ironlm.errors import IronlmError
 from ironlm.hardware import CpuInfo, cpu_info
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 DEFAULT_BANDWIDTH_BYTES = 1 << 30  # far larger than any cache
 DEFAULT_FLOP_ITERS = 500_000       # rounds of 12 vector multiply-adds: ~12 ms per run
 # Best of many short runs: on a shared machine some run gets every thread a core of its own.
@@ -54,7 +54,10 @@ def peak_kernels(features: dict[str, bool]) -> dict[str, str | None]:
     """The widest micro-kernel per dtype that this CPU and OS support (None: no native instructions)."""
     fp32 = "fp32_avx512" if features.get("avx512f") else "fp32_avx2" if features.get("avx2") else None
     bf16 = "bf16_avx512" if features.get("avx512_bf16") else None
-    int8 = "int8_avx512" if features.get("avx512_vnni") else "int8_avxvnni" if features.get("avx_vnni") else None
+    # AVX2 without VNNI: the vpmaddubsw sequence ironlm's AVX2 kernels use (AVX-512 without VNNI runs it on zmm,
+    # which no probe measures).
+    int8 = ("int8_avx512" if features.get("avx512_vnni") else "int8_avxvnni" if features.get("avx_vnni")
+            else "int8_avx2" if features.get("avx2") and not features.get("avx512f") else None)
     return {"fp32": fp32, "bf16": bf16, "int8": int8}
 
 
