@@ -2,11 +2,13 @@
 import argparse
 import json
 
+import numpy as np
 import pytest
 from safetensors import safe_open
 
 from ironlm.bench import harness, probes
 from ironlm.bench.shapes import SHAPES, build_shape_model, num_params, shape_config, tensor_shapes
+from ironlm.quant import bf16_rounds_activations
 
 # Parameter counts the model cards / safetensors metadata publish.
 PUBLIC_PARAM_COUNTS = {
@@ -169,9 +171,13 @@ def test_bench_json_table_and_plot(tmp_path, cache, capsys):
     assert [r["batch"] for r in report["decode"]] == [1, 2]
     facts = report["model"]
     assert facts["num_params"] == num_params(TINY) and facts["dtype"] == "float32"
-    # fp32 weights; untied embedding: one row of 64 floats read per token.
-    assert facts["weight_bytes"] == 4 * num_params(TINY)
-    assert facts["weight_bytes_per_token"] == 4 * (num_params(TINY) - 1024 * 64 + 64)
+    # The bf16 matmul weights stay bf16 where the bf16 kernel multiplies float32 activations (--quant auto), else
+    # they are widened; the embedding and norms are float32, and of the untied embedding one row is read a token.
+    matmul = sum(int(np.prod(s)) for name, s in tensor_shapes(TINY).items() if len(s) == 2 and "embed" not in name)
+    matmul_bytes = (4 if bf16_rounds_activations() else 2) * matmul
+    other = num_params(TINY) - matmul
+    assert facts["weight_bytes"] == matmul_bytes + 4 * other
+    assert facts["weight_bytes_per_token"] == matmul_bytes + 4 * (other - 1024 * 64 + 64)
     bw = report["probes"]["bandwidth_read_gb_s"]
     for row in report["decode"]:
         assert row["decode_tok_s_min"] <= row["decode_tok_s"] <= row["decode_tok_s_max"]
