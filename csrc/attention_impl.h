@@ -17,6 +17,12 @@ inline void prefetch_span(const void* p, int64_t bytes) {
     for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(static_cast<const char*>(p) + off, 0, 3);
 }
 
+// One row of Bytes (a constant, the row padded to whole chunks): no loop to run for every token read.
+template <int64_t Bytes>
+inline void prefetch_row(const void* p) {
+    for (int64_t off = 0; off < Bytes; off += 64) __builtin_prefetch(static_cast<const char*>(p) + off, 0, 3);
+}
+
 // rows[i] = offset of token t0 + i's row for kv head 0 in the cache, for i < n, in units of row_size (head_dim
 // for elements, 1 for an int8 cache's scales; head h's row is h * block_size rows further): computed once per
 // task with counters, as a division per token read would cost more than the read.
@@ -164,6 +170,7 @@ void attend_pass(const AttentionArgs& a, const int64_t* rows, int64_t n_tok, int
     const KV* k_base = static_cast<const KV*>(a.k_cache) + kvh * a.block_size * a.head_dim;
     const KV* v_base = static_cast<const KV*>(a.v_cache) + kvh * a.block_size * a.head_dim;
     const int64_t row_bytes = a.head_dim * static_cast<int64_t>(sizeof(KV));
+    constexpr int64_t kRowBytes = NC2 * 2 * kLanes * static_cast<int64_t>(sizeof(KV));
     const int64_t ahead = kPrefetchBytes / row_bytes > 8 ? kPrefetchBytes / row_bytes : 8;  // tokens
     // Elements in the final chunk; Full (head_dim a multiple of 2 * kLanes) makes every load a whole vector.
     const int last = Full ? 2 * kLanes : static_cast<int>(a.head_dim - (NC2 - 1) * 2 * kLanes);
@@ -182,7 +189,7 @@ void attend_pass(const AttentionArgs& a, const int64_t* rows, int64_t n_tok, int
         const int n = n_tok - t0 < kLanes ? static_cast<int>(n_tok - t0) : kLanes;
         for (int j = 0; j < n; ++j) {
             const int64_t t = t0 + j;
-            if (t + ahead < n_tok) prefetch_span(k_base + rows[t + ahead], row_bytes);
+            if (t + ahead < n_tok) prefetch_row<kRowBytes>(k_base + rows[t + ahead]);
             Pair k[NC2];
             for (int c = 0; c < NC2; ++c) k[c] = load_pair(k_base + rows[t] + c * 2 * kLanes, c == NC2 - 1 ? last : 2 * kLanes);
             for (int g = 0; g < G; ++g) {
@@ -225,10 +232,10 @@ void attend_pass(const AttentionArgs& a, const int64_t* rows, int64_t n_tok, int
     const int64_t next = next_kvh < 0 ? 0 : (next_kvh - kvh) * a.block_size * a.head_dim;
     const int64_t handover = n_tok > ahead ? n_tok - ahead : 0;
     for (int64_t t = 0; t < n_tok; ++t) {
-        if (t + ahead < n_tok) prefetch_span(v_base + rows[t + ahead], row_bytes);
+        if (t + ahead < n_tok) prefetch_row<kRowBytes>(v_base + rows[t + ahead]);
         if (next_kvh >= 0 && t >= handover) {
-            prefetch_span(k_base + next + rows[t - handover], row_bytes);
-            prefetch_span(v_base + next + rows[t - handover], row_bytes);
+            prefetch_row<kRowBytes>(k_base + next + rows[t - handover]);
+            prefetch_row<kRowBytes>(v_base + next + rows[t - handover]);
         }
         Pair v[NC2];
         for (int c = 0; c < NC2; ++c) v[c] = load_pair(v_base + rows[t] + c * 2 * kLanes, c == NC2 - 1 ? last : 2 * kLanes);
@@ -365,9 +372,14 @@ void merge_stretches(void* ctx, int64_t begin, int64_t end) {
     }
 }
 
-// Tokens per stretch for a sequence of len tokens, `wanted` stretches per sequence.
-inline int64_t stretch_tokens(int64_t len, int64_t wanted) {
-    const int64_t per = round_up((len + wanted - 1) / wanted, kLanes);
+// When a kv head's query heads take several passes over a stretch (their queries outgrow the registers), each
+// pass reads the stretch's K and V rows again: stretches stay short enough for those rows to stay in L2.
+constexpr int64_t kPassBytes = 256 << 10;
+
+// Tokens per stretch for a sequence of len tokens, `wanted` stretches per sequence, at most `cap`.
+inline int64_t stretch_tokens(int64_t len, int64_t wanted, int64_t cap) {
+    int64_t per = round_up((len + wanted - 1) / wanted, kLanes);
+    per = per > cap ? cap : per;
     return per < kMinStretch ? kMinStretch : per;
 }
 
@@ -375,10 +387,13 @@ void attention(const AttentionArgs& a) {
     if (a.batch == 0) return;
     // Enough stretches to give every thread a few tasks; an empty context still gets one (it outputs zeros).
     const int64_t wanted = (4 * static_cast<int64_t>(num_threads()) + a.batch - 1) / a.batch;
+    const int64_t group = a.heads / a.kv_heads, per_pass = heads_per_pass(static_cast<int>(padded_dim(a.head_dim) / (2 * kLanes)));
+    const int64_t row_bytes = a.head_dim * (a.kv_type == DType::f32 ? 4 : a.kv_type == DType::bf16 ? 2 : 1);
+    const int64_t cap = group > per_pass ? round_up(kPassBytes / (2 * row_bytes), kLanes) : INT64_MAX;
     int64_t* first = static_cast<int64_t*>(scratch_alloc((a.batch + 1) * 8));
     first[0] = 0;
     for (int64_t b = 0; b < a.batch; ++b) {
-        const int64_t len = a.context_lens[b], per = stretch_tokens(len, wanted);
+        const int64_t len = a.context_lens[b], per = stretch_tokens(len, wanted, cap);
         first[b + 1] = first[b] + (len > 0 ? (len + per - 1) / per : 1);
     }
     const int64_t tasks = first[a.batch], dp = padded_dim(a.head_dim);
@@ -387,7 +402,7 @@ void attention(const AttentionArgs& a) {
     Stretches s{&a, first, per_task, per_task + tasks, per_task + 2 * tasks,
                 Partials{reinterpret_cast<float*>(per_task + 3 * tasks), dp + 2}};
     for (int64_t b = 0; b < a.batch; ++b) {
-        const int64_t len = a.context_lens[b], per = stretch_tokens(len, wanted);
+        const int64_t len = a.context_lens[b], per = stretch_tokens(len, wanted, cap);
         for (int64_t t = first[b], start = 0; t < first[b + 1]; ++t, start += per) {
             s.seq[t] = b;
             s.start[t] = start;
