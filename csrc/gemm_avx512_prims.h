@@ -8,6 +8,7 @@ constexpr int kMaxR = 4;  // 4 rows x 2 tiles: 8 int + 8 float accumulators
 constexpr int kMaxRBf16 = 8;  // 8 rows x 2 tiles: 16 float accumulators
 constexpr int kT = 2;
 constexpr int kTSmall = 4;  // decode: up to 2 rows x 4 tiles
+constexpr int kTSmallBf16 = kTSmall;
 constexpr int kSmallRows = 2;
 
 inline VI wload(const uint8_t* p) { return _mm512_loadu_si512(p); }

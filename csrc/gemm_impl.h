@@ -5,7 +5,8 @@
 // Primitives the includer provides:
 //   VI (16 x int32), VF (16 x float);
 //   kMaxR, kMaxRBf16: rows of x per micro-tile for integer and bf16 formats;
-//   kT: 16-row weight tiles per micro-tile, kTSmall of them when x has at most kSmallRows rows;
+//   kT: 16-row weight tiles per micro-tile, kTSmall of them (kTSmallBf16 for bf16) when x has at most
+//   kSmallRows rows;
 //   kQ8Offset: what int8 weights are stored offset by, as seen by dot_q8;
 //   wload, nib_lo, nib_hi, iset1, fzero, fset1, fmul, fmadd, cvt, load_h16, fstore, dot_q4, dot_q8,
 //   quantize_block, and either bf16_dot (with IRONLM_BF16_DOT defined) or bf16_even/bf16_odd;
@@ -277,7 +278,8 @@ void gemm_units(void* ctx, int64_t begin, int64_t end) {
 template <int FMT>
 void run_units(const Prepared& p) {
     // Few rows: more tiles per micro-tile, for more independent accumulator chains.
-    if (p.a->m <= kSmallRows) parallel_for((p.num_tiles + kTSmall - 1) / kTSmall, gemm_units<FMT, kTSmall>, const_cast<Prepared*>(&p));
+    constexpr int small = FMT == static_cast<int>(WeightFormat::bf16) ? kTSmallBf16 : kTSmall;
+    if (p.a->m <= kSmallRows) parallel_for((p.num_tiles + small - 1) / small, gemm_units<FMT, small>, const_cast<Prepared*>(&p));
     else parallel_for((p.num_tiles + kT - 1) / kT, gemm_units<FMT, kT>, const_cast<Prepared*>(&p));
 }
 
