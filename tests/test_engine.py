@@ -165,3 +165,27 @@ def test_int8_kv_cache(tiny_dir):
 def test_bad_kv_cache_dtype_is_refused(tiny_dir):
     with pytest.raises(Exception, match="kv_cache_dtype 'int4' is not supported"):
         LLM(str(tiny_dir), kv_cache_dtype="int4")
+
+
+def test_bound_submodules_follow_replacement():
+    """bind_submodules gives children plain attributes; replacing a child must not leave the old one reachable."""
+    from torch import nn
+
+    from ironlm.layers.module import Module, bind_submodules
+
+    class Block(Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    block = Block()
+    bind_submodules(block)
+    assert block.__dict__["proj"] is block._modules["proj"]
+    replacement = nn.Identity()
+    block.set_submodule("proj", replacement)
+    assert block.proj is replacement and block._modules["proj"] is replacement
+    x = torch.randn(2, 4)
+    assert torch.equal(block(x), x)

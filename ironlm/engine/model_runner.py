@@ -4,6 +4,7 @@ import torch
 from ironlm import kernels
 from ironlm.engine.sequence import Sequence
 from ironlm.layers.attention import AttentionMetadata
+from ironlm.layers.module import bind_submodules
 from ironlm.models.llama import LlamaForCausalLM
 from ironlm.sampling import Sampler, SampleResult, SampleState
 
@@ -12,6 +13,7 @@ class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, kv_pool: torch.Tensor, kv_scales: torch.Tensor | None,
                  block_size: int):
         self.model = model
+        bind_submodules(model)  # the model is whole now: its children resolve as plain attributes from here on
         self.block_size = block_size
         self.kv_pool = kv_pool
         for index, attn in enumerate(model.attention_layers()):
