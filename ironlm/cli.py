@@ -34,8 +34,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def add_kv_cache_argument(parser: argparse.ArgumentParser) -> None:
     from ironlm.config import KV_CACHE_DTYPES
     parser.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
-                        help="KV cache element type: auto follows --dtype; int8 (a scale per row) holds about twice "
-                             "the tokens in the same memory")
+                        help="KV cache element type: auto is bfloat16, or float32 with --dtype float32; int8 (a scale "
+                             "per row) holds about twice the tokens of bfloat16 in the same memory")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:

@@ -21,8 +21,8 @@ class EngineConfig:
     block_size: int = 16              # tokens per KV block
     num_kv_blocks: int | None = None  # None = enough for max_num_seqs full contexts, capped by kv_cache_bytes
     kv_cache_bytes: int = 2 << 30     # upper bound on KV pool memory when num_kv_blocks is None
-    kv_cache_dtype: str = "auto"      # "auto" (the compute dtype), "float32", "bfloat16", or "int8" (a scale per
-                                      # row: half of bf16's memory and bandwidth, about twice the tokens)
+    kv_cache_dtype: str = "auto"      # "auto" (bfloat16, or float32 when dtype is "float32"), "float32", "bfloat16",
+                                      # or "int8" (a scale per row: half of bf16's memory and bandwidth)
     max_num_seqs: int = 64            # sequences decoding together
     max_num_batched_tokens: int = 512  # tokens per engine step (prefill chunks + decodes)
     enable_prefix_caching: bool = True

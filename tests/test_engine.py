@@ -162,6 +162,15 @@ def test_int8_kv_cache(tiny_dir):
     assert any(r.metrics["num_preemptions"] > 0 for r in results)
 
 
+def test_auto_kv_cache_dtype(tiny_dir):
+    # bf16 rows unless float32 compute is asked for by name, whatever compute dtype the CPU gets by default.
+    settings = dict(threads=2, block_size=4, num_kv_blocks=16)
+    assert LLM(str(tiny_dir), **settings).engine.kv_pool.dtype == torch.bfloat16
+    assert LLM(str(tiny_dir), dtype="bfloat16", **settings).engine.kv_pool.dtype == torch.bfloat16
+    assert LLM(str(tiny_dir), dtype="float32", **settings).engine.kv_pool.dtype == torch.float32
+    assert LLM(str(tiny_dir), dtype="float32", kv_cache_dtype="bfloat16", **settings).engine.kv_dtype_name == "bfloat16"
+
+
 def test_bad_kv_cache_dtype_is_refused(tiny_dir):
     with pytest.raises(Exception, match="kv_cache_dtype 'int4' is not supported"):
         LLM(str(tiny_dir), kv_cache_dtype="int4")
