@@ -133,34 +133,30 @@ void int_micro(const Prepared& p, int64_t r0, int64_t tile0, Ahead ahead) {
                 }
             }
         } else {
+            // The products gather in `sums`: 16-bit pair sums widened once a block where the level defines
+            // IRONLM_Q4_SUM16 (q4_pairs, q4_widen), else the int32 accumulators themselves (dot_q4).
 #ifdef IRONLM_Q4_SUM16
-            // The level sums a block's 16-bit pair products before widening them (q4_pairs, q4_widen).
-            VI pairs[R][T];
+            VI sums[R][T];
             for (int r = 0; r < R; ++r)
-                for (int t = 0; t < T; ++t) pairs[r][t] = iset1(0);
-            for (int v = 0; v < 4; ++v) {
-                for (int t = 0; t < T; ++t) {
-                    const VI w = wload(wt[t] + v * 64);
-                    const VI lo = nib_lo(w), hi = nib_hi(w);
-                    for (int r = 0; r < R; ++r) {
-                        pairs[r][t] = q4_pairs(pairs[r][t], lo, load_i32(xr[r] + 4 * v));
-                        pairs[r][t] = q4_pairs(pairs[r][t], hi, load_i32(xr[r] + 16 + 4 * v));
-                    }
-                }
-            }
-            for (int r = 0; r < R; ++r)
-                for (int t = 0; t < T; ++t) ai[r][t] = q4_widen(ai[r][t], pairs[r][t]);
+                for (int t = 0; t < T; ++t) sums[r][t] = iset1(0);
+            const auto step = q4_pairs;
 #else
+            VI (&sums)[R][T] = ai;
+            const auto step = dot_q4;
+#endif
             for (int v = 0; v < 4; ++v) {
                 for (int t = 0; t < T; ++t) {
                     const VI w = wload(wt[t] + v * 64);
                     const VI lo = nib_lo(w), hi = nib_hi(w);
                     for (int r = 0; r < R; ++r) {
-                        ai[r][t] = dot_q4(ai[r][t], lo, load_i32(xr[r] + 4 * v));
-                        ai[r][t] = dot_q4(ai[r][t], hi, load_i32(xr[r] + 16 + 4 * v));
+                        sums[r][t] = step(sums[r][t], lo, load_i32(xr[r] + 4 * v));
+                        sums[r][t] = step(sums[r][t], hi, load_i32(xr[r] + 16 + 4 * v));
                     }
                 }
             }
+#ifdef IRONLM_Q4_SUM16
+            for (int r = 0; r < R; ++r)
+                for (int t = 0; t < T; ++t) ai[r][t] = q4_widen(ai[r][t], sums[r][t]);
 #endif
         }
         if (ahead == Ahead::unit) {  // the same block of each tile of the next micro-tile, into L2
