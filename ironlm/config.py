@@ -47,3 +47,12 @@ class EngineConfig:
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
                 f"max_num_seqs ({self.max_num_seqs}) so every running sequence can decode each step"
             )
+
+
+def kv_cache_dtype_for(kv_cache_dtype: str, dtype: str | None) -> str:
+    """What a kv_cache_dtype setting resolves to. "auto" is bfloat16: half the memory and bandwidth of float32 rows,
+    and what bf16 models keep anyway. float32 only when float32 compute is asked for by name (the reference path),
+    not where the CPU merely lacks bf16 math and the compute dtype defaults to float32."""
+    if kv_cache_dtype != "auto":
+        return kv_cache_dtype
+    return "float32" if dtype == "float32" else "bfloat16"

@@ -32,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def machine_facts() -> dict:
     """Everything `ironlm info` reports about the machine, JSON-ready; absent facts are None."""
+    from ironlm.config import kv_cache_dtype_for
     from ironlm.hardware import available_cores, cpu_info, default_dtype, default_threads
 
     info = cpu_info()
@@ -52,6 +53,7 @@ def machine_facts() -> dict:
         "isa_reason": info.isa_reason,
         "default_threads": default_threads(),
         "default_dtype": default_dtype(info),
+        "default_kv_cache_dtype": kv_cache_dtype_for("auto", None),
     }
 
 
@@ -125,6 +127,7 @@ def print_facts(machine: dict, model: dict | None, console: Console | None = Non
     t.add_row("Kernel ISA", f"{machine['active_isa'] or 'none'} ({machine['isa_reason']})")
     t.add_row("Default threads", f"{machine['default_threads']} (IRONLM_THREADS or --threads to change)")
     t.add_row("Default dtype", machine["default_dtype"])
+    t.add_row("Default KV cache", f"{machine['default_kv_cache_dtype']} (float32 with --dtype float32)")
     console.print(t)
     if model is None:
         return

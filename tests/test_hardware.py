@@ -106,6 +106,7 @@ def test_info_json_machine_only(capsys):
     assert machine["physical_cores"] <= machine["logical_cpus"]
     assert set(machine["features"]) == {key for key, _ in info_command.FEATURE_LABELS}
     assert machine["default_dtype"] in ("float32", "bfloat16")
+    assert machine["default_kv_cache_dtype"] == "bfloat16"
     assert machine["default_threads"] >= 1
 
 

@@ -5,7 +5,7 @@ import time
 import torch
 
 from ironlm import kernels
-from ironlm.config import EngineConfig
+from ironlm.config import EngineConfig, kv_cache_dtype_for
 from ironlm.engine.block_manager import BlockManager
 from ironlm.engine.kv_cache import allocate_kv_pool, allocate_kv_scales, kv_bytes_per_block
 from ironlm.engine.model_runner import ModelRunner
@@ -32,11 +32,7 @@ class LLMEngine:
         self.model_name = self.checkpoint.name
         self.dtype_name = config.dtype or default_dtype()
         self.dtype = TORCH_DTYPES[self.dtype_name]
-        self.kv_dtype_name = config.kv_cache_dtype
-        if self.kv_dtype_name == "auto":
-            # bf16 rows: half the memory and bandwidth of float32, and what bf16 models keep anyway. float32 only when
-            # float32 compute was asked for by name (the reference path), not where the CPU merely lacks bf16 math.
-            self.kv_dtype_name = "float32" if config.dtype == "float32" else "bfloat16"
+        self.kv_dtype_name = kv_cache_dtype_for(config.kv_cache_dtype, config.dtype)
         self.kv_dtype = {**TORCH_DTYPES, "int8": torch.int8}[self.kv_dtype_name]
         self.threads = config.threads or default_threads()
         torch.set_num_threads(self.threads)
