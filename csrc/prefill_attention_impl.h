@@ -4,10 +4,11 @@
 // The call works through the kv heads in slices small enough for the cache. For each slice it copies K into
 // (slice, Cp / W, Dp, W) floats (each group of W = kLanes keys transposed), V into (slice, Cp, Dp) and the
 // slice's query heads into (L, heads, Dp) floats times the scale (Dp: head_dim and Cp: context rounded up to a
-// key block, the padding zero). A task is 24 query rows of one head. Its rows go R = kPrefillRows at a time
-// over key blocks of 4 W keys (64 with AVX-512, 32 with AVX2): the R x 4W scores come from broadcasting q[d]
-// against element d of 4 groups of W keys (4R accumulators), an online softmax keeps each row's running max
-// and sum, and P V adds the block's keys into an R x Dp output kept in L1.
+// key block, the padding zero). A task is 24 query rows of one head. It goes over key blocks of 4 W keys (64
+// with AVX-512, 32 with AVX2), and on each block its rows take turns R = kPrefillRows at a time: the R x 4W
+// scores come from broadcasting q[d] against element d of 4 groups of W keys (4R accumulators), an online
+// softmax keeps each row's running max and sum, and P V adds the block's keys into the rows' Dp outputs, which
+// stay in L1 with the block.
 //
 // With AVX512-BF16 and a bf16 q (a bf16 model) the same runs on bf16 pairs with vdpbf16ps, two products per
 // lane: K as (slice, Cp / 16, Dp / 2, 16, 2) (a group's keys side by side for each pair of dims), V as
@@ -143,120 +144,153 @@ inline void add_pairs(vf (&acc)[4], const uint16_t* x, const __m512i (&w)[4]) {
 inline __m512i load_pairs(const uint16_t* p) { return _mm512_loadu_si512(p); }
 #endif
 
-// Query rows [r0, r0 + nr) of the slice's query head s (nr <= kPrefillRows; a short tile repeats its last row
-// and stores only nr). kBf16: the bf16 layouts and vdpbf16ps (see the top).
+// One task's query rows of one head: each row's position, where its q starts, and its online softmax state
+// (running max m, sum l, output o). Slots past the task's rows are scratch for the rows a short tile repeats.
+constexpr int64_t kTaskSlots = kPrefillTaskRows + kPrefillRows;
+struct TaskRows {
+    int64_t pos[kTaskSlots];  // the row sees keys [0, pos]
+    int64_t q_at[kTaskSlots];
+    float m[kTaskSlots], l[kTaskSlots];
+    alignas(64) float o[kTaskSlots * kMaxPrefillDim];  // (slots, Dp)
+};
+
+// Key block j0 for the rows in slots slot[0..kPrefillRows) of query head s (a short tile repeats its last row in
+// scratch slots). kBf16: the bf16 layouts and vdpbf16ps (see the top).
 template <bool kBf16>
-void prefill_rows(const PrefillCtx& c, int64_t s, int64_t r0, int64_t nr) {
-    const PrefillAttentionArgs& a = *c.a;
-    const int64_t dp = c.dp, cp = c.cp, nq = c.kvh_n * c.group, h = c.kvh0 * c.group + s;
+void prefill_tile_block(const PrefillCtx& c, int64_t s, TaskRows& t, const int64_t (&slot)[kPrefillRows], int64_t j0) {
+    const int64_t dp = c.dp, cp = c.cp;
     const int64_t kv_at = s / c.group * dp * cp;  // this head's K and V in the slice
     const int64_t scales_at = s / c.group * cp;  // and its int8 rows' scales
-    int64_t pos[kPrefillRows];  // each row's position: it sees keys [0, pos]
-    int64_t q_at[kPrefillRows];
-    for (int r = 0; r < kPrefillRows; ++r) {
-        const int64_t row = r0 + (r < nr ? r : nr - 1);
-        q_at[r] = (row * nq + s) * dp;
-        pos[r] = a.context - a.q_len + row;
-    }
-    const int64_t kv_end = pos[kPrefillRows - 1] + 1;
-    alignas(64) float o[kPrefillRows][kMaxPrefillDim];
+    const int64_t kv_end = t.pos[slot[kPrefillRows - 1]] + 1;
     alignas(64) float p[kPrefillRows][kKeyBlock];
     alignas(64) uint16_t p16[kPrefillRows][kKeyBlock];
-    float m[kPrefillRows], l[kPrefillRows];
-    for (int r = 0; r < kPrefillRows; ++r) {
-        m[r] = -__builtin_inff();
-        l[r] = 0.0f;
-        for (int64_t i = 0; i < dp; i += kLanes) vstore(o[r] + i, vf{});
-    }
+    float* o[kPrefillRows];
+    for (int r = 0; r < kPrefillRows; ++r) o[r] = t.o + slot[r] * dp;
     vf lane;
     for (int i = 0; i < kLanes; ++i) lane[i] = static_cast<float>(i);
-    for (int64_t j0 = 0; j0 < kv_end; j0 += kKeyBlock) {
-        // scores: s[r][v] = q[r] . K[j0 + W v + lane]
-        vf s[kPrefillRows][4] = {};
-        if constexpr (kBf16) {
+    // scores: sc[r][v] = q[r] . K[j0 + W v + lane]
+    vf sc[kPrefillRows][4] = {};
+    if constexpr (kBf16) {
 #ifdef __AVX512BF16__
-            const uint16_t* group = c.kt16 + kv_at + j0 * dp;  // 4 groups of 16 keys, dp x 16 bf16 each
-            for (int64_t d = 0; d < dp; d += 2) {
-                const uint16_t* kr = group + d * kLanes;
-                const __m512i k[4] = {load_pairs(kr), load_pairs(kr + dp * kLanes), load_pairs(kr + 2 * dp * kLanes),
-                                      load_pairs(kr + 3 * dp * kLanes)};
-                for (int r = 0; r < kPrefillRows; ++r) add_pairs(s[r], c.qs16 + q_at[r] + d, k);
-            }
-            vf to_score[4];  // what turns the products into scores: the scale, times each key's for int8 rows
-            for (int v = 0; v < 4; ++v)
-                to_score[v] = c.k_scales ? vload(c.k_scales + scales_at + j0 + kLanes * v) * a.scale : splat(a.scale);
-            for (int r = 0; r < kPrefillRows; ++r)
-                for (int v = 0; v < 4; ++v) s[r][v] *= to_score[v];
-#endif
-        } else {
-            const float* group = c.kt + kv_at + j0 * dp;  // 4 groups of W keys, dp x W floats each
-            for (int64_t d = 0; d < dp; ++d) {
-                const float* kr = group + d * kLanes;
-                const vf k[4] = {vload(kr), vload(kr + dp * kLanes), vload(kr + 2 * dp * kLanes),
-                                   vload(kr + 3 * dp * kLanes)};
-                for (int r = 0; r < kPrefillRows; ++r) add_scaled(s[r], c.qs[q_at[r] + d], k);
-            }
+        const float scale = c.a->scale;
+        const uint16_t* group = c.kt16 + kv_at + j0 * dp;  // 4 groups of 16 keys, dp x 16 bf16 each
+        for (int64_t d = 0; d < dp; d += 2) {
+            const uint16_t* kr = group + d * kLanes;
+            const __m512i k[4] = {load_pairs(kr), load_pairs(kr + dp * kLanes), load_pairs(kr + 2 * dp * kLanes),
+                                  load_pairs(kr + 3 * dp * kLanes)};
+            for (int r = 0; r < kPrefillRows; ++r) add_pairs(sc[r], c.qs16 + t.q_at[slot[r]] + d, k);
         }
-        // Online softmax; keys past a row's position weigh nothing. A row's reference max moves only when a
-        // block's max passes it by more than kSlack (e^(s - m) stays below e^8), so most blocks rescale nothing.
-        for (int r = 0; r < kPrefillRows; ++r) {
-            const bool partial = j0 + kKeyBlock > pos[r] + 1;
-            const vf limit = splat(static_cast<float>(pos[r] - j0));  // exact: positions < 2^24
-            vf top = splat(-__builtin_inff());
-            for (int v = 0; v < 4; ++v) {
-                if (partial) s[r][v] = lane + static_cast<float>(kLanes * v) <= limit ? s[r][v] : splat(-__builtin_inff());
-                top = s[r][v] > top ? s[r][v] : top;
-            }
-            const float block_max = hmax(top);
-            if (block_max > m[r] + kSlack) {  // always for the first block, where m = -inf
-                if (l[r] > 0.0f) {
-                    const float alpha = vexp(splat(m[r] - block_max))[0];
-                    l[r] *= alpha;
-                    for (int64_t i = 0; i < dp; i += kLanes) vstore(o[r] + i, vload(o[r] + i) * alpha);
-                }
-                m[r] = block_max;
-            }
-            vf sum = {};
-            for (int v = 0; v < 4; ++v) {
-                vf e = vexp(s[r][v] - m[r]);
-                if (partial) e = lane + static_cast<float>(kLanes * v) <= limit ? e : vf{};
-                if constexpr (kBf16) vstore(p16[r] + kLanes * v, c.v_scales ? e * vload(c.v_scales + scales_at + j0 + kLanes * v) : e);
-                else vstore(p[r] + kLanes * v, e);
-                sum += e;
-            }
-            l[r] += hsum(sum);
-        }
-        // o += p V over the block's keys, 4 W output dims at a time
-        const int64_t nk = kv_end - j0 < kKeyBlock ? kv_end - j0 : kKeyBlock;
-        for (int64_t d0 = 0; d0 < dp; d0 += kKeyBlock) {
-            vf acc[kPrefillRows][4];
-            for (int r = 0; r < kPrefillRows; ++r)
-                for (int v = 0; v < 4; ++v) acc[r][v] = vload(o[r] + d0 + kLanes * v);
-            if constexpr (kBf16) {
-#ifdef __AVX512BF16__
-                // pairs of keys; past nk the probabilities are zero and V is zero padding up to Cp
-                for (int64_t j = 0; j < nk; j += 2) {
-                    const uint16_t* vr = c.vs16 + kv_at + (j0 + j) * dp + 2 * d0;
-                    const __m512i v[4] = {load_pairs(vr), load_pairs(vr + 32), load_pairs(vr + 64), load_pairs(vr + 96)};
-                    for (int r = 0; r < kPrefillRows; ++r) add_pairs(acc[r], p16[r] + j, v);
-                }
+        vf to_score[4];  // what turns the products into scores: the scale, times each key's for int8 rows
+        for (int v = 0; v < 4; ++v)
+            to_score[v] = c.k_scales ? vload(c.k_scales + scales_at + j0 + kLanes * v) * scale : splat(scale);
+        for (int r = 0; r < kPrefillRows; ++r)
+            for (int v = 0; v < 4; ++v) sc[r][v] *= to_score[v];
 #endif
-            } else {
-                for (int64_t j = 0; j < nk; ++j) {
-                    const float* vr = c.vs + kv_at + (j0 + j) * dp + d0;
-                    const vf v[4] = {vload(vr), vload(vr + kLanes), vload(vr + 2 * kLanes), vload(vr + 3 * kLanes)};
-                    for (int r = 0; r < kPrefillRows; ++r) add_scaled(acc[r], p[r][j], v);
-                }
-            }
-            for (int r = 0; r < kPrefillRows; ++r)
-                for (int v = 0; v < 4; ++v) vstore(o[r] + d0 + kLanes * v, acc[r][v]);
+    } else {
+        const float* group = c.kt + kv_at + j0 * dp;  // 4 groups of W keys, dp x W floats each
+        const float* q[kPrefillRows];
+        for (int r = 0; r < kPrefillRows; ++r) q[r] = c.qs + t.q_at[slot[r]];
+        for (int64_t d = 0; d < dp; ++d) {
+            const float* kr = group + d * kLanes;
+            const vf k[4] = {vload(kr), vload(kr + dp * kLanes), vload(kr + 2 * dp * kLanes),
+                               vload(kr + 3 * dp * kLanes)};
+            for (int r = 0; r < kPrefillRows; ++r) add_scaled(sc[r], q[r][d], k);
         }
     }
-    for (int r = 0; r < nr; ++r) {
-        const float inv = 1.0f / l[r];
-        for (int64_t i = 0; i < a.head_dim; i += kLanes) {
-            const int n = a.head_dim - i < kLanes ? static_cast<int>(a.head_dim - i) : kLanes;
-            store_any(a.out, a.o_type, ((r0 + r) * a.heads + h) * a.head_dim + i, vload(o[r] + i) * inv, n);
+    // Online softmax; keys past a row's position weigh nothing. A row's reference max moves only when a
+    // block's max passes it by more than kSlack (e^(s - m) stays below e^8), so most blocks rescale nothing.
+    for (int r = 0; r < kPrefillRows; ++r) {
+        const int64_t pos = t.pos[slot[r]];
+        float& m = t.m[slot[r]];
+        float& l = t.l[slot[r]];
+        const bool partial = j0 + kKeyBlock > pos + 1;
+        const vf limit = splat(static_cast<float>(pos - j0));  // exact: positions < 2^24
+        vf top = splat(-__builtin_inff());
+        for (int v = 0; v < 4; ++v) {
+            if (partial) sc[r][v] = lane + static_cast<float>(kLanes * v) <= limit ? sc[r][v] : splat(-__builtin_inff());
+            top = sc[r][v] > top ? sc[r][v] : top;
+        }
+        const float block_max = hmax(top);
+        if (block_max > m + kSlack) {  // always for the first block, where m = -inf
+            if (l > 0.0f) {
+                const float alpha = vexp(splat(m - block_max))[0];
+                l *= alpha;
+                for (int64_t i = 0; i < dp; i += kLanes) vstore(o[r] + i, vload(o[r] + i) * alpha);
+            }
+            m = block_max;
+        }
+        vf sum = {};
+        for (int v = 0; v < 4; ++v) {
+            vf e = vexp(sc[r][v] - m);
+            if (partial) e = lane + static_cast<float>(kLanes * v) <= limit ? e : vf{};
+            if constexpr (kBf16) vstore(p16[r] + kLanes * v, c.v_scales ? e * vload(c.v_scales + scales_at + j0 + kLanes * v) : e);
+            else vstore(p[r] + kLanes * v, e);
+            sum += e;
+        }
+        l += hsum(sum);
+    }
+    // o += p V over the block's keys, 4 W output dims at a time
+    const int64_t nk = kv_end - j0 < kKeyBlock ? kv_end - j0 : kKeyBlock;
+    for (int64_t d0 = 0; d0 < dp; d0 += kKeyBlock) {
+        vf acc[kPrefillRows][4];
+        for (int r = 0; r < kPrefillRows; ++r)
+            for (int v = 0; v < 4; ++v) acc[r][v] = vload(o[r] + d0 + kLanes * v);
+        if constexpr (kBf16) {
+#ifdef __AVX512BF16__
+            // pairs of keys; past nk the probabilities are zero and V is zero padding up to Cp
+            for (int64_t j = 0; j < nk; j += 2) {
+                const uint16_t* vr = c.vs16 + kv_at + (j0 + j) * dp + 2 * d0;
+                const __m512i v[4] = {load_pairs(vr), load_pairs(vr + 32), load_pairs(vr + 64), load_pairs(vr + 96)};
+                for (int r = 0; r < kPrefillRows; ++r) add_pairs(acc[r], p16[r] + j, v);
+            }
+#endif
+        } else {
+            for (int64_t j = 0; j < nk; ++j) {
+                const float* vr = c.vs + kv_at + (j0 + j) * dp + d0;
+                const vf v[4] = {vload(vr), vload(vr + kLanes), vload(vr + 2 * kLanes), vload(vr + 3 * kLanes)};
+                for (int r = 0; r < kPrefillRows; ++r) add_scaled(acc[r], p[r][j], v);
+            }
+        }
+        for (int r = 0; r < kPrefillRows; ++r)
+            for (int v = 0; v < 4; ++v) vstore(o[r] + d0 + kLanes * v, acc[r][v]);
+    }
+}
+
+// Query rows [row_begin, row_end) (at most kPrefillTaskRows) of the slice's query head s. Key block by key block,
+// each tile of kPrefillRows rows that sees the block takes its turn on it: the block's K and V come from L2 once
+// a task and from L1 for the other tiles, where a tile running over all blocks alone read them from L2 every time.
+template <bool kBf16>
+void prefill_task(const PrefillCtx& c, int64_t s, int64_t row_begin, int64_t row_end) {
+    const PrefillAttentionArgs& a = *c.a;
+    const int64_t dp = c.dp, nq = c.kvh_n * c.group;
+    const int64_t rows = row_end - row_begin;
+    const int64_t tiles = (rows + kPrefillRows - 1) / kPrefillRows;
+    TaskRows t;
+    for (int64_t i = 0; i < kTaskSlots; ++i) {
+        const int64_t row = row_begin + (i < rows ? i : rows - 1);  // scratch slots repeat the last row
+        t.q_at[i] = (row * nq + s) * dp;
+        t.pos[i] = a.context - a.q_len + row;
+        t.m[i] = -__builtin_inff();
+        t.l[i] = 0.0f;
+        for (int64_t j = 0; j < dp; j += kLanes) vstore(t.o + i * dp + j, vf{});
+    }
+    const int64_t kv_end = t.pos[rows - 1] + 1;
+    for (int64_t j0 = 0; j0 < kv_end; j0 += kKeyBlock) {
+        for (int64_t tile = 0; tile < tiles; ++tile) {
+            int64_t slot[kPrefillRows];
+            for (int r = 0; r < kPrefillRows; ++r) {
+                const int64_t i = tile * kPrefillRows + r;
+                slot[r] = i < rows ? i : kPrefillTaskRows + r;
+            }
+            if (j0 <= t.pos[slot[kPrefillRows - 1]]) prefill_tile_block<kBf16>(c, s, t, slot, j0);  // else it sees none
+        }
+    }
+    for (int64_t i = 0; i < rows; ++i) {
+        const float inv = 1.0f / t.l[i];
+        for (int64_t j = 0; j < a.head_dim; j += kLanes) {
+            const int n = a.head_dim - j < kLanes ? static_cast<int>(a.head_dim - j) : kLanes;
+            store_any(a.out, a.o_type, ((row_begin + i) * a.heads + c.kvh0 * c.group + s) * a.head_dim + j,
+                      vload(t.o + i * dp + j) * inv, n);
         }
     }
 }
@@ -270,8 +304,7 @@ void prefill_tasks(void* ctx, int64_t begin, int64_t end) {
         // costliest rows (the last, which see the most keys) first, so the pool's threads finish together.
         const int64_t s = task / c.q_blocks, block = c.q_blocks - 1 - task % c.q_blocks;
         const int64_t row_end = (block + 1) * kPrefillTaskRows < a.q_len ? (block + 1) * kPrefillTaskRows : a.q_len;
-        for (int64_t r0 = block * kPrefillTaskRows; r0 < row_end; r0 += kPrefillRows)
-            prefill_rows<kBf16>(c, s, r0, row_end - r0 < kPrefillRows ? row_end - r0 : kPrefillRows);
+        prefill_task<kBf16>(c, s, block * kPrefillTaskRows, row_end);
     }
 }
 

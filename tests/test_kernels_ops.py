@@ -111,7 +111,7 @@ def test_paged_attention_decode_long_contexts(isa, heads, kv_heads, head_dim):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("length,context,heads,kv_heads,head_dim", [
     (1, 1, 2, 1, 16),        # a single token
-    (37, 37, 4, 2, 64),      # a whole prompt, not a multiple of the 16-row tasks or 64-key blocks
+    (37, 37, 4, 2, 64),      # a whole prompt, not a multiple of the 24-row tasks, the row tiles or the key blocks
     (100, 300, 9, 3, 64),    # a chunk after 200 cached tokens, grouped heads
     (5, 70, 4, 4, 80),       # head_dim padded to 128 inside the kernel
     (129, 129, 8, 2, 128),
