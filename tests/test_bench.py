@@ -219,3 +219,23 @@ def test_compare_gguf_conversion_keeps_the_weights(tmp_path):
     assert set(hf.tensors) == set(gguf.tensors)
     for name, source in hf.tensors.items():  # q/k are permuted for llama.cpp and un-permuted by our reader
         assert torch.equal(source.tensor(torch.float32), gguf.tensors[name].tensor(torch.float32)), name
+
+
+@pytest.mark.parametrize("kernel,extra", [("gemm", ["--rows", "1,3", "--shapes", "48x64"]),
+                                          ("prefill-attention", []), ("decode-attention", [])])
+def test_ab_kernels_finds_a_build_equal_to_itself(kernel, extra):
+    # The installed build against itself: every case runs and the outputs agree exactly.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from ironlm import _kernels
+
+    script = Path(__file__).parent.parent / "benchmarks" / "ab_kernels.py"
+    done = subprocess.run([sys.executable, str(script), _kernels.__file__, kernel, "--rounds", "1", *extra],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    cases = [line for line in done.stdout.splitlines() if " old " in line]
+    assert cases and all("max diff 0.0e+00" in line for line in cases), done.stdout
+    bad = subprocess.run([sys.executable, str(script), str(script), kernel], capture_output=True, text=True)
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr

@@ -1,0 +1,159 @@
+"""A/B two builds of ironlm's kernels in one process, alternating, best of several rounds each.
+
+On a machine whose speed drifts between runs minutes apart (shared or virtual CPUs), two end-to-end runs cannot
+tell a 10 % kernel change from the drift; two builds timed in turns within one process can. Keep a copy of the
+old build's extension before rebuilding, then:
+
+    cp "$(python -c 'import ironlm._kernels as k; print(k.__file__)')" /tmp/old_kernels.so
+    # ... change csrc/, rebuild (pip install -e .) ...
+    python benchmarks/ab_kernels.py /tmp/old_kernels.so prefill-attention
+    python benchmarks/ab_kernels.py /tmp/old_kernels.so gemm --fmt int4_sym --rows 1,16 --shapes 6144x2048
+
+Outputs of the two builds are compared too (max abs difference), so a change that should be exact shows it.
+"""
+import argparse
+import importlib.machinery
+import importlib.util
+import time
+
+import torch
+
+from ironlm import _kernels as new_kernels
+from ironlm.quant import QuantLinear
+from ironlm.quant.formats import FORMAT_IDS
+
+
+def load_old(path: str):
+    """The old build's extension, under another name so that both builds live in one process."""
+    # nanobind names the init function after the module, so the name stays _kernels (in another package).
+    loader = importlib.machinery.ExtensionFileLoader("old_build._kernels", path)
+    spec = importlib.util.spec_from_file_location("old_build._kernels", path, loader=loader)
+    try:
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except ImportError as error:
+        raise SystemExit(f"ab_kernels: cannot load {path} as ironlm's kernels ({error}); pass a copy of the old "
+                         "build's _kernels*.so") from None
+    if not hasattr(module, "gemm"):
+        raise SystemExit(f"ab_kernels: {path} is not ironlm's kernels extension")
+    return module
+
+
+def best_of(builds: dict, run, rounds: int, round_seconds: float = 0.05) -> dict[str, float]:
+    """Time run(module) for each build in turns; the best time of each, in seconds. A round repeats run enough
+    times to last about round_seconds, so short kernels are not timed one call at a time."""
+    start = time.perf_counter()
+    for module in builds.values():
+        run(module)  # warm-up: caches, pages, the thread pool
+    repeats = max(1, int(round_seconds * len(builds) / (time.perf_counter() - start)))
+    times = {name: [] for name in builds}
+    for _ in range(rounds):
+        for name, module in builds.items():
+            start = time.perf_counter()
+            for _ in range(repeats):
+                run(module)
+            times[name].append((time.perf_counter() - start) / repeats)
+    return {name: min(t) for name, t in times.items()}
+
+
+def report(case: str, best: dict[str, float], unit_work: float | None, unit: str, diff: float) -> None:
+    old, new = best["old"] * 1e3, best["new"] * 1e3
+    rate = f"  ({unit_work / best['old'] / 1e9:6.1f} -> {unit_work / best['new'] / 1e9:6.1f} {unit})" if unit_work else ""
+    print(f"{case:44} old {old:9.3f} ms  new {new:9.3f} ms  {best['old'] / best['new']:5.2f}x{rate}  max diff {diff:.1e}")
+
+
+def ab_gemm(builds: dict, args) -> None:
+    fmt_id = FORMAT_IDS[args.fmt]
+    for rows in (int(r) for r in args.rows.split(",")):
+        for shape in args.shapes.split(","):
+            n, k = (int(v) for v in shape.split("x"))
+            # Several copies of the weight, so decode shapes stream from memory as in a model, not from cache.
+            copies = max(1, min(16, (64 << 20) // (n * k // 2)))
+            layers = [QuantLinear.from_dense(torch.randn(n, k), None, args.fmt) for _ in range(copies)]
+            x = torch.randn(rows, k)
+            outs = {name: torch.empty(rows, n) for name in builds}
+
+            def run(module, outs=outs, layers=layers, x=x, n=n, k=k, rows=rows):
+                y = outs["old" if module is builds["old"] else "new"]
+                for layer in layers:
+                    module.gemm(fmt_id, layer.packed.data_ptr(), n, layer.k_padded, rows, k, x.data_ptr(), k, False,
+                                y.data_ptr(), n, False, 0)
+
+            best = best_of(builds, run, args.rounds)
+            best = {name: t / copies for name, t in best.items()}
+            diff = (outs["old"] - outs["new"]).abs().max().item()
+            report(f"gemm {args.fmt} {rows} x {n}x{k}", best, 2 * rows * n * k, "G ops/s", diff)
+
+
+def ab_prefill_attention(builds: dict, args) -> None:
+    torch.manual_seed(0)
+    # (new tokens, context, heads, kv heads, head_dim): the 135M, the 1.7B shape and Llama-3-8B's heads
+    for length, context, heads, kv_heads, dim in [(512, 512, 9, 3, 64), (1500, 1500, 9, 3, 64), (512, 512, 32, 32, 64),
+                                                  (476, 1500, 32, 32, 64), (1024, 1024, 32, 8, 128)]:
+        q = torch.randn(length, heads, dim)
+        k, v = torch.randn(context, kv_heads, dim), torch.randn(context, kv_heads, dim)
+        outs = {name: torch.empty(length, heads, dim) for name in builds}
+
+        def run(module, q=q, k=k, v=v, outs=outs, length=length, context=context, heads=heads, kv_heads=kv_heads,
+                dim=dim):
+            out = outs["old" if module is builds["old"] else "new"]
+            module.prefill_attention(length, context, heads, kv_heads, dim, q.data_ptr(), heads * dim, dim, False,
+                                     k.data_ptr(), kv_heads * dim, dim, False, v.data_ptr(), kv_heads * dim, dim, False,
+                                     dim ** -0.5, out.data_ptr(), False)
+
+        best = best_of(builds, run, args.rounds)
+        flops = 4 * (context * length - length * length / 2) * dim * heads  # the causal part of QK^T and PV
+        diff = (outs["old"] - outs["new"]).abs().max().item()
+        report(f"prefill attention {length} new / {context}, {heads}/{kv_heads} heads x {dim}", best, flops,
+               "GFLOP/s", diff)
+
+
+def ab_decode_attention(builds: dict, args) -> None:
+    torch.manual_seed(0)
+    block_size = 16
+    for batch, heads, kv_heads, dim, context in [(1, 9, 3, 64, 550), (16, 9, 3, 64, 1600), (1, 32, 32, 64, 600),
+                                                 (1, 32, 8, 128, 600)]:
+        blocks = batch * -(-context // block_size)
+        k = torch.randn(blocks, kv_heads, block_size, dim).bfloat16()
+        v = torch.randn(blocks, kv_heads, block_size, dim).bfloat16()
+        tables = torch.randperm(blocks).to(torch.int32).view(batch, -1).contiguous()  # scattered blocks
+        lens = torch.full((batch,), context, dtype=torch.int32)
+        q = torch.randn(batch, heads, dim)
+        outs = {name: torch.empty(batch, heads, dim) for name in builds}
+        layers = 24  # one decode step's worth of calls, so the time is not a single call's
+
+        def run(module, q=q, k=k, v=v, tables=tables, lens=lens, outs=outs, batch=batch, heads=heads,
+                kv_heads=kv_heads, dim=dim, blocks=blocks):
+            out = outs["old" if module is builds["old"] else "new"]
+            for _ in range(layers):
+                module.paged_attention_decode(batch, heads, kv_heads, dim, block_size, tables.shape[1], blocks,
+                                              q.data_ptr(), False, heads * dim, dim, k.data_ptr(), v.data_ptr(), 1, 0,
+                                              0, tables.data_ptr(), lens.data_ptr(), dim ** -0.5, out.data_ptr(), False)
+
+        best = best_of(builds, run, args.rounds)
+        best = {name: t / layers for name, t in best.items()}
+        kv_bytes = 2 * batch * context * kv_heads * dim * 2
+        diff = (outs["old"] - outs["new"]).abs().max().item()
+        report(f"decode attention {batch} x {context}, {heads}/{kv_heads} heads x {dim}", best, kv_bytes, "GB/s", diff)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("old", help="the old build's _kernels*.so (the installed ironlm is the new one)")
+    parser.add_argument("kernel", choices=["gemm", "prefill-attention", "decode-attention"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=7, help="timed rounds per build (best kept)")
+    parser.add_argument("--fmt", default="int4_sym", choices=sorted(FORMAT_IDS))
+    parser.add_argument("--rows", default="1,16,512")
+    parser.add_argument("--shapes", default="2048x2048,6144x2048,2048x8192", help="N x K weights, comma-separated")
+    args = parser.parse_args()
+    builds = {"old": load_old(args.old), "new": new_kernels}
+    for module in builds.values():
+        module.set_num_threads(args.threads)
+    print(f"old: {args.old}; new: {new_kernels.__file__}; ISA {new_kernels.active_isa()[0]}, {args.threads} threads")
+    {"gemm": ab_gemm, "prefill-attention": ab_prefill_attention, "decode-attention": ab_decode_attention}[args.kernel](
+        builds, args)
+
+
+if __name__ == "__main__":
+    main()
