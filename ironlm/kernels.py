@@ -29,36 +29,44 @@ def isa() -> tuple[str, str]:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim, as Hugging Face Llama computes it."""
     x2 = _rows(x, "x")  # (T, D)
-    out = torch.empty_like(x2)  # x2 is dense or has gaps between rows; either way out is contiguous
-    w = _vector(weight, x2.shape[1], "weight")
-    _kernels.rms_norm(x2.shape[0], x2.shape[1], x2.data_ptr(), _row_stride(x2), x2.dtype is torch.bfloat16, 0, 0, False,
-                      w.data_ptr(), w.dtype is torch.bfloat16, out.data_ptr(), x2.shape[1], out.dtype is torch.bfloat16, eps)
+    rows, dim = x2.shape
+    out = torch.empty(rows, dim, dtype=x2.dtype)  # x2 is dense or has gaps between rows; either way out is contiguous
+    w = _vector(weight, dim, "weight")
+    bf16 = x2.dtype is torch.bfloat16
+    _kernels.rms_norm(rows, dim, x2.data_ptr(), _row_stride(x2), bf16, 0, 0, False, w.data_ptr(),
+                      w.dtype is torch.bfloat16, out.data_ptr(), dim, bf16, eps)
     return out if x2 is x else out.reshape(x.shape)
 
 
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """residual += x (in place), then return RMSNorm(residual) in x's dtype."""
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                 in_place: bool = False) -> torch.Tensor:
+    """residual += x (in place), then return RMSNorm(residual) in x's dtype. in_place: written over x (a layer's
+    output that nothing reads again), which saves allocating the result."""
     x2 = _rows(x, "x")  # (T, D)
+    rows, dim = x2.shape
     r2 = residual if residual.dim() == 2 else residual.view(-1, residual.shape[-1])
     if r2.shape != x2.shape or r2.dtype not in _FLOAT_TYPES or r2.stride(-1) != 1:
         raise ValueError(f"add_rms_norm: residual {tuple(residual.shape)} {residual.dtype} must match x and have contiguous rows")
-    out = torch.empty_like(x2)
-    w = _vector(weight, x2.shape[1], "weight")
-    _kernels.rms_norm(x2.shape[0], x2.shape[1], x2.data_ptr(), _row_stride(x2), x2.dtype is torch.bfloat16,
-                      r2.data_ptr(), _row_stride(r2), r2.dtype is torch.bfloat16, w.data_ptr(), w.dtype is torch.bfloat16,
-                      out.data_ptr(), x2.shape[1], out.dtype is torch.bfloat16, eps)
+    out = x2 if in_place else torch.empty(rows, dim, dtype=x2.dtype)  # x2: x, a view of it, or a copy
+    w = _vector(weight, dim, "weight")
+    bf16 = x2.dtype is torch.bfloat16
+    # Each row is read whole (into the residual) before its output is written, so out may be x2.
+    _kernels.rms_norm(rows, dim, x2.data_ptr(), _row_stride(x2), bf16, r2.data_ptr(), _row_stride(r2),
+                      r2.dtype is torch.bfloat16, w.data_ptr(), w.dtype is torch.bfloat16, out.data_ptr(),
+                      _row_stride(out), bf16, eps)
     return out if x2 is x else out.reshape(x.shape)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """(T, 2I) -> (T, I): silu(gate) * up with gate_up = [gate | up]."""
     g2 = _rows(gate_up, "gate_up")
-    inter = g2.shape[1] // 2
-    if g2.shape[1] % 2:
-        raise ValueError(f"silu_mul: last dim {g2.shape[1]} of gate_up must be even")
-    out = torch.empty((g2.shape[0], inter), dtype=g2.dtype)
-    _kernels.silu_mul(g2.shape[0], inter, g2.data_ptr(), _row_stride(g2), g2.dtype is torch.bfloat16, out.data_ptr(),
-                      inter, out.dtype is torch.bfloat16)
+    rows, width = g2.shape
+    inter = width // 2
+    if width % 2:
+        raise ValueError(f"silu_mul: last dim {width} of gate_up must be even")
+    out = torch.empty(rows, inter, dtype=g2.dtype)
+    bf16 = g2.dtype is torch.bfloat16
+    _kernels.silu_mul(rows, inter, g2.data_ptr(), _row_stride(g2), bf16, out.data_ptr(), inter, bf16)
     return out if g2 is gate_up else out.reshape(*gate_up.shape[:-1], inter)
 
 
@@ -73,18 +81,21 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: t
 
     cos/sin are float32 (max_positions, rot_dim / 2); only the first rot_dim of D rotate.
     q and k may be strided views (e.g. of a fused qkv output) as long as D is contiguous."""
-    if q.dim() != 3 or k.dim() != 3 or q.stride(2) != 1 or k.stride(2) != 1 or q.shape[0] != k.shape[0] \
-            or q.shape[2] != k.shape[2] or q.dtype not in _FLOAT_TYPES or k.dtype not in _FLOAT_TYPES:
-        raise ValueError(f"apply_rope: q {tuple(q.shape)} and k {tuple(k.shape)} must be (T, heads, D) float32/bfloat16 with contiguous D")
-    if cos.dtype != torch.float32 or sin.dtype != torch.float32 or cos.shape != sin.shape or cos.dim() != 2 \
-            or not cos.is_contiguous() or not sin.is_contiguous() or 2 * cos.shape[1] > q.shape[2]:
-        raise ValueError(f"apply_rope: cos/sin {tuple(cos.shape)} must be contiguous float32 (max_positions, rot_dim / 2)")
+    # Shapes and strides fetched once: each tensor attribute costs a fraction of a microsecond, and this runs
+    # once a layer per step.
+    q_shape, k_shape, q_strides, k_strides, cos_shape = q.shape, k.shape, q.stride(), k.stride(), cos.shape
+    if len(q_shape) != 3 or len(k_shape) != 3 or q_strides[2] != 1 or k_strides[2] != 1 or q_shape[0] != k_shape[0] \
+            or q_shape[2] != k_shape[2] or q.dtype not in _FLOAT_TYPES or k.dtype not in _FLOAT_TYPES:
+        raise ValueError(f"apply_rope: q {tuple(q_shape)} and k {tuple(k_shape)} must be (T, heads, D) float32/bfloat16 with contiguous D")
+    if cos.dtype != torch.float32 or sin.dtype != torch.float32 or cos_shape != sin.shape or len(cos_shape) != 2 \
+            or not cos.is_contiguous() or not sin.is_contiguous() or 2 * cos_shape[1] > q_shape[2]:
+        raise ValueError(f"apply_rope: cos/sin {tuple(cos_shape)} must be contiguous float32 (max_positions, rot_dim / 2)")
     pos = _int64(positions)
-    if pos.shape != (q.shape[0],):
-        raise ValueError(f"apply_rope: positions {tuple(positions.shape)} must be ({q.shape[0]},)")
-    _kernels.rope(q.shape[0], q.shape[2], 2 * cos.shape[1], q.data_ptr(), q.shape[1], q.stride(0), q.stride(1),
-                  q.dtype is torch.bfloat16, k.data_ptr(), k.shape[1], k.stride(0), k.stride(1), k.dtype is torch.bfloat16,
-                  pos.data_ptr(), cos.data_ptr(), sin.data_ptr(), cos.shape[0])
+    if pos.shape != (q_shape[0],):
+        raise ValueError(f"apply_rope: positions {tuple(positions.shape)} must be ({q_shape[0]},)")
+    _kernels.rope(q_shape[0], q_shape[2], 2 * cos_shape[1], q.data_ptr(), q_shape[1], q_strides[0], q_strides[1],
+                  q.dtype is torch.bfloat16, k.data_ptr(), k_shape[1], k_strides[0], k_strides[1], k.dtype is torch.bfloat16,
+                  pos.data_ptr(), cos.data_ptr(), sin.data_ptr(), cos_shape[0])
 
 
 class PagedCache:
@@ -115,24 +126,24 @@ def paged_attention_decode(q: torch.Tensor, cache: PagedCache, block_tables: tor
                            scale: float) -> torch.Tensor:
     """One new token per sequence attends to its cached tokens. q (B, H, D); block_tables (B, max_blocks) int32;
     context_lens (B,) int32 counting the new token, whose K/V are already written. Returns (B, H, D) in q's dtype."""
-    if q.dim() != 3 or q.stride(2) != 1 or q.dtype not in _FLOAT_TYPES or q.shape[2] != cache.head_dim \
-            or q.shape[1] % cache.kv_heads:
-        raise ValueError(f"paged_attention_decode: q {tuple(q.shape)} {q.dtype} must be (B, H, {cache.head_dim}) "
+    q_shape, q_strides, table_shape = q.shape, q.stride(), block_tables.shape
+    if len(q_shape) != 3 or q_strides[2] != 1 or q.dtype not in _FLOAT_TYPES or q_shape[2] != cache.head_dim \
+            or q_shape[1] % cache.kv_heads:
+        raise ValueError(f"paged_attention_decode: q {tuple(q_shape)} {q.dtype} must be (B, H, {cache.head_dim}) "
                          f"float32/bfloat16 with H a multiple of the cache's {cache.kv_heads} kv heads")
-    batch = q.shape[0]
-    if block_tables.dtype != torch.int32 or block_tables.dim() != 2 or block_tables.shape[0] != batch \
+    batch, heads, head_dim = q_shape
+    if block_tables.dtype != torch.int32 or len(table_shape) != 2 or table_shape[0] != batch \
             or not block_tables.is_contiguous():
         raise ValueError("paged_attention_decode: block_tables must be contiguous int32 (B, max_blocks)")
     if context_lens.dtype != torch.int32 or context_lens.shape != (batch,) or not context_lens.is_contiguous():
         raise ValueError("paged_attention_decode: context_lens must be contiguous int32 (B,)")
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    bf16 = q.dtype is torch.bfloat16
+    out = torch.empty(batch, heads, head_dim, dtype=q.dtype)
     dtype, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr = cache.pointers
-    q_strides = q.stride()
-    _kernels.paged_attention_decode(batch, q.shape[1], cache.kv_heads, cache.head_dim, cache.block_size,
-                                    block_tables.shape[1], cache.num_blocks, q.data_ptr(), q.dtype is torch.bfloat16,
-                                    q_strides[0], q_strides[1], k_ptr, v_ptr, dtype, k_scale_ptr, v_scale_ptr,
-                                    block_tables.data_ptr(), context_lens.data_ptr(), float(scale), out.data_ptr(),
-                                    out.dtype is torch.bfloat16)
+    _kernels.paged_attention_decode(batch, heads, cache.kv_heads, head_dim, cache.block_size, table_shape[1],
+                                    cache.num_blocks, q.data_ptr(), bf16, q_strides[0], q_strides[1], k_ptr, v_ptr,
+                                    dtype, k_scale_ptr, v_scale_ptr, block_tables.data_ptr(), context_lens.data_ptr(),
+                                    float(scale), out.data_ptr(), bf16)
     return out
 
 
@@ -181,17 +192,17 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, cache: PagedCache, slots: torch.T
     """Store new tokens' k, v (T, KVH, D), float32/bfloat16 with contiguous D, at flat slots (T,)
     (block * block_size + offset) of the cache, converting to its dtype. An int8 cache stores each row as
     round(x * 127 / max|x|) and max|x| / 127 in its scales."""
-    if k.dim() != 3 or k.shape != v.shape or k.stride(2) != 1 or v.stride(2) != 1 \
+    k_shape, k_strides, v_strides = k.shape, k.stride(), v.stride()
+    if len(k_shape) != 3 or k_shape != v.shape or k_strides[2] != 1 or v_strides[2] != 1 \
             or k.dtype not in _FLOAT_TYPES or v.dtype not in _FLOAT_TYPES \
-            or k.shape[1] != cache.kv_heads or k.shape[2] != cache.head_dim:
-        raise ValueError(f"write_kv: k {tuple(k.shape)} and v {tuple(v.shape)} must be (T, {cache.kv_heads}, "
+            or k_shape[1] != cache.kv_heads or k_shape[2] != cache.head_dim:
+        raise ValueError(f"write_kv: k {tuple(k_shape)} and v {tuple(v.shape)} must be (T, {cache.kv_heads}, "
                          f"{cache.head_dim}) float32/bfloat16 with contiguous D, as the cache")
     slots = _int64(slots)
-    if slots.shape != (k.shape[0],):
-        raise ValueError(f"write_kv: slots {tuple(slots.shape)} must be ({k.shape[0]},)")
+    if slots.shape != (k_shape[0],):
+        raise ValueError(f"write_kv: slots {tuple(slots.shape)} must be ({k_shape[0]},)")
     dtype, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr = cache.pointers
-    k_strides, v_strides = k.stride(), v.stride()
-    _kernels.kv_write(k.shape[0], cache.kv_heads, cache.head_dim, cache.block_size, cache.num_blocks, k.data_ptr(),
+    _kernels.kv_write(k_shape[0], cache.kv_heads, cache.head_dim, cache.block_size, cache.num_blocks, k.data_ptr(),
                       k_strides[0], k_strides[1], k.dtype is torch.bfloat16, v.data_ptr(), v_strides[0], v_strides[1],
                       v.dtype is torch.bfloat16, k_ptr, v_ptr, dtype, k_scale_ptr, v_scale_ptr, slots.data_ptr())
 
@@ -207,6 +218,8 @@ def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
     """x as a 2-D float32/bfloat16 view (rows, last dim) with contiguous rows, copying only if needed."""
     if x.dtype not in _FLOAT_TYPES:
         raise ValueError(f"{name} has dtype {x.dtype}; the kernels take float32 or bfloat16")
+    if x.is_contiguous():  # the usual case, in one check
+        return x if x.dim() == 2 else x.view(-1, x.shape[-1])
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < x2.shape[1]):
         x2 = x2.contiguous()

@@ -28,11 +28,23 @@ def test_add_rms_norm_updates_residual(isa, dtype):
     g = torch.Generator().manual_seed(1)
     x, residual = torch.randn(9, 200, generator=g).to(dtype), torch.randn(9, 200, generator=g).to(dtype)
     w = torch.rand(200, generator=g).to(dtype)
+    start = residual.clone()
     expected_residual = residual + x
     expected = kernels.reference_rms_norm(expected_residual, w, 1e-6)
     out = kernels.add_rms_norm(x, residual, w, 1e-6)
     assert torch.equal(residual, expected_residual)
     close(out, expected, dtype)
+    # in place over x: x itself, a 3-D x (through a view), rows with gaps between them (written in place),
+    # a column-major x (through a copy)
+    for shape_of in (lambda t: t, lambda t: t.view(3, 3, 200), lambda t: torch.cat([t, t], dim=1)[:, :200],
+                     lambda t: t.t().contiguous().t()):
+        residual = start.clone()
+        x_in = shape_of(x.clone())
+        out = kernels.add_rms_norm(x_in, residual, w, 1e-6, in_place=True)
+        assert torch.equal(residual, expected_residual)
+        close(out.reshape(9, 200), expected, dtype)
+        if x_in.stride(-1) == 1:
+            assert out.data_ptr() == x_in.data_ptr() and torch.equal(x_in.reshape(9, 200), out.reshape(9, 200))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
