@@ -250,14 +250,15 @@ void attend_pass(const AttentionArgs& a, const int64_t* rows, int64_t n_tok, int
 
 constexpr int kMaxChunks = 256 / (2 * kLanes);  // chunks of 2 * kLanes elements per head: head_dim <= 256
 
-// Query heads per pass for NC2 chunks per head. With 32 registers their queries take at most half of them. With
-// 16 (AVX2) that rule allowed one head a pass at head_dim 64, so each K and V row was widened once per query head
-// of its group; letting the group share a pass, with queries and sums partly in L1 instead of registers, measured
-// 1.14-1.15x faster on 16 sequences of the 135M shape and the same elsewhere (benchmarks/ab_kernels.py).
+// Query heads per pass for NC2 chunks per head: up to 256 query floats a pass, whatever the vector width (half
+// the registers with AVX-512; with AVX2 the queries and sums spill partly to L1, which measured 1.14-1.15x faster
+// on 16 sequences of the 135M shape than one head a pass, as each K and V row is then widened once per group,
+// not once per query head; benchmarks/ab_kernels.py).
 constexpr int kMaxHeadsPerPass = 4;
-constexpr int kQueryPairs = kVecRegs == 32 ? kVecRegs / 4 : kVecRegs;
+constexpr int kPassQueryFloats = 256;
 constexpr int heads_per_pass(int nc2) {
-    return kQueryPairs / nc2 < 1 ? 1 : kQueryPairs / nc2 > kMaxHeadsPerPass ? kMaxHeadsPerPass : kQueryPairs / nc2;
+    const int heads = kPassQueryFloats / (nc2 * 2 * kLanes);
+    return heads < 1 ? 1 : heads > kMaxHeadsPerPass ? kMaxHeadsPerPass : heads;
 }
 
 template <typename KV, int NC2, int G>
