@@ -40,18 +40,18 @@ def load_old(path: str):
 
 
 def best_of(builds: dict, run, rounds: int, round_seconds: float = 0.05) -> dict[str, float]:
-    """Time run(module) for each build in turns; the best time of each, in seconds. A round repeats run enough
-    times to last about round_seconds, so short kernels are not timed one call at a time."""
+    """Time run(name, module) for each build in turns; the best time of each, in seconds. A round repeats run
+    enough times to last about round_seconds, so short kernels are not timed one call at a time."""
     start = time.perf_counter()
-    for module in builds.values():
-        run(module)  # warm-up: caches, pages, the thread pool
+    for name, module in builds.items():
+        run(name, module)  # warm-up: caches, pages, the thread pool
     repeats = max(1, int(round_seconds * len(builds) / (time.perf_counter() - start)))
     times = {name: [] for name in builds}
     for _ in range(rounds):
         for name, module in builds.items():
             start = time.perf_counter()
             for _ in range(repeats):
-                run(module)
+                run(name, module)
             times[name].append((time.perf_counter() - start) / repeats)
     return {name: min(t) for name, t in times.items()}
 
@@ -73,8 +73,8 @@ def ab_gemm(builds: dict, args) -> None:
             x = torch.randn(rows, k)
             outs = {name: torch.empty(rows, n) for name in builds}
 
-            def run(module, outs=outs, layers=layers, x=x, n=n, k=k, rows=rows):
-                y = outs["old" if module is builds["old"] else "new"]
+            def run(name, module):
+                y = outs[name]
                 for layer in layers:
                     module.gemm(fmt_id, layer.packed.data_ptr(), n, layer.k_padded, rows, k, x.data_ptr(), k, False,
                                 y.data_ptr(), n, False, 0)
@@ -94,9 +94,8 @@ def ab_prefill_attention(builds: dict, args) -> None:
         k, v = torch.randn(context, kv_heads, dim), torch.randn(context, kv_heads, dim)
         outs = {name: torch.empty(length, heads, dim) for name in builds}
 
-        def run(module, q=q, k=k, v=v, outs=outs, length=length, context=context, heads=heads, kv_heads=kv_heads,
-                dim=dim):
-            out = outs["old" if module is builds["old"] else "new"]
+        def run(name, module):
+            out = outs[name]
             module.prefill_attention(length, context, heads, kv_heads, dim, q.data_ptr(), heads * dim, dim, False,
                                      k.data_ptr(), kv_heads * dim, dim, False, v.data_ptr(), kv_heads * dim, dim, False,
                                      dim ** -0.5, out.data_ptr(), False)
@@ -122,9 +121,8 @@ def ab_decode_attention(builds: dict, args) -> None:
         outs = {name: torch.empty(batch, heads, dim) for name in builds}
         layers = 24  # one decode step's worth of calls, so the time is not a single call's
 
-        def run(module, q=q, k=k, v=v, tables=tables, lens=lens, outs=outs, batch=batch, heads=heads,
-                kv_heads=kv_heads, dim=dim, blocks=blocks):
-            out = outs["old" if module is builds["old"] else "new"]
+        def run(name, module):
+            out = outs[name]
             for _ in range(layers):
                 module.paged_attention_decode(batch, heads, kv_heads, dim, block_size, tables.shape[1], blocks,
                                               q.data_ptr(), False, heads * dim, dim, k.data_ptr(), v.data_ptr(), 1, 0,
