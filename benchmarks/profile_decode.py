@@ -7,6 +7,10 @@ Runs --batch sequences (prompts of token ids, then greedy decoding with EOS igno
 entry point with a timer that counts only the steps in which every sequence decodes one token. With
 --all-steps it counts every step instead (prompt chunks, mixed and decode steps): where a bulk job's time goes.
 The wrappers cost a microsecond or two a call, so "rest" is slightly overstated.
+
+Decode steps replay their recorded kernel calls from C++ (ironlm/engine/decode_graph.py), out of the wrappers'
+sight: their time shows as "graph" (every kernel of the step but the lm_head). --enforce-eager runs them from
+Python instead, for the per-kernel split (with Python's per-call costs in it).
 """
 
 import argparse
@@ -14,6 +18,7 @@ import time
 from collections import defaultdict
 
 from ironlm import LLM, SamplingParams  # before torch: ironlm sets OpenMP's wait policy
+from ironlm.engine import decode_graph
 from ironlm.layers import activation, attention, norm, rotary
 from ironlm.quant import linear
 
@@ -27,10 +32,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--all-steps", action="store_true", help="count every step, not only all-decode ones")
     parser.add_argument("--kv-cache-dtype", default="auto")
+    parser.add_argument("--enforce-eager", action="store_true", help="decode from Python: the per-kernel split")
     args = parser.parse_args()
 
     llm = LLM(model=args.model, threads=args.threads, max_num_seqs=max(64, args.batch),
-              kv_cache_dtype=args.kv_cache_dtype)
+              kv_cache_dtype=args.kv_cache_dtype, enforce_eager=args.enforce_eager)
     params = SamplingParams(max_tokens=args.new_tokens + 1, ignore_eos=True, temperature=0)
 
     def prompts(base: int) -> list[dict]:
@@ -67,6 +73,7 @@ def main() -> None:
         return wrapper
 
     runner.execute = timed_step
+    decode_graph.DecodeGraph.replay = timed(decode_graph.DecodeGraph.replay, "graph")
     linear.QuantLinear.forward = timed(linear.QuantLinear.forward, "gemm")
     for module, name, key in [(attention.kernels, "paged_attention_decode", "attention"),
                               (attention.kernels, "prefill_attention", "prefill_attn"),
@@ -93,7 +100,7 @@ def main() -> None:
 
     def amount(seconds: float) -> str:  # totals for a whole job, a step's share otherwise
         return f"{seconds:7.1f} s" if args.all_steps else f"{seconds / steps * 1e3:7.2f} ms"
-    for key in ("gemm", "attention", "prefill_attn", "write_kv", "norm", "rope", "silu_mul"):
+    for key in ("graph", "gemm", "attention", "prefill_attn", "write_kv", "norm", "rope", "silu_mul"):
         print(f"  {key:12} {amount(spent[key])}")
     rest = spent["step"] - sum(spent[key] for key in spent if key not in ("step", "steps"))
     print(f"  {'rest':12} {amount(rest)}  (Python, sampling; scheduling and detokenizing not included)")

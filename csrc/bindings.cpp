@@ -7,6 +7,7 @@
 
 #include "dispatch.h"
 #include "gemm.h"
+#include "graph.h"
 #include "ops.h"
 #include "quantize.h"
 #include "repack.h"
@@ -24,6 +25,24 @@ template <typename T>
 T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
 
 DType dt(bool bf16) { return bf16 ? DType::bf16 : DType::f32; }
+
+// How every kernel binding runs a call: checks the data the call reads (values that change from step to
+// step, so a graph checks them again on each replay), records the call if this thread is capturing a
+// KernelGraph, then runs it without the GIL. check and run hold their arguments by value.
+template <typename Check, typename Run>
+void launch(Check check, Run run) {
+    check();
+    if (KernelGraph* graph = capturing_graph()) graph->add({check, run});
+    nb::gil_scoped_release release;
+    run();
+}
+
+template <typename Run>
+void launch(Run run) {
+    if (KernelGraph* graph = capturing_graph()) graph->add({nullptr, run});
+    nb::gil_scoped_release release;
+    run();
+}
 
 void check(bool ok, const char* what) {
     if (!ok) throw std::invalid_argument(what);
@@ -44,39 +63,38 @@ void gemm_py(int fmt, uintptr_t w, int64_t n, int64_t k_padded, int64_t m, int64
     if (m == 0 || n == 0) return;
     GemmArgs a{fmt, ptr<const uint8_t>(w), n, k_padded, m, k, ptr<const void>(x), ldx, x_bf16,
                ptr<void>(y), ldy, y_bf16, ptr<const float>(bias)};
-    nb::gil_scoped_release release;
-    gemm(a);
+    launch([a] { gemm(a); });
 }
 
-void rms_norm_py(int64_t rows, int64_t dim, uintptr_t x, int64_t ldx, bool x_bf16, uintptr_t residual, int64_t ldr,
-                 bool r_bf16, uintptr_t weight, bool w_bf16, uintptr_t out, int64_t ldo, bool o_bf16, float eps) {
+void rms_norm_py(int64_t rows, int64_t dim, uintptr_t x, int64_t ldx, int64_t x_group, int64_t ldx_group, bool x_bf16,
+                 uintptr_t residual, int64_t ldr, bool r_bf16, uintptr_t weight, bool w_bf16, uintptr_t out, int64_t ldo,
+                 bool o_bf16, float eps) {
     check(rows >= 0 && dim > 0 && ldx >= dim && ldo >= dim && (!residual || ldr >= dim), "rms_norm: bad shape or stride");
-    NormArgs a{rows, dim, ptr<const void>(x), ldx, dt(x_bf16), ptr<void>(residual), ldr, dt(r_bf16),
+    check(x_group > 0 && (rows <= x_group || ldx_group >= x_group * ldx), "rms_norm: bad row groups");
+    NormArgs a{rows, dim, ptr<const void>(x), ldx, x_group, ldx_group, dt(x_bf16), ptr<void>(residual), ldr, dt(r_bf16),
                ptr<const void>(weight), dt(w_bf16), ptr<void>(out), ldo, dt(o_bf16), eps};
-    nb::gil_scoped_release release;
-    ops().rms_norm(a);
+    launch([a] { ops().rms_norm(a); });
 }
 
 void silu_mul_py(int64_t rows, int64_t inter, uintptr_t gate_up, int64_t ldg, bool g_bf16, uintptr_t out, int64_t ldo,
                  bool o_bf16) {
     check(rows >= 0 && inter > 0 && ldg >= 2 * inter && ldo >= inter, "silu_mul: bad shape or stride");
     SiluMulArgs a{rows, inter, ptr<const void>(gate_up), ldg, dt(g_bf16), ptr<void>(out), ldo, dt(o_bf16)};
-    nb::gil_scoped_release release;
-    ops().silu_mul(a);
+    launch([a] { ops().silu_mul(a); });
 }
 
 void rope_py(int64_t tokens, int64_t dim, int64_t rot_dim, uintptr_t q, int64_t q_heads, int64_t q_token_stride,
              int64_t q_head_stride, bool q_bf16, uintptr_t k, int64_t k_heads, int64_t k_token_stride,
              int64_t k_head_stride, bool k_bf16, uintptr_t positions, uintptr_t cos, uintptr_t sin, int64_t max_positions) {
     check(rot_dim > 0 && rot_dim % 2 == 0 && rot_dim <= dim, "rope: bad rot_dim");
-    const int64_t* pos = ptr<const int64_t>(positions);
-    for (int64_t i = 0; i < tokens; ++i)
-        check(pos[i] >= 0 && pos[i] < max_positions, "rope: position outside the cos/sin cache");
     RopeArgs a{tokens, dim, rot_dim, ptr<void>(q), q_heads, q_token_stride, q_head_stride, dt(q_bf16),
-               ptr<void>(k), k_heads, k_token_stride, k_head_stride, dt(k_bf16), pos, ptr<const float>(cos),
-               ptr<const float>(sin)};
-    nb::gil_scoped_release release;
-    ops().rope(a);
+               ptr<void>(k), k_heads, k_token_stride, k_head_stride, dt(k_bf16), ptr<const int64_t>(positions),
+               ptr<const float>(cos), ptr<const float>(sin)};
+    auto check_positions = [a, max_positions] {
+        for (int64_t i = 0; i < a.tokens; ++i)
+            check(a.positions[i] >= 0 && a.positions[i] < max_positions, "rope: position outside the cos/sin cache");
+    };
+    launch(check_positions, [a] { ops().rope(a); });
 }
 
 void attention_py(int64_t batch, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t block_size,
@@ -86,22 +104,23 @@ void attention_py(int64_t batch, int64_t heads, int64_t kv_heads, int64_t head_d
                   uintptr_t context_lens, float scale, uintptr_t out, bool o_bf16) {
     check(kv_heads > 0 && heads % kv_heads == 0 && head_dim > 0 && head_dim <= 256,
           "paged_attention_decode: H must be a multiple of KVH and head_dim at most 256");
-    const int32_t* tables = ptr<const int32_t>(block_tables);
-    const int32_t* lens = ptr<const int32_t>(context_lens);
-    for (int64_t b = 0; b < batch; ++b) {
-        const int64_t len = lens[b];
-        check(len >= 0 && len <= max_blocks * block_size, "paged_attention_decode: context length exceeds the block table");
-        for (int64_t i = 0; i < (len + block_size - 1) / block_size; ++i) {
-            const int32_t blk = tables[b * max_blocks + i];
-            check(blk >= 0 && blk < num_blocks, "paged_attention_decode: block table entry outside the cache");
-        }
-    }
     AttentionArgs a{batch, heads, kv_heads, head_dim, block_size, max_blocks, ptr<const void>(q), dt(q_bf16),
                     q_stride_b, q_stride_h, ptr<const void>(k_cache), ptr<const void>(v_cache),
                     kv_dt(kv_dtype, k_scale, v_scale), ptr<const float>(k_scale), ptr<const float>(v_scale),
-                    tables, lens, scale, ptr<void>(out), dt(o_bf16)};
-    nb::gil_scoped_release release;
-    ops().attention(a);
+                    ptr<const int32_t>(block_tables), ptr<const int32_t>(context_lens), scale, ptr<void>(out),
+                    dt(o_bf16)};
+    auto check_tables = [a, num_blocks] {
+        for (int64_t b = 0; b < a.batch; ++b) {
+            const int64_t len = a.context_lens[b];
+            check(len >= 0 && len <= a.max_blocks * a.block_size,
+                  "paged_attention_decode: context length exceeds the block table");
+            for (int64_t i = 0; i < (len + a.block_size - 1) / a.block_size; ++i) {
+                const int32_t blk = a.block_tables[b * a.max_blocks + i];
+                check(blk >= 0 && blk < num_blocks, "paged_attention_decode: block table entry outside the cache");
+            }
+        }
+    };
+    launch(check_tables, [a] { ops().attention(a); });
 }
 
 void kv_write_py(int64_t tokens, int64_t kv_heads, int64_t head_dim, int64_t block_size, int64_t num_blocks,
@@ -109,14 +128,15 @@ void kv_write_py(int64_t tokens, int64_t kv_heads, int64_t head_dim, int64_t blo
                  int64_t v_stride_h, bool v_bf16, uintptr_t k_cache, uintptr_t v_cache, int kv_dtype, uintptr_t k_scale,
                  uintptr_t v_scale, uintptr_t slots) {
     check(kv_heads > 0 && head_dim > 0 && head_dim <= 256 && block_size > 0, "kv_write: bad cache shape (head_dim at most 256)");
-    const int64_t* s = ptr<const int64_t>(slots);
-    for (int64_t i = 0; i < tokens; ++i)
-        check(s[i] >= 0 && s[i] < num_blocks * block_size, "kv_write: slot outside the cache");
     KvWriteArgs a{tokens, kv_heads, head_dim, block_size, ptr<const void>(k), k_stride_t, k_stride_h, dt(k_bf16),
                   ptr<const void>(v), v_stride_t, v_stride_h, dt(v_bf16), ptr<void>(k_cache), ptr<void>(v_cache),
-                  kv_dt(kv_dtype, k_scale, v_scale), ptr<float>(k_scale), ptr<float>(v_scale), s};
-    nb::gil_scoped_release release;
-    ops().kv_write(a);
+                  kv_dt(kv_dtype, k_scale, v_scale), ptr<float>(k_scale), ptr<float>(v_scale),
+                  ptr<const int64_t>(slots)};
+    auto check_slots = [a, num_blocks] {
+        for (int64_t i = 0; i < a.tokens; ++i)
+            check(a.slots[i] >= 0 && a.slots[i] < num_blocks * a.block_size, "kv_write: slot outside the cache");
+    };
+    launch(check_slots, [a] { ops().kv_write(a); });
 }
 
 void prefill_attention_py(int64_t q_len, int64_t context, int64_t heads, int64_t kv_heads, int64_t head_dim,
@@ -130,8 +150,7 @@ void prefill_attention_py(int64_t q_len, int64_t context, int64_t heads, int64_t
                            dt(q_bf16), ptr<const void>(k), k_stride_t, k_stride_h, dt(k_bf16), ptr<const void>(v),
                            v_stride_t, v_stride_h, dt(v_bf16), scale, ptr<void>(out), dt(o_bf16), nullptr, 0,
                            nullptr, nullptr};
-    nb::gil_scoped_release release;
-    ops().prefill_attention(a);
+    launch([a] { ops().prefill_attention(a); });
 }
 
 void prefill_attention_paged_py(int64_t q_len, int64_t context, int64_t heads, int64_t kv_heads, int64_t head_dim,
@@ -144,20 +163,23 @@ void prefill_attention_paged_py(int64_t q_len, int64_t context, int64_t heads, i
     check(q_len > 0 && q_len <= context, "prefill_attention: need 0 < q_len <= context");
     check(context <= table_len * block_size, "prefill_attention: context exceeds the block table");
     const int32_t* table = ptr<const int32_t>(block_table);
-    for (int64_t i = 0; i < (context + block_size - 1) / block_size; ++i)
-        check(table[i] >= 0 && table[i] < num_blocks, "prefill_attention: block table entry outside the cache");
     const DType kv = kv_dt(kv_dtype, k_scale, v_scale);
     PrefillAttentionArgs a{q_len, context, heads, kv_heads, head_dim, ptr<const void>(q), q_stride_t, q_stride_h,
                            dt(q_bf16), ptr<const void>(k_cache), 0, 0, kv, ptr<const void>(v_cache), 0, 0, kv, scale,
                            ptr<void>(out), dt(o_bf16), table, block_size, ptr<const float>(k_scale),
                            ptr<const float>(v_scale)};
-    nb::gil_scoped_release release;
-    ops().prefill_attention(a);
+    auto check_table = [a, num_blocks] {
+        for (int64_t i = 0; i < (a.context + a.block_size - 1) / a.block_size; ++i)
+            check(a.block_table[i] >= 0 && a.block_table[i] < num_blocks,
+                  "prefill_attention: block table entry outside the cache");
+    };
+    launch(check_table, [a] { ops().prefill_attention(a); });
 }
 
 void repack_ggml_py(int fmt, uintptr_t src, int64_t src_row_bytes, int64_t n, int64_t k, uintptr_t dst) {
     check(fmt >= 0 && fmt <= 2, "repack_ggml: fmt must be int8, int4 or int4_sym");
     check(n >= 0 && k > 0 && k % kBlock == 0, "repack_ggml: k must be a positive multiple of 32");
+    check(!capturing_graph(), "repack_ggml: a load-time call, not recordable in a kernel graph");
     nb::gil_scoped_release release;
     repack_ggml(fmt, ptr<const uint8_t>(src), src_row_bytes, n, k, ptr<uint8_t>(dst));
 }
@@ -165,6 +187,7 @@ void repack_ggml_py(int fmt, uintptr_t src, int64_t src_row_bytes, int64_t n, in
 void quantize_pack_py(int fmt, uintptr_t src, int64_t ld, bool src_bf16, int64_t n, int64_t k, uintptr_t dst) {
     check(fmt >= 0 && fmt <= 2, "quantize_pack: fmt must be int8, int4 or int4_sym");
     check(n >= 0 && k > 0 && ld >= k, "quantize_pack: bad shape or row stride");
+    check(!capturing_graph(), "quantize_pack: a load-time call, not recordable in a kernel graph");
     nb::gil_scoped_release release;
     quantize_pack(fmt, ptr<const void>(src), src_bf16, ld, n, k, ptr<uint8_t>(dst));
 }
@@ -207,6 +230,12 @@ NB_MODULE(_kernels, m) {
     m.def("num_threads", []() { return num_threads(); });
     m.def("gemm_kernel_name", &gemm_kernel_name, nb::arg("fmt"));
     // Raw-address kernels: call them through ironlm.quant.QuantLinear and ironlm.kernels.
+    nb::class_<KernelGraph>(m, "KernelGraph", "Kernel calls recorded from one thread, replayed in order from C++.")
+        .def(nb::init<>())
+        .def("begin_capture", &KernelGraph::begin_capture)
+        .def("end_capture", &KernelGraph::end_capture)
+        .def("replay", &KernelGraph::replay, nb::call_guard<nb::gil_scoped_release>())
+        .def("__len__", &KernelGraph::size);
     m.def("gemm", &gemm_py);
     m.def("rms_norm", &rms_norm_py);
     m.def("silu_mul", &silu_mul_py);

@@ -9,7 +9,9 @@ enum class DType : int { f32 = 0, bf16 = 1, i8 = 2 };
 
 struct NormArgs {
     int64_t rows, dim;
-    const void* x; int64_t ldx; DType x_type;    // (rows, dim)
+    // (rows, dim) in groups of x_group rows: row r at (r / x_group) * ldx_group + (r % x_group) * ldx, so a
+    // (T, H, D) view of a fused qkv output is normed per head without a copy (one group: a plain matrix)
+    const void* x; int64_t ldx; int64_t x_group, ldx_group; DType x_type;
     void* residual; int64_t ldr; DType r_type;   // (rows, dim) or nullptr; updated to residual + x
     const void* weight; DType w_type;            // (dim)
     void* out; int64_t ldo; DType o_type;        // (rows, dim)

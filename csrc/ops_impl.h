@@ -159,7 +159,7 @@ void rms_norm_rows(void* ctx, int64_t begin, int64_t end) {
     const NormArgs& a = *static_cast<const NormArgs*>(ctx);
     const int64_t d = a.dim;
     for (int64_t r = begin; r < end; ++r) {
-        const void* x = row_ptr(a.x, a.x_type, r * a.ldx);
+        const void* x = row_ptr(a.x, a.x_type, r / a.x_group * a.ldx_group + r % a.x_group * a.ldx);
         void* res = a.residual ? row_ptr(a.residual, a.r_type, r * a.ldr) : nullptr;
         const void* src = res ? static_cast<const void*>(res) : x;
         const DType src_type = res ? a.r_type : a.x_type;

@@ -28,14 +28,17 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quant", default="auto", choices=["auto", "none", "int8", "int4", "int4_sym", "bf16"],
                         help="linear weight format: auto keeps GGUF Q4_0/Q4_1/Q8_0 blocks as stored and runs other "
                              "weights in bf16 with ironlm's kernels; none uses torch; or quantize at load")
-    add_kv_cache_argument(parser)
+    add_engine_arguments(parser)
 
 
-def add_kv_cache_argument(parser: argparse.ArgumentParser) -> None:
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     from ironlm.config import KV_CACHE_DTYPES
     parser.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                         help="KV cache element type: auto is bfloat16, or float32 with --dtype float32; int8 (a scale "
                              "per row) holds about twice the tokens of bfloat16 in the same memory")
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="run every decode step from Python instead of replaying its recorded kernel calls "
+                             "(same results, slower on small models; for debugging)")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,7 +64,8 @@ def load_llm(args: argparse.Namespace, **engine_settings):
     """The LLM that add_model_arguments' flags describe; engine_settings are further EngineConfig fields."""
     from ironlm import LLM
     return LLM(model=args.model, dtype=args.dtype, threads=args.threads, max_model_len=args.max_model_len,
-               quant=args.quant, kv_cache_dtype=args.kv_cache_dtype, **engine_settings)
+               quant=args.quant, kv_cache_dtype=args.kv_cache_dtype, enforce_eager=args.enforce_eager,
+               **engine_settings)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -26,6 +26,7 @@ class EngineConfig:
     max_num_seqs: int = 64            # sequences decoding together
     max_num_batched_tokens: int = 512  # tokens per engine step (prefill chunks + decodes)
     enable_prefix_caching: bool = True
+    enforce_eager: bool = False       # run every step from Python; False replays decode steps as kernel graphs
 
     def validate(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:

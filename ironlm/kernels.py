@@ -27,13 +27,24 @@ def isa() -> tuple[str, str]:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dim, as Hugging Face Llama computes it."""
+    """RMSNorm over the last dim, as Hugging Face Llama computes it. A (T, H, D) view with evenly spaced heads
+    within each token (the query heads of a fused qkv output) is read in place, not copied first."""
+    shape, strides = x.shape, x.stride()
+    if len(shape) == 3 and strides[2] == 1 and x.dtype in _FLOAT_TYPES and not x.is_contiguous() \
+            and strides[1] >= shape[2] and (shape[0] == 1 or strides[0] >= shape[1] * strides[1]):
+        tokens, heads, dim = shape
+        out = torch.empty(tokens, heads, dim, dtype=x.dtype)
+        w = _vector(weight, dim, "weight")
+        bf16 = x.dtype is torch.bfloat16
+        _kernels.rms_norm(tokens * heads, dim, x.data_ptr(), strides[1], heads, strides[0], bf16, 0, 0, False,
+                          w.data_ptr(), w.dtype is torch.bfloat16, out.data_ptr(), dim, bf16, eps)
+        return out
     x2 = _rows(x, "x")  # (T, D)
     rows, dim = x2.shape
     out = torch.empty(rows, dim, dtype=x2.dtype)  # x2 is dense or has gaps between rows; either way out is contiguous
     w = _vector(weight, dim, "weight")
     bf16 = x2.dtype is torch.bfloat16
-    _kernels.rms_norm(rows, dim, x2.data_ptr(), _row_stride(x2), bf16, 0, 0, False, w.data_ptr(),
+    _kernels.rms_norm(rows, dim, x2.data_ptr(), _row_stride(x2), max(rows, 1), 0, bf16, 0, 0, False, w.data_ptr(),
                       w.dtype is torch.bfloat16, out.data_ptr(), dim, bf16, eps)
     return out if x2 is x else out.reshape(x.shape)
 
@@ -51,7 +62,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     w = _vector(weight, dim, "weight")
     bf16 = x2.dtype is torch.bfloat16
     # Each row is read whole (into the residual) before its output is written, so out may be x2.
-    _kernels.rms_norm(rows, dim, x2.data_ptr(), _row_stride(x2), bf16, r2.data_ptr(), _row_stride(r2),
+    _kernels.rms_norm(rows, dim, x2.data_ptr(), _row_stride(x2), max(rows, 1), 0, bf16, r2.data_ptr(), _row_stride(r2),
                       r2.dtype is torch.bfloat16, w.data_ptr(), w.dtype is torch.bfloat16, out.data_ptr(),
                       _row_stride(out), bf16, eps)
     return out if x2 is x else out.reshape(x.shape)

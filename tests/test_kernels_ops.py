@@ -24,6 +24,20 @@ def test_rms_norm(isa, dtype, rows, dim):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 5, 70])  # the last one on the pool
+def test_rms_norm_of_heads_in_a_fused_qkv_output(isa, dtype, tokens):
+    # Qwen3's q and k norms: (T, H, D) views of a (T, (H + 2 KVH) D) output, read in place.
+    g = torch.Generator().manual_seed(tokens)
+    qkv = (torch.randn(tokens, 6 + 2 * 2, 64, generator=g) * 3).to(dtype)
+    q, k = qkv[:, :6], qkv[:, 6:8]
+    w = torch.randn(64, generator=g).to(dtype)
+    for heads in (q, k):
+        out = kernels.rms_norm(heads, w, 1e-6)
+        assert out.shape == heads.shape and out.is_contiguous()
+        close(out, kernels.reference_rms_norm(heads, w, 1e-6), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_add_rms_norm_updates_residual(isa, dtype):
     g = torch.Generator().manual_seed(1)
     x, residual = torch.randn(9, 200, generator=g).to(dtype), torch.randn(9, 200, generator=g).to(dtype)

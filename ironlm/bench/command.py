@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     probe = get_probe(threads)
     harness.reset_peak_rss()  # the probe's buffers are not the model's memory
     llm = LLM(model=model, dtype=args.dtype, threads=threads, quant=args.quant, kv_cache_dtype=args.kv_cache_dtype,
-              max_num_seqs=max(64, max(args.batches)))
+              enforce_eager=args.enforce_eager, max_num_seqs=max(64, max(args.batches)))
     result = harness.bench_model(llm, probe, args.prompt_lengths, args.batches, args.decode_prompt_tokens,
                                  args.new_tokens, args.warmup, args.repeats, args.seed)
     peak_rss = harness.peak_rss_bytes()
@@ -114,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
     if args.sweep == "threads":
         top = args.sweep_max_threads or info.logical_cpus
         out["sweep_threads"] = harness.sweep_threads(
-            lambda t: LLM(model=model, dtype=args.dtype, threads=t, quant=args.quant, kv_cache_dtype=args.kv_cache_dtype),
+            lambda t: LLM(model=model, dtype=args.dtype, threads=t, quant=args.quant, kv_cache_dtype=args.kv_cache_dtype,
+                          enforce_eager=args.enforce_eager),
             list(range(1, top + 1)), get_probe,
             args.decode_prompt_tokens, args.new_tokens, args.sweep_prefill_tokens, args.warmup, args.repeats)
     if args.json:

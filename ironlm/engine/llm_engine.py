@@ -57,7 +57,8 @@ class LLMEngine:
         self.kv_scales = allocate_kv_scales(args, num_blocks, block_size) if self.kv_dtype is torch.int8 else None
         self.block_manager = BlockManager(num_blocks, block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, self.kv_pool, self.kv_scales, block_size)
+        self.runner = ModelRunner(self.model, self.kv_pool, self.kv_scales, block_size, self.max_model_len,
+                                  config.enforce_eager)
         self.sequences: dict[str, Sequence] = {}
         self.num_steps = 0
 

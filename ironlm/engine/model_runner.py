@@ -1,7 +1,10 @@
 """Runs one scheduled step: builds the flat token batch and its attention metadata, runs the model, samples."""
+import logging
+
 import torch
 
 from ironlm import kernels
+from ironlm.engine.decode_graph import DecodeGraph
 from ironlm.engine.sequence import Sequence
 from ironlm.layers.attention import AttentionMetadata
 from ironlm.layers.module import bind_submodules
@@ -11,10 +14,14 @@ from ironlm.sampling import Sampler, SampleResult, SampleState
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, kv_pool: torch.Tensor, kv_scales: torch.Tensor | None,
-                 block_size: int):
+                 block_size: int, max_model_len: int, enforce_eager: bool = False):
         self.model = model
         bind_submodules(model)  # the model is whole now: its children resolve as plain attributes from here on
         self.block_size = block_size
+        self.table_width = -(-max_model_len // block_size)  # blocks of the longest sequence
+        # Decode steps replayed from C++, one graph per batch size, captured on first use; None: Python only
+        # (asked for, or the model's decode step runs something a graph cannot record).
+        self.graphs: dict[int, DecodeGraph] | None = None if enforce_eager else {}
         self.kv_pool = kv_pool
         for index, attn in enumerate(model.attention_layers()):
             scales = (None, None) if kv_scales is None else (kv_scales[index, 0], kv_scales[index, 1])  # int8 pools
@@ -28,7 +35,8 @@ class ModelRunner:
         hidden, sampling_rows, sampling_seqs = self._forward(scheduled)
         if not sampling_seqs:
             return {}
-        logits = self.model.compute_logits(hidden[sampling_rows])  # (S, V)
+        rows = hidden if len(sampling_rows) == hidden.shape[0] else hidden[sampling_rows]  # (S, hidden)
+        logits = self.model.compute_logits(rows)  # (S, V)
         states = [SampleState(seq.params, seq.prompt_token_ids, seq.output_token_ids, self._generator(seq))
                   for seq in sampling_seqs]
         results = self.sampler(logits, states)
@@ -48,6 +56,9 @@ class ModelRunner:
         return torch.cat(parts)
 
     def _forward(self, scheduled: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[int], list[Sequence]]:
+        if self.graphs is not None and all(n == 1 for _, n in scheduled) \
+                and all(len(seq.block_table) <= self.table_width for seq, _ in scheduled):
+            return self._forward_graph(scheduled)
         input_ids, positions, slots = [], [], []
         query_starts, query_lens, context_lens = [], [], []
         sampling_rows, sampling_seqs = [], []
@@ -76,6 +87,39 @@ class ModelRunner:
             context_lens_tensor=torch.tensor(context_lens, dtype=torch.int32),
         )
         hidden = self.model(torch.tensor(input_ids), torch.tensor(positions), meta)  # (T, hidden)
+        return hidden, sampling_rows, sampling_seqs
+
+    def _forward_graph(self, scheduled: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[int], list[Sequence]]:
+        """A step of one token per sequence, through the graph of its batch size (captured by this step if new)."""
+        batch = len(scheduled)
+        graph = self.graphs.get(batch)
+        embedding = self.model.embedding()  # (V, hidden)
+        fresh = graph is None
+        if fresh:
+            graph = DecodeGraph(batch, embedding.shape[1], embedding.dtype, self.table_width)
+        input_ids, positions, slots, sampling_rows, sampling_seqs = [], [], [], [], []
+        for row, (seq, _) in enumerate(scheduled):
+            position = seq.num_computed_tokens
+            table = seq.block_table
+            input_ids.append(seq.token_ids[position])
+            positions.append(position)
+            slots.append(table[position // self.block_size] * self.block_size + position % self.block_size)
+            graph.block_tables_np[row, :len(table)] = table
+            if position + 1 == seq.num_tokens:
+                sampling_rows.append(row)
+                sampling_seqs.append(seq)
+        graph.positions_np[:] = positions
+        graph.slots_np[:] = slots
+        graph.context_lens_np[:] = [p + 1 for p in positions]
+        torch.index_select(embedding, 0, torch.tensor(input_ids), out=graph.input)
+        if not fresh:
+            return graph.replay(), sampling_rows, sampling_seqs
+        hidden = graph.capture(self.model.forward_embedded)
+        if graph.refusal is None:
+            self.graphs[batch] = graph
+        else:  # this step ran from Python all the same; so will every later one
+            logging.getLogger("ironlm").info("decode steps stay in Python: %s", graph.refusal)
+            self.graphs = None
         return hidden, sampling_rows, sampling_seqs
 
     def _generator(self, seq: Sequence) -> torch.Generator | None:

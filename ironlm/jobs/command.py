@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from ironlm.cli import add_kv_cache_argument
+from ironlm.cli import add_engine_arguments
 from ironlm.errors import IronlmError
 
 EXIT_OK, EXIT_REFUSED, EXIT_SOME_FAILED, EXIT_INTERRUPTED = 0, 2, 3, 130
@@ -30,7 +30,7 @@ def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: best for this CPU)")
     parser.add_argument("--quant", default="auto", choices=["auto", "none", "int8", "int4", "int4_sym", "bf16"],
                         help="linear weight format (default auto: GGUF blocks as stored, dense weights in bf16)")
-    add_kv_cache_argument(parser)
+    add_engine_arguments(parser)
     parser.add_argument("--threads", type=int, help="threads (default: physical cores)")
     parser.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together (default 64)")
@@ -166,7 +166,7 @@ def _load(args):
     if args.max_num_seqs > 512:
         kwargs["max_num_batched_tokens"] = args.max_num_seqs
     return LLM(model=args.model, dtype=args.dtype, threads=args.threads, quant=args.quant,
-               kv_cache_dtype=args.kv_cache_dtype, **kwargs)
+               kv_cache_dtype=args.kv_cache_dtype, enforce_eager=args.enforce_eager, **kwargs)
 
 
 def _model_hash(llm) -> str:

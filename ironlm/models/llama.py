@@ -146,7 +146,10 @@ class LlamaModel(Module):
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)  # (T, hidden)
+        return self.forward_embedded(self.embed_tokens(input_ids), positions, meta)
+
+    def forward_embedded(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """The layers and the final norm over embedded tokens x (T, hidden): what a decode graph records."""
         residual = None
         for layer in self.layers:
             x, residual = layer(x, residual, positions, meta)
@@ -170,6 +173,12 @@ class LlamaForCausalLM(Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, meta)  # (T, hidden)
+
+    def forward_embedded(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        return self.model.forward_embedded(x, positions, meta)  # (T, hidden)
+
+    def embedding(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight  # (V, hidden)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, hidden) -> (N, V) float32 logits. A packed lm_head writes float32 itself, which saves a
