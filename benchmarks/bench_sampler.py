@@ -18,6 +18,7 @@ CASES = {
     "temperature 0.7": SamplingParams(temperature=0.7),
     "temperature 0.7, top-p 0.95": SamplingParams(temperature=0.7, top_p=0.95),
     "temperature 0.7, top-k 40, min-p 0.05": SamplingParams(temperature=0.7, top_k=40, min_p=0.05),
+    "temperature 0.2, top-p 0.9 (CLI default)": SamplingParams(temperature=0.2, top_p=0.9),
 }
 
 

@@ -74,3 +74,36 @@ def test_top_p_over_a_flat_distribution_sorts_the_whole_row():
     # 1,000 equally likely tokens: the nucleus for top_p 0.5 holds 500 of them, past the candidate shortcut.
     picked = sample_many(torch.zeros(1000), SamplingParams(temperature=1.0, top_p=0.5), n=2000)
     assert 350 <= len(picked) <= 500 and max(picked) < 1000
+
+
+def test_low_temperature_over_a_wide_vocabulary_keeps_the_distribution():
+    # At low temperature most of a 49k vocabulary falls below exp's normal range (clamped before the exp): the
+    # tail is never drawn, the head keeps its softmax(logits / T) shares, and top-k still cuts within the head.
+    logits = torch.full((49152,), -20.0)
+    logits[[7, 300, 40000]] = torch.tensor([5.0, 4.8, 4.6])
+    generator = torch.Generator().manual_seed(1)
+    state = SampleState(SamplingParams(temperature=0.2), [], [], generator)
+    draws = torch.tensor([Sampler()(logits[None].clone(), [state])[0].token_id for _ in range(3000)])
+    assert set(draws.tolist()) <= {7, 300, 40000}
+    expected = torch.softmax(torch.tensor([5.0, 4.8, 4.6]) / 0.2, dim=0)
+    observed = torch.tensor([(draws == i).float().mean() for i in (7, 300, 40000)])
+    torch.testing.assert_close(observed, expected, atol=0.03, rtol=0)
+    assert sample_many(logits, SamplingParams(temperature=0.05, top_k=2)) <= {7, 300}
+    assert sample_many(logits, SamplingParams(temperature=0.05, top_k=2, top_p=0.99, min_p=0.01)) <= {7, 300}
+
+
+def test_rows_cut_among_candidates_and_in_full_pick_as_they_would_alone():
+    # A flat row (its nucleus reaches past the candidates, so it is sorted whole) next to a peaked top-p row
+    # (drawn from its candidates) and a plain one: each gets the token it gets alone with the same seed.
+    logits = torch.randn(3, 1000, generator=torch.Generator().manual_seed(2))
+    logits[0] = 0.0
+    logits[1, :4] += 9.0
+    params = [SamplingParams(temperature=1.0, top_p=0.5), SamplingParams(temperature=0.8, top_p=0.9, top_k=300),
+              SamplingParams(temperature=1.1)]
+    for step in range(20):
+        batch = [SampleState(p, [], [], torch.Generator().manual_seed(10 * step + i)) for i, p in enumerate(params)]
+        together = [r.token_id for r in Sampler()(logits.clone(), batch)]
+        alone = [Sampler()(logits[i:i + 1].clone(), [SampleState(p, [], [], torch.Generator().manual_seed(10 * step + i))])[0].token_id
+                 for i, p in enumerate(params)]
+        assert together == alone
+        assert together[1] < 4
