@@ -174,3 +174,17 @@ def test_graph_memory_is_the_peak_not_the_sum(make_tiny_model):
     per_layer = 4 * (64 + 128 + 64 + 64 + 256 + 128 + 64)  # float32 bytes a layer allocates for one token
     assert len(graph.graph) == 8 * 10 + 1  # ten kernel calls a layer and the final norm
     assert graph.arena.nbytes < 2 * per_layer
+
+
+def test_batches_past_the_graph_limit_run_in_python(tiny_llama):
+    from ironlm.engine.model_runner import MAX_GRAPH_BATCH
+
+    prompts = [{"prompt_token_ids": [3 + i, 40 + i, 90]} for i in range(MAX_GRAPH_BATCH + 2)]
+    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    results = {}
+    for eager in (True, False):
+        llm = LLM(str(tiny_llama), dtype="float32", quant="int8", threads=2, max_num_seqs=64,
+                  max_num_batched_tokens=256, enforce_eager=eager)
+        results[eager] = [r.token_ids for r in llm.generate(prompts, params)]
+    assert results[True] == results[False]
+    assert llm.engine.runner.graphs == {}  # every step had more sequences than graphs are made for

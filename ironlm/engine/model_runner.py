@@ -12,6 +12,12 @@ from ironlm.models.llama import LlamaForCausalLM
 from ironlm.sampling import Sampler, SampleResult, SampleState
 
 
+# Decode graphs for up to this many sequences. Each batch size gets its own graph and arena; past a few dozen
+# sequences a step's kernels dwarf the Python around them (benchmarks/profile_decode.py on the 135M: 16 sequences
+# 1.18x faster with graphs, 64 the same), so more graphs would only take memory.
+MAX_GRAPH_BATCH = 32
+
+
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, kv_pool: torch.Tensor, kv_scales: torch.Tensor | None,
                  block_size: int, max_model_len: int, enforce_eager: bool = False):
@@ -56,7 +62,7 @@ class ModelRunner:
         return torch.cat(parts)
 
     def _forward(self, scheduled: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[int], list[Sequence]]:
-        if self.graphs is not None and all(n == 1 for _, n in scheduled) \
+        if self.graphs is not None and len(scheduled) <= MAX_GRAPH_BATCH and all(n == 1 for _, n in scheduled) \
                 and all(len(seq.block_table) <= self.table_width for seq, _ in scheduled):
             return self._forward_graph(scheduled)
         input_ids, positions, slots = [], [], []
