@@ -188,3 +188,20 @@ def test_batches_past_the_graph_limit_run_in_python(tiny_llama):
         results[eager] = [r.token_ids for r in llm.generate(prompts, params)]
     assert results[True] == results[False]
     assert llm.engine.runner.graphs == {}  # every step had more sequences than graphs are made for
+
+
+def test_preemption_with_graphs_gives_the_tokens_of_python(tiny_llama):
+    # Too few blocks for every sequence: some are preempted, their blocks handed to others and recomputed later,
+    # so graphs replay over block tables that change between steps; then the same engine runs two prompts again.
+    prompts = [{"prompt_token_ids": list(range(10 * i, 10 * i + 12))} for i in range(6)]
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    runs = {}
+    for eager in (True, False):
+        llm = LLM(str(tiny_llama), dtype="float32", quant="int8", threads=2, block_size=4, num_kv_blocks=24,
+                  max_num_seqs=8, max_num_batched_tokens=64, enforce_eager=eager)
+        results = llm.generate(prompts, params)
+        assert any(r.metrics["num_preemptions"] > 0 for r in results)
+        again = llm.generate(prompts[:2], params)
+        runs[eager] = [r.token_ids for r in results + again]
+    assert runs[False] == runs[True]
+    assert llm.engine.runner.graphs
