@@ -25,7 +25,8 @@ def tiny_llm(make_tiny_model, hf_tokenizer_dir):
     directory, _ = make_tiny_model("llama", vocab_size=VOCAB, max_position_embeddings=512)
     template = hf_tokenizer_dir / "chat_template.jinja"
     (directory / template.name).write_bytes(template.read_bytes())
-    return LLM(str(directory), dtype="float32", max_num_seqs=16)
+    # int8 weights: the engine thread decodes through kernel graphs, as a served model does
+    return LLM(str(directory), dtype="float32", quant="int8", max_num_seqs=16)
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +58,12 @@ def test_chat_and_completions_streaming_match_non_streaming(client):
     streamed = "".join(c.choices[0].text for c in client.completions.create(
         model="default", prompt="Once upon a time", max_tokens=5, temperature=0, stream=True) if c.choices)
     assert streamed == completion.choices[0].text
+
+
+def test_served_decode_steps_replay_graphs(tiny_llm, client):
+    # The engine thread records and replays them like LLM.generate does.
+    client.completions.create(model="default", prompt="Once upon a time", max_tokens=4, temperature=0)
+    assert tiny_llm.engine.runner.graphs
 
 
 def test_batched_equals_sequential(live):
