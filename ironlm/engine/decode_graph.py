@@ -61,11 +61,11 @@ class _Arena(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _ALLOCATING and kwargs.get("device") in (None, torch.device("cpu")):
+        if func in _ALLOCATING and torch.device(kwargs.get("device") or "cpu").type == "cpu":
             size, dtype = args[0], kwargs.get("dtype") or torch.get_default_dtype()
             nbytes = max(1, int(np.prod(size, dtype=np.int64)) * dtype.itemsize)
             out = self._take(nbytes)[:nbytes].view(dtype).view(size)
-        else:
+        else:  # memory the arena does not own, or an op that computes: run it, and the graph is not replayed
             out = func(*args, **kwargs)
             if self.refused is None and not (func in _VIEWING or func in _VIEWING_IF_ALIASED and _aliases(out, args[0])):
                 self.refused = str(func)
