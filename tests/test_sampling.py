@@ -55,6 +55,16 @@ def test_logits_processor_is_applied():
     assert sample_many(torch.zeros(5), SamplingParams(temperature=1.0, logits_processor=only_last), n=20) == {4}
 
 
+def assert_rows_pick_as_alone(logits: torch.Tensor, params: list[SamplingParams], seed: int) -> list[int]:
+    """Row i, seeded seed + i, picks the same token in one batched step as when sampled by itself."""
+    batch = [SampleState(p, [], [], torch.Generator().manual_seed(seed + i)) for i, p in enumerate(params)]
+    together = [r.token_id for r in Sampler()(logits.clone(), batch)]
+    alone = [Sampler()(logits[i:i + 1].clone(), [SampleState(p, [], [], torch.Generator().manual_seed(seed + i))])[0].token_id
+             for i, p in enumerate(params)]
+    assert together == alone
+    return together
+
+
 def test_batched_rows_pick_as_they_would_alone():
     # One step over a mixed batch gives every row the token it gets when sampled by itself with the
     # same seed: the batched filters must not leak between rows.
@@ -63,11 +73,7 @@ def test_batched_rows_pick_as_they_would_alone():
               SamplingParams(temperature=1.0, top_p=0.5), SamplingParams(temperature=1.3, min_p=0.1),
               SamplingParams(temperature=0.9), SamplingParams(temperature=1.0, top_p=0.9, top_k=8, min_p=0.05)]
     for step in range(30):
-        batch = [SampleState(p, [], [], torch.Generator().manual_seed(100 * step + i)) for i, p in enumerate(params)]
-        together = [r.token_id for r in Sampler()(logits.clone(), batch)]
-        alone = [Sampler()(logits[i:i + 1].clone(), [SampleState(p, [], [], torch.Generator().manual_seed(100 * step + i))])[0].token_id
-                 for i, p in enumerate(params)]
-        assert together == alone
+        assert_rows_pick_as_alone(logits, params, seed=100 * step)
 
 
 def test_top_p_over_a_flat_distribution_sorts_the_whole_row():
@@ -101,9 +107,4 @@ def test_rows_cut_among_candidates_and_in_full_pick_as_they_would_alone():
     params = [SamplingParams(temperature=1.0, top_p=0.5), SamplingParams(temperature=0.8, top_p=0.9, top_k=300),
               SamplingParams(temperature=1.1)]
     for step in range(20):
-        batch = [SampleState(p, [], [], torch.Generator().manual_seed(10 * step + i)) for i, p in enumerate(params)]
-        together = [r.token_id for r in Sampler()(logits.clone(), batch)]
-        alone = [Sampler()(logits[i:i + 1].clone(), [SampleState(p, [], [], torch.Generator().manual_seed(10 * step + i))])[0].token_id
-                 for i, p in enumerate(params)]
-        assert together == alone
-        assert together[1] < 4
+        assert assert_rows_pick_as_alone(logits, params, seed=10 * step)[1] < 4
