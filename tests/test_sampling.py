@@ -1,7 +1,7 @@
 """The batched sampler's filters and penalties against direct computations."""
 import torch
 
-from ironlm.sampling import Sampler, SampleState, SamplingParams
+from ironlm.sampling import Sampler, SampleState, SamplingParams, SeenTokens
 
 
 def sample_many(logits: torch.Tensor, params: SamplingParams, n: int = 400, output_ids=None) -> set[int]:
@@ -41,9 +41,30 @@ def test_presence_and_frequency_penalties():
 
 
 def test_repetition_penalty_divides_positive_and_multiplies_negative():
-    row = torch.tensor([2.0, -2.0, 2.0])
-    Sampler._apply_penalties(row, SampleState(SamplingParams(repetition_penalty=2.0), [0], [1], None))
-    assert torch.allclose(row, torch.tensor([1.0, -4.0, 2.0]))
+    logits = torch.tensor([[2.0, -2.0, 2.0]])
+    Sampler._apply_repetition_penalties(logits, [SampleState(SamplingParams(repetition_penalty=2.0), [0], [1], None)])
+    assert torch.equal(logits, torch.tensor([[1.0, -4.0, 2.0]]))
+
+
+def test_repetition_penalties_of_a_batch_follow_each_rows_own_tokens():
+    # Rows with their own penalties and seen tokens, one kept across steps as the engine keeps it (SeenTokens),
+    # against the rule applied row by row from scratch.
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 40, generator=g) * 3
+    prompts, outputs = [[1, 5, 5, 9], [2], [30, 31]], [[], [2, 7], [39]]
+    penalties = [1.3, 1.0, 0.8]
+    seen = SeenTokens(prompts[0])
+    for step_tokens in ([5, 11], [11, 12, 1]):
+        outputs[0] = outputs[0] + step_tokens
+        states = [SampleState(SamplingParams(repetition_penalty=p), prompt, out, None, seen if i == 0 else None)
+                  for i, (p, prompt, out) in enumerate(zip(penalties, prompts, outputs))]
+        actual = logits.clone()
+        Sampler._apply_repetition_penalties(actual, states)
+        expected = logits.clone()
+        for row, p, prompt, out in zip(expected, penalties, prompts, outputs):
+            for token_id in set(prompt) | set(out):
+                row[token_id] = row[token_id] / p if row[token_id] > 0 else row[token_id] * p
+        assert torch.equal(actual, expected)
 
 
 def test_logits_processor_is_applied():

@@ -9,7 +9,7 @@ from ironlm.engine.sequence import Sequence
 from ironlm.layers.attention import AttentionMetadata
 from ironlm.layers.module import bind_submodules
 from ironlm.models.llama import LlamaForCausalLM
-from ironlm.sampling import Sampler, SampleResult, SampleState
+from ironlm.sampling import Sampler, SampleResult, SampleState, SeenTokens
 
 
 # Decode graphs for up to this many sequences. Each batch size gets its own graph and arena; past a few dozen
@@ -34,6 +34,7 @@ class ModelRunner:
             attn.cache = kernels.PagedCache(kv_pool[index, 0], kv_pool[index, 1], *scales)
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}  # seeded requests only
+        self.seen: dict[str, SeenTokens] = {}  # requests with a repetition penalty only
 
     @torch.inference_mode()
     def execute(self, scheduled: list[tuple[Sequence, int]]) -> dict[str, SampleResult]:
@@ -43,9 +44,9 @@ class ModelRunner:
             return {}
         rows = hidden if len(sampling_rows) == hidden.shape[0] else hidden[sampling_rows]  # (S, hidden)
         logits = self.model.compute_logits(rows)  # (S, V)
-        states = [SampleState(seq.params, seq.prompt_token_ids, seq.output_token_ids, self._generator(seq))
-                  for seq in sampling_seqs]
-        results = self.sampler(logits, states)
+        states = [SampleState(seq.params, seq.prompt_token_ids, seq.output_token_ids, self._generator(seq),
+                              self._seen(seq)) for seq in sampling_seqs]
+        results = self.sampler(logits, states, writable=True)  # fresh logits, read by nothing else
         return {seq.request_id: result for seq, result in zip(sampling_seqs, results)}
 
     @torch.inference_mode()
@@ -135,5 +136,13 @@ class ModelRunner:
             self.generators[seq.request_id] = torch.Generator().manual_seed(seq.params.seed)
         return self.generators[seq.request_id]
 
+    def _seen(self, seq: Sequence) -> SeenTokens | None:
+        if seq.params.repetition_penalty == 1.0:
+            return None
+        if seq.request_id not in self.seen:
+            self.seen[seq.request_id] = SeenTokens(seq.prompt_token_ids)
+        return self.seen[seq.request_id]
+
     def release(self, request_id: str) -> None:
         self.generators.pop(request_id, None)
+        self.seen.pop(request_id, None)
