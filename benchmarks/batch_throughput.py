@@ -109,7 +109,8 @@ def worker_ironlm(args, docs: list[list[int]]) -> dict:
               max_model_len=args.doc_tokens + args.new_tokens + 16, kv_cache_dtype=args.kv_cache_dtype)
     rss_loaded = rss_bytes()
     reset_peak_rss()
-    params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True,
+                            repetition_penalty=args.repetition_penalty)
     memory = MemoryByQuarter(len(docs))
 
     def task(i: int) -> Task:
@@ -207,7 +208,9 @@ def markdown(label: str, rows: list[tuple[str, dict]], args, load: tuple, skippe
              f"`python benchmarks/batch_throughput.py --num-docs {args.num_docs}"
              f"{' --peer-docs ' + str(args.peer_docs) if args.peer_docs else ''} --doc-tokens {args.doc_tokens} "
              f"--new-tokens {args.new_tokens}{' --model-shape ' + args.model_shape + ' --format ' + args.format if args.model_shape else ''}"
-             f"{' --kv-cache-dtype ' + args.kv_cache_dtype if args.kv_cache_dtype != 'auto' else ''}` "
+             f"{' --kv-cache-dtype ' + args.kv_cache_dtype if args.kv_cache_dtype != 'auto' else ''}"
+             f"{' --repetition-penalty ' + str(args.repetition_penalty) if args.repetition_penalty != 1.0 else ''}"
+             f"{' --engines ' + ','.join(args.engines) if args.engines != list(WORKERS) else ''}` "
              f"on {info.model_name}, {args.threads} threads, load average {load[0]:.1f} at start, "
              f"{time.strftime('%Y-%m-%d')}.", "",
              "| engine | documents | wall | documents/hour | generated tok/s | peak RSS | peak RSS 1st → 4th quarter | vs llama.cpp |",
@@ -247,6 +250,8 @@ def main() -> int:
     parser.add_argument("--max-num-seqs", type=int, default=64, help="ironlm: documents decoding together")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16", "int8"],
                         help="ironlm's KV cache element type")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0,
+                        help="ironlm only (`ironlm summarize` uses 1.1); llama.cpp's penalty is another rule")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=int, default=6 * 3600, help="seconds per engine")
     parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
@@ -258,6 +263,9 @@ def main() -> int:
         return 0
     from ironlm.hardware import default_threads
 
+    if args.repetition_penalty != 1.0 and "llama.cpp" in args.engines:
+        parser.error("--repetition-penalty needs --engines ironlm: llama.cpp's penalty works over a window of "
+                     "recent tokens, so the two would not run the same decoding")
     args.threads = args.threads or default_threads()
 
     from ironlm.formats import load_checkpoint
