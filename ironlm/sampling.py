@@ -132,8 +132,8 @@ class Sampler:
             raw_logprobs = torch.log_softmax(logits.float(), dim=-1)  # (B, V) the model's own distribution
         # A private contiguous float32 copy when anything writes into the logits (penalties, processors, sampling in
         # place) and the caller did not hand them over; plain greedy rows only read them.
-        if any(_writes_logits(s.params) for s in states) and not (writable and logits.is_contiguous()) \
-                or logits.dtype != torch.float32:
+        if logits.dtype != torch.float32 \
+                or (any(_writes_logits(s.params) for s in states) and not (writable and logits.is_contiguous())):
             logits = logits.float() if logits.dtype != torch.float32 else logits.clone(memory_format=torch.contiguous_format)
         self._apply_repetition_penalties(logits, states)
         for i, state in enumerate(states):
