@@ -219,7 +219,8 @@ def server_command(kind: str, binary: str | None, port: int, args: argparse.Name
             command += ["-m", args.model]
         if args.threads:
             command += ["--threads", str(args.threads)]
-        return command + (["--max-model-len", str(args.ctx_per_slot)] if args.ctx_per_slot else [])
+        command += ["--max-model-len", str(args.ctx_per_slot)] if args.ctx_per_slot else []
+        return command + shlex.split(args.ironlm_args)
     # llama.cpp splits -c over the -np slots; each slot needs the prompt plus max_tokens.
     ctx_per_slot = args.ctx_per_slot or 1024
     command = [binary, "-m", args.gguf, "--host", "127.0.0.1", "--port", str(port), "-np", str(args.parallel),
@@ -349,6 +350,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gguf", help="llama-server: the .gguf file")
     p.add_argument("--threads", type=int, help="threads for spawned servers (default: each engine's own)")
     p.add_argument("--llama-server-args", default="", help="more llama-server arguments, e.g. '--poll 0'")
+    p.add_argument("--ironlm-args", default="", help="more `ironlm serve` arguments, e.g. '--enforce-eager'")
     p.add_argument("--parallel", type=int, default=16, help="llama-server parallel slots, -np (default 16)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="ironlm sequences decoded together (default 64)")
     p.add_argument("--ctx-per-slot", type=int, help="context per sequence (llama-server default 1024; ironlm: the model's)")
