@@ -53,6 +53,21 @@ def test_greedy_tokens_match_transformers(tiny_pair):
         assert result.finish_reason == "length"
 
 
+def test_greedy_tokens_with_repetition_penalty_match_transformers(tiny_pair):
+    # The penalty over prompt and output tokens, kept across steps for each sequence of a batch, as transformers
+    # applies it to the whole input_ids every step.
+    llm, hf_model = tiny_pair
+    prompts = [[5, 17, 42, 99, 3, 5, 5], list(range(100, 123))]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, repetition_penalty=1.3)
+    results = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    for prompt, result in zip(prompts, results):
+        with torch.no_grad():
+            expected = hf_model.generate(torch.tensor([prompt]), max_new_tokens=24, min_new_tokens=24,
+                                         do_sample=False, repetition_penalty=1.3, eos_token_id=None,
+                                         pad_token_id=0)[0, len(prompt):]
+        assert result.token_ids == expected.tolist()
+
+
 def test_bfloat16_close_to_float32(tiny_pair, make_tiny_model):
     llm, hf_model = tiny_pair
     tokens = list(range(1, 30))
