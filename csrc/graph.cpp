@@ -5,6 +5,10 @@
 namespace ironlm {
 namespace {
 
+// Which graph this thread records into, set only between begin_capture and end_capture (as a CUDA stream's
+// capture mode): the kernel bindings are reached through Python wrappers and modules that know nothing of graphs,
+// and threading a recorder through all of them would change every call site for one caller. Thread-local, so a
+// capture on the engine's thread never records another thread's calls.
 thread_local KernelGraph* t_capturing = nullptr;
 
 }  // namespace
