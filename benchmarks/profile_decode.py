@@ -104,6 +104,9 @@ def main() -> None:
         print(f"  {key:12} {amount(spent[key])}")
     rest = spent["step"] - sum(spent[key] for key in spent if key not in ("step", "steps"))
     print(f"  {'rest':12} {amount(rest)}  (Python, sampling; scheduling and detokenizing not included)")
+    for batch, graph in sorted((runner.graphs or {}).items()):
+        print(f"decode graph for {batch} sequences: {len(graph.graph)} kernel calls, "
+              f"arena {graph.arena.nbytes / 1024:.1f} KB in {len(graph.arena.blocks)} blocks")
 
 
 if __name__ == "__main__":
