@@ -32,21 +32,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     shape, strides = x.shape, x.stride()
     if len(shape) == 3 and strides[2] == 1 and x.dtype in _FLOAT_TYPES and not x.is_contiguous() \
             and strides[1] >= shape[2] and (shape[0] == 1 or strides[0] >= shape[1] * strides[1]):
-        tokens, heads, dim = shape
-        out = torch.empty(tokens, heads, dim, dtype=x.dtype)
-        w = _vector(weight, dim, "weight")
-        bf16 = x.dtype is torch.bfloat16
-        _kernels.rms_norm(tokens * heads, dim, x.data_ptr(), strides[1], heads, strides[0], bf16, 0, 0, False,
-                          w.data_ptr(), w.dtype is torch.bfloat16, out.data_ptr(), dim, bf16, eps)
-        return out
-    x2 = _rows(x, "x")  # (T, D)
-    rows, dim = x2.shape
-    out = torch.empty(rows, dim, dtype=x2.dtype)  # x2 is dense or has gaps between rows; either way out is contiguous
+        x2, group, group_stride = x, shape[1], strides[0]  # rows are heads, H of them a token
+        rows, dim, row_stride = shape[0] * shape[1], shape[2], strides[1]
+    else:
+        x2 = _rows(x, "x")  # (T, D): dense, or gaps between rows
+        (rows, dim), row_stride = x2.shape, _row_stride(x2)
+        group, group_stride = max(rows, 1), 0  # one group: a plain matrix
+    out = torch.empty(rows, dim, dtype=x2.dtype)
     w = _vector(weight, dim, "weight")
     bf16 = x2.dtype is torch.bfloat16
-    _kernels.rms_norm(rows, dim, x2.data_ptr(), _row_stride(x2), max(rows, 1), 0, bf16, 0, 0, False, w.data_ptr(),
+    _kernels.rms_norm(rows, dim, x2.data_ptr(), row_stride, group, group_stride, bf16, 0, 0, False, w.data_ptr(),
                       w.dtype is torch.bfloat16, out.data_ptr(), dim, bf16, eps)
-    return out if x2 is x else out.reshape(x.shape)
+    return out if len(shape) == 2 else out.view(shape)
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,

@@ -225,12 +225,13 @@ class Sampler:
             cdf = candidates.cumsum_(-1)
             ids = torch.searchsorted(cdf, (u[nucleus] * cdf[:, -1]).unsqueeze(1), right=True)
             ids = order.gather(1, ids.clamp_(max=cdf.shape[1] - 1)).squeeze(1).tolist()
+            drawn = set()
             for n, j in enumerate(nucleus):
                 if inside[n]:
                     picks[sampled[j]] = ids[n]
+                    drawn.add(j)
                 else:  # rare: the nucleus reaches past the candidates, so the row is cut in full
                     weights[j] = _nucleus_sorted(weights[j:j + 1], mass[n:n + 1])[0]
-            drawn = {j for n, j in enumerate(nucleus) if inside[n]}
             rows = [j for j in rows if j not in drawn]
         if rows:
             sub = weights if len(rows) == len(sampled) else weights[rows]
