@@ -194,7 +194,7 @@ class Sampler:
         weights = logits if len(sampled) == len(states) else logits[sampled]
         weights.div_(torch.tensor([p.temperature for p in params])[:, None])
         # exp of anything below -87 is subnormal: x86 computes those through a slow path (at temperature 0.2 most of
-        # a 49k vocabulary lands there, and the exp took ~1 ms a row), and a weight under 1e-38 next to the top
+        # a 49k vocabulary lands there; benchmarks/bench_sampler.py), and a weight under 1e-38 next to the top
         # token's 1 is never drawn. So they are clamped to -87 first; top-k's -inf comes after the clamp.
         weights.sub_(weights.amax(-1, keepdim=True)).clamp_(min=-87.0)
         limited = [j for j, p in enumerate(params) if p.top_k]
