@@ -110,20 +110,21 @@ def ab_prefill_attention(builds: dict, args) -> None:
 def ab_decode_attention(builds: dict, args) -> None:
     torch.manual_seed(0)
     block_size = 16
+    # the 135M, the 1.7B shape, Llama-3-8B's heads and Llama-2-7B's
     for batch, heads, kv_heads, dim, context in [(1, 9, 3, 64, 550), (16, 9, 3, 64, 1600), (1, 32, 32, 64, 600),
-                                                 (1, 32, 8, 128, 600)]:
+                                                 (1, 32, 8, 128, 600), (4, 32, 8, 128, 1500), (1, 32, 32, 128, 600)]:
         blocks = batch * -(-context // block_size)
-        k = torch.randn(blocks, kv_heads, block_size, dim).bfloat16()
-        v = torch.randn(blocks, kv_heads, block_size, dim).bfloat16()
+        layers = 24  # one decode step's worth of calls, each layer with its own cache: read from DRAM, as in a model
+        caches = [(torch.randn(blocks, kv_heads, block_size, dim).bfloat16(),
+                   torch.randn(blocks, kv_heads, block_size, dim).bfloat16()) for _ in range(layers)]
         tables = torch.randperm(blocks).to(torch.int32).view(batch, -1).contiguous()  # scattered blocks
         lens = torch.full((batch,), context, dtype=torch.int32)
         q = torch.randn(batch, heads, dim)
         outs = {name: torch.empty(batch, heads, dim) for name in builds}
-        layers = 24  # one decode step's worth of calls, so the time is not a single call's
 
         def run(name, module):
             out = outs[name]
-            for _ in range(layers):
+            for k, v in caches:
                 module.paged_attention_decode(batch, heads, kv_heads, dim, block_size, tables.shape[1], blocks,
                                               q.data_ptr(), False, heads * dim, dim, k.data_ptr(), v.data_ptr(), 1, 0,
                                               0, tables.data_ptr(), lens.data_ptr(), dim ** -0.5, out.data_ptr(), False)

@@ -154,6 +154,15 @@ struct Partials {
     float* head(int64_t task, int64_t heads, int64_t h) const { return data + (task * heads + h) * per_head; }
 };
 
+// Chunks of the output a V slab holds: two registers of sums per chunk and head, with four registers left for
+// the V chunk, its weight and the compiler. One query head a pass is bound by memory, not by the stores of
+// spilled sums: it takes its whole row in one slab (reading V again measured 0.92-0.95x at head_dim 128).
+constexpr int slab_chunks(int g, int nc2) {
+    if (g == 1) return nc2;
+    const int s = (kVecRegs - 4) / 2 / g;
+    return s < 1 ? 1 : s > nc2 ? nc2 : s;
+}
+
 // One pass: G query heads (qf: G rows of NC2 chunks of 2 * kLanes floats, scaled, zero past head_dim) that read kv head
 // kvh, over n_tok tokens at `rows`; next_kvh is the kv head of the task's next pass (-1: none, or this one).
 // G and NC2 are constants so that queries and accumulators stay in registers. scores: G rows of `stride`
@@ -190,13 +199,15 @@ void attend_pass(const AttentionArgs& a, const int64_t* rows, int64_t n_tok, int
         for (int j = 0; j < n; ++j) {
             const int64_t t = t0 + j;
             if (t + ahead < n_tok) prefetch_row<kRowBytes>(k_base + rows[t + ahead]);
-            Pair k[NC2];
-            for (int c = 0; c < NC2; ++c) k[c] = load_pair(k_base + rows[t] + c * 2 * kLanes, c == NC2 - 1 ? last : 2 * kLanes);
-            for (int g = 0; g < G; ++g) {
-                vf d = q[g][0].a * k[0].a + q[g][0].b * k[0].b;
-                for (int c = 1; c < NC2; ++c) d += q[g][c].a * k[c].a + q[g][c].b * k[c].b;
-                dots[g][j] = d;
+            // Chunk by chunk, each head's sums of the even and the odd lanes apart: 2 G sums and one chunk in
+            // registers, and two dependency chains a head, whatever G and head_dim.
+            vf da[G], db[G];
+            for (int g = 0; g < G; ++g) da[g] = vf{}, db[g] = vf{};
+            for (int c = 0; c < NC2; ++c) {
+                const Pair k = load_pair(k_base + rows[t] + c * 2 * kLanes, c == NC2 - 1 ? last : 2 * kLanes);
+                for (int g = 0; g < G; ++g) da[g] += q[g][c].a * k.a, db[g] += q[g][c].b * k.b;
             }
+            for (int g = 0; g < G; ++g) dots[g][j] = da[g] + db[g];
         }
         vf ks = {};
         if constexpr (kScaled) ks = scales_of(k_scale, scale_rows + t0, n);
@@ -224,38 +235,48 @@ void attend_pass(const AttentionArgs& a, const int64_t* rows, int64_t n_tok, int
         out[g][NC2 * 2 * kLanes] = m;
         out[g][NC2 * 2 * kLanes + 1] = hsum(sum);
     }
-    Pair acc[G][NC2];
-    for (int g = 0; g < G; ++g)
-        for (int c = 0; c < NC2; ++c) acc[g][c] = Pair{};
     // The next pass reads the same tokens of kv head next_kvh (if any): its first rows are requested during
     // this pass's last ones, so it does not start by waiting on memory.
     const int64_t next = next_kvh < 0 ? 0 : (next_kvh - kvh) * a.block_size * a.head_dim;
     const int64_t handover = n_tok > ahead ? n_tok - ahead : 0;
-    for (int64_t t = 0; t < n_tok; ++t) {
-        if (t + ahead < n_tok) prefetch_row<kRowBytes>(v_base + rows[t + ahead]);
-        if (next_kvh >= 0 && t >= handover) {
-            prefetch_row<kRowBytes>(k_base + next + rows[t - handover]);
-            prefetch_row<kRowBytes>(v_base + next + rows[t - handover]);
+    // The output in slabs of S chunks, so that the G x S accumulators stay in registers: G heads' whole rows
+    // of sums do not fit (GQA groups, head_dim 128), and updating sums kept in memory made every token a
+    // store per chunk and head. Later slabs read the stretch's V rows again, from cache; the first one
+    // streams them and prefetches, the last one hands over to the next pass.
+    constexpr int S = slab_chunks(G, NC2);
+    for (int c0 = 0; c0 < NC2; c0 += S) {
+        Pair acc[G][S];
+        for (int g = 0; g < G; ++g)
+            for (int s = 0; s < S; ++s) acc[g][s] = Pair{};
+        for (int64_t t = 0; t < n_tok; ++t) {
+            if (c0 == 0 && t + ahead < n_tok) prefetch_row<kRowBytes>(v_base + rows[t + ahead]);
+            if (c0 + S >= NC2 && next_kvh >= 0 && t >= handover) {
+                prefetch_row<kRowBytes>(k_base + next + rows[t - handover]);
+                prefetch_row<kRowBytes>(v_base + next + rows[t - handover]);
+            }
+            for (int s = 0; s < S && c0 + s < NC2; ++s) {
+                const int c = c0 + s;
+                const Pair v = load_pair(v_base + rows[t] + c * 2 * kLanes, c == NC2 - 1 ? last : 2 * kLanes);
+                for (int g = 0; g < G; ++g) {
+                    const float p = scores[g * stride + t];
+                    acc[g][s].a += p * v.a, acc[g][s].b += p * v.b;
+                }
+            }
         }
-        Pair v[NC2];
-        for (int c = 0; c < NC2; ++c) v[c] = load_pair(v_base + rows[t] + c * 2 * kLanes, c == NC2 - 1 ? last : 2 * kLanes);
-        for (int g = 0; g < G; ++g) {
-            const float p = scores[g * stride + t];
-            for (int c = 0; c < NC2; ++c) acc[g][c].a += p * v[c].a, acc[g][c].b += p * v[c].b;
-        }
+        for (int g = 0; g < G; ++g)
+            for (int s = 0; s < S && c0 + s < NC2; ++s) unarrange<KV>(acc[g][s], out[g] + (c0 + s) * 2 * kLanes);
     }
-    for (int g = 0; g < G; ++g)
-        for (int c = 0; c < NC2; ++c) unarrange<KV>(acc[g][c], out[g] + c * 2 * kLanes);
 }
 
 constexpr int kMaxChunks = 256 / (2 * kLanes);  // chunks of 2 * kLanes elements per head: head_dim <= 256
 
-// Query heads per pass for NC2 chunks per head: up to 256 query floats a pass, whatever the vector width (half
-// the registers with AVX-512; with AVX2 the queries and sums spill partly to L1, which measured 1.14-1.15x faster
-// on 16 sequences of the 135M shape than one head a pass, as each K and V row is then widened once per group,
-// not once per query head; benchmarks/ab_kernels.py).
+// Query heads per pass for NC2 chunks per head: up to 512 query floats a pass (4 heads of 128), whatever the
+// vector width. Each K and V row is then widened once per group rather than once per query head: 1.14-1.15x on
+// 16 sequences of the 135M shape against one head a pass, and 1.1x on Llama-3-8B's 4 heads of 128 against 2
+// (benchmarks/ab_kernels.py). The queries that do not fit in registers are read from L1 by the K loop; the sums
+// stay in registers (the K loop keeps two a head, the V loop a slab).
 constexpr int kMaxHeadsPerPass = 4;
-constexpr int kPassQueryFloats = 256;
+constexpr int kPassQueryFloats = 512;
 constexpr int heads_per_pass(int nc2) {
     const int heads = kPassQueryFloats / (nc2 * 2 * kLanes);
     return heads < 1 ? 1 : heads > kMaxHeadsPerPass ? kMaxHeadsPerPass : heads;

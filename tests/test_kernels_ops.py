@@ -95,7 +95,8 @@ def test_rope_rejects_position_outside_cache():
 
 
 @pytest.mark.parametrize("kv_dtype", DTYPES)
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 64), (9, 3, 64), (8, 2, 128), (6, 1, 40), (12, 1, 64), (20, 2, 48)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 64), (9, 3, 64), (8, 2, 128), (6, 1, 40), (12, 1, 64), (20, 2, 48),
+                                                    (8, 8, 128), (6, 3, 128)])  # (6, 3, 128): V slabs, the last one shorter
 def test_paged_attention_decode(isa, kv_dtype, heads, kv_heads, head_dim):
     g = torch.Generator().manual_seed(heads * head_dim)
     num_blocks, block_size = 20, 16
