@@ -155,10 +155,13 @@ struct Partials {
 };
 
 // Chunks of the output a V slab holds: two registers of sums per chunk and head, with four registers left for
-// the V chunk, its weight and the compiler. One query head a pass is bound by memory, not by the stores of
-// spilled sums: it takes its whole row in one slab (reading V again measured 0.92-0.95x at head_dim 128).
+// the V chunk, its weight and the compiler. Spilling a few sums costs less than reading V again, and one query
+// head a pass is bound by memory, not by the stores of spilled sums, so those take their whole rows in one slab.
+// Measured on AVX2 (benchmarks/ab_kernels.py): 3 heads of 64 (24 sums) 1.03-1.08x and 1 head of 128 1.05-1.09x
+// faster in one slab than in slabs; 4 heads of 128 (64 sums) 1.2-1.4x and 4 heads of 64 (32 sums) 1.07-1.18x
+// faster in slabs than in one.
 constexpr int slab_chunks(int g, int nc2) {
-    if (g == 1) return nc2;
+    if (g == 1 || 2 * g * nc2 <= kVecRegs * 3 / 2) return nc2;
     const int s = (kVecRegs - 4) / 2 / g;
     return s < 1 ? 1 : s > nc2 ? nc2 : s;
 }
