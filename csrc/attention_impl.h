@@ -162,8 +162,8 @@ struct Partials {
 // faster in slabs than in one.
 constexpr int slab_chunks(int g, int nc2) {
     if (g == 1 || 2 * g * nc2 <= kVecRegs * 3 / 2) return nc2;
-    const int s = (kVecRegs - 4) / 2 / g;
-    return s < 1 ? 1 : s > nc2 ? nc2 : s;
+    const int s = (kVecRegs - 4) / 2 / g;  // below nc2: the test above took every group whose row fits
+    return s < 1 ? 1 : s;
 }
 
 // One pass: G query heads (qf: G rows of NC2 chunks of 2 * kLanes floats, scaled, zero past head_dim) that read kv head
@@ -401,7 +401,8 @@ void merge_stretches(void* ctx, int64_t begin, int64_t end) {
 }
 
 // When a kv head's query heads take several passes over a stretch (their queries outgrow the registers), each
-// pass reads the stretch's K and V rows again: stretches stay short enough for those rows to stay in L2.
+// pass reads the stretch's K and V rows again, and so does each V slab: stretches stay short enough for those
+// rows to stay in L2.
 constexpr int64_t kPassBytes = 256 << 10;
 
 // Tokens per stretch for a sequence of len tokens, `wanted` stretches per sequence, at most `cap`.
@@ -415,9 +416,11 @@ void attention(const AttentionArgs& a) {
     if (a.batch == 0) return;
     // Enough stretches to give every thread a few tasks; an empty context still gets one (it outputs zeros).
     const int64_t wanted = (4 * static_cast<int64_t>(num_threads()) + a.batch - 1) / a.batch;
-    const int64_t group = a.heads / a.kv_heads, per_pass = heads_per_pass(static_cast<int>(padded_dim(a.head_dim) / (2 * kLanes)));
+    const int nc2 = static_cast<int>(padded_dim(a.head_dim) / (2 * kLanes));
+    const int64_t group = a.heads / a.kv_heads, per_pass = heads_per_pass(nc2);
+    const bool rereads = group > per_pass || slab_chunks(static_cast<int>(group < per_pass ? group : per_pass), nc2) < nc2;
     const int64_t row_bytes = a.head_dim * (a.kv_type == DType::f32 ? 4 : a.kv_type == DType::bf16 ? 2 : 1);
-    const int64_t cap = group > per_pass ? round_up(kPassBytes / (2 * row_bytes), kLanes) : INT64_MAX;
+    const int64_t cap = rereads ? round_up(kPassBytes / (2 * row_bytes), kLanes) : INT64_MAX;
     int64_t* first = static_cast<int64_t*>(scratch_alloc((a.batch + 1) * 8));
     first[0] = 0;
     for (int64_t b = 0; b < a.batch; ++b) {
