@@ -110,10 +110,11 @@ def ab_prefill_attention(builds: dict, args) -> None:
 def ab_decode_attention(builds: dict, args) -> None:
     torch.manual_seed(0)
     block_size = 16
-    # the 135M, the 1.7B shape, then the heads of Llama-3-8B, Llama-3.2-3B, Llama-2-7B and Qwen2.5-0.5B
+    # the 135M, the 1.7B shape, then the heads of Llama-3-8B (also over a long context), Llama-3.2-3B, Llama-2-7B
+    # and Qwen2.5-0.5B
     for batch, heads, kv_heads, dim, context in [(1, 9, 3, 64, 550), (16, 9, 3, 64, 1600), (1, 32, 32, 64, 600),
-                                                 (1, 32, 8, 128, 600), (4, 32, 8, 128, 1500), (1, 24, 8, 128, 600),
-                                                 (1, 32, 32, 128, 600), (1, 14, 2, 64, 600)]:
+                                                 (1, 32, 8, 128, 600), (4, 32, 8, 128, 1500), (1, 32, 8, 128, 8000),
+                                                 (1, 24, 8, 128, 600), (1, 32, 32, 128, 600), (1, 14, 2, 64, 600)]:
         blocks = batch * -(-context // block_size)
         layers = 24  # one decode step's worth of calls, each layer with its own cache: read from DRAM, as in a model
         caches = [(torch.randn(blocks, kv_heads, block_size, dim).bfloat16(),
