@@ -153,6 +153,22 @@ void prefill_attention_py(int64_t q_len, int64_t context, int64_t heads, int64_t
     launch([a] { ops().prefill_attention(a); });
 }
 
+void sample_py(int64_t rows, int64_t vocab, uintptr_t logits, int64_t ld, uintptr_t temperature, uintptr_t top_k,
+               uintptr_t top_p, uintptr_t min_p, uintptr_t u, uintptr_t out) {
+    check(rows >= 0 && vocab > 0 && vocab <= kMaxSampleVocab && ld >= vocab, "sample: bad shape, or a vocabulary over 2^20");
+    SampleArgs a{rows, vocab, ptr<float>(logits), ld, ptr<const float>(temperature), ptr<const int64_t>(top_k),
+                 ptr<const float>(top_p), ptr<const float>(min_p), ptr<const double>(u), ptr<int64_t>(out)};
+    auto check_params = [a] {
+        for (int64_t r = 0; r < a.rows; ++r) {
+            check(a.temperature[r] > 0.0f && a.top_k[r] >= 0, "sample: temperature must be > 0 and top_k >= 0");
+            check(a.top_p[r] > 0.0f && a.top_p[r] <= 1.0f && a.min_p[r] >= 0.0f && a.min_p[r] <= 1.0f,
+                  "sample: top_p must be in (0, 1] and min_p in [0, 1]");
+            check(a.u[r] >= 0.0 && a.u[r] < 1.0, "sample: u must be in [0, 1)");
+        }
+    };
+    launch(check_params, [a] { ops().sample(a); });
+}
+
 void prefill_attention_paged_py(int64_t q_len, int64_t context, int64_t heads, int64_t kv_heads, int64_t head_dim,
                                 uintptr_t q, int64_t q_stride_t, int64_t q_stride_h, bool q_bf16, int64_t block_size,
                                 int64_t num_blocks, uintptr_t k_cache, uintptr_t v_cache, int kv_dtype,
@@ -244,6 +260,7 @@ NB_MODULE(_kernels, m) {
     m.def("prefill_attention", &prefill_attention_py);
     m.def("prefill_attention_paged", &prefill_attention_paged_py);
     m.def("kv_write", &kv_write_py);
+    m.def("sample", &sample_py);
     m.def("repack_ggml", &repack_ggml_py);
     m.def("quantize_pack", &quantize_pack_py);
 }

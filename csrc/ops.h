@@ -66,6 +66,17 @@ struct PrefillAttentionArgs {
     const float* k_scale; const float* v_scale;
 };
 
+struct SampleArgs {
+    int64_t rows, vocab;                          // vocab at most kMaxSampleVocab
+    float* logits; int64_t ld;                    // (rows, vocab) float32, overwritten with weights
+    const float* temperature;                     // (rows) > 0
+    const int64_t* top_k;                         // (rows) 0: none
+    const float* top_p; const float* min_p;       // (rows) top_p in (0, 1], min_p in [0, 1]
+    const double* u;                              // (rows) uniform in [0, 1): where each row's draw lands
+    int64_t* out;                                 // (rows) the sampled token ids
+};
+constexpr int64_t kMaxSampleVocab = int64_t{1} << 20;
+
 struct OpsTable {
     void (*rms_norm)(const NormArgs&);
     void (*silu_mul)(const SiluMulArgs&);
@@ -73,6 +84,7 @@ struct OpsTable {
     void (*attention)(const AttentionArgs&);
     void (*kv_write)(const KvWriteArgs&);
     void (*prefill_attention)(const PrefillAttentionArgs&);
+    void (*sample)(const SampleArgs&);
 };
 
 const OpsTable& ops_scalar();

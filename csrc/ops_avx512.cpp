@@ -2,7 +2,7 @@
 #include "ops.h"
 #include "threadpool.h"
 
-#include <immintrin.h>  // widen8 in attention_impl.h
+#include <immintrin.h>  // widen8 in attention_impl.h, lanes_at_least in sample_impl.h
 
 namespace ironlm {
 namespace {

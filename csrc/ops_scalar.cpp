@@ -2,6 +2,8 @@
 #include "ops.h"
 #include "threadpool.h"
 
+#include <immintrin.h>  // lanes_at_least in sample_impl.h
+
 namespace ironlm {
 namespace {
 #include "ops_impl.h"

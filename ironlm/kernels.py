@@ -215,6 +215,25 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, cache: PagedCache, slots: torch.T
                       v.dtype is torch.bfloat16, k_ptr, v_ptr, dtype, k_scale_ptr, v_scale_ptr, slots.data_ptr())
 
 
+def sample(weights: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+           min_p: torch.Tensor, u: torch.Tensor) -> list[int]:
+    """One token id per row of logits (S, V) float32 with contiguous rows. Per row (S,): temperature (> 0), top_k
+    (int, 0 for none), top_p, min_p, and u (float64 in [0, 1)) where the draw lands. Each row of logits is left
+    holding the weights it was drawn from, reference_sample_weights; csrc/sample_impl.h says how. A row with no
+    finite logit picks token 0."""
+    rows, vocab = weights.shape
+    if weights.dtype is not torch.float32 or weights.stride(1) != 1:
+        raise ValueError(f"sample: logits {tuple(weights.shape)} {weights.dtype} must be float32 with contiguous rows")
+    temperature, top_p, min_p = (t.to(torch.float32).contiguous() for t in (temperature, top_p, min_p))
+    top_k, u = _int64(top_k), u.to(torch.float64).contiguous()
+    if any(t.shape != (rows,) for t in (temperature, top_k, top_p, min_p, u)):
+        raise ValueError(f"sample: each row's parameters must be ({rows},) tensors")
+    out = torch.empty(rows, dtype=torch.int64)
+    _kernels.sample(rows, vocab, weights.data_ptr(), _row_stride(weights), temperature.data_ptr(), top_k.data_ptr(),
+                    top_p.data_ptr(), min_p.data_ptr(), u.data_ptr(), out.data_ptr())
+    return out.tolist()
+
+
 def dequantize_kv(cache: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     """A cache (or rows of one) as float32: int8 rows times their scales; float caches as they are."""
     if cache.dtype is not torch.int8:
@@ -317,3 +336,23 @@ def reference_paged_attention_decode(q, k_cache, v_cache, block_tables, context_
         scores = torch.einsum("hd,nhd->hn", q[b].float(), k) * scale
         out[b] = torch.einsum("hn,nhd->hd", scores.softmax(-1), v)
     return out.to(q.dtype)
+
+
+def reference_sample_weights(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                             min_p: float) -> torch.Tensor:
+    """What sample() draws a row (V,) from: (V,) weights, 0 for the tokens it cuts. The draw walks them in
+    vocabulary order and picks the first token whose running weight passes u times their total. Weights are
+    exp(max((logit - max) / T, -87)), 0 for a -inf or NaN logit; min-p keeps those at least min_p, top-k those at
+    least the k-th largest, top-p the fewest heaviest (lower ids first among equals) reaching top_p of the total."""
+    x = ((logits.float() - logits.nan_to_num(nan=float("-inf"), posinf=float("inf")).max()) / temperature).clamp(min=-87.0)
+    w = torch.where(logits > float("-inf"), x.exp(), 0.0)
+    w = torch.where(w >= min_p, w, 0.0)
+    if 0 < top_k < w.numel():
+        w = torch.where(w >= w.topk(top_k).values[-1], w, 0.0)
+    if top_p < 1.0:
+        order = torch.sort(-w, stable=True).indices  # heaviest first, ties by id
+        ordered = w[order].double()
+        keep = (ordered.cumsum(0) - ordered) < top_p * ordered.sum()
+        keep[0] = True
+        w = torch.zeros_like(w).index_put_((order[keep],), w[order[keep]])
+    return w

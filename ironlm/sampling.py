@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ironlm import kernels
 from ironlm.errors import RequestError
 
 # (generated_token_ids, logits (V,)) -> logits (V,); used for grammars and custom biasing.
@@ -188,76 +189,14 @@ class Sampler:
         if not sampled:
             return picks
         params = [states[i].params for i in sampled]
-        vocab = logits.shape[1]
-        # weights: (S, V), worked on in place (a 49k-wide temporary per operation costs as much as the operation):
-        # unnormalised probabilities exp((logit - max) / temperature), whose largest is 1.
-        weights = logits if len(sampled) == len(states) else logits[sampled]
-        weights.div_(torch.tensor([p.temperature for p in params])[:, None])
-        # exp of anything below -87 is subnormal: x86 computes those through a slow path (at temperature 0.2 most of
-        # a 49k vocabulary lands there; benchmarks/bench_sampler.py), and a weight under 1e-38 next to the top
-        # token's 1 is never drawn. So they are clamped to -87 first; top-k's -inf comes after the clamp.
-        weights.sub_(weights.amax(-1, keepdim=True)).clamp_(min=-87.0)
-        limited = [j for j, p in enumerate(params) if p.top_k]
-        if limited:  # one topk for all rows, up to the largest k; each row cut at its own k-th value
-            ks = torch.tensor([min(params[j].top_k, vocab) for j in limited])
-            sub = weights if len(limited) == len(params) else weights[limited]
-            kth = sub.topk(int(ks.max()), dim=-1).values.gather(1, ks[:, None] - 1)  # (K, 1)
-            if sub is weights:
-                weights.masked_fill_(weights < kth, float("-inf"))
-            else:
-                weights[limited] = sub.masked_fill_(sub < kth, float("-inf"))
-        weights.exp_()
-        min_p = torch.tensor([p.min_p for p in params])
-        if bool((min_p > 0).any()):  # a row with min_p 0 compares against 0: nothing dropped
-            weights.masked_fill_(weights < min_p[:, None], 0.0)
-        # Inverse-CDF draws: one uniform number per row (from the request's own generator when seeded) and a
-        # binary search, ~15x cheaper than torch.multinomial on CPU. Zero-weight tokens add nothing to a CDF, so
-        # the first index whose CDF exceeds u is never one. (PyTorch accumulates a float cumsum in double.)
-        u = torch.cat([torch.rand(1, generator=states[i].generator, dtype=torch.float64) for i in sampled]).float()
-        rows = list(range(len(sampled)))  # those drawn from the whole vocabulary
-        nucleus = [j for j, p in enumerate(params) if p.top_p < 1.0]
-        if nucleus:
-            sub = weights if len(nucleus) == len(params) else weights[nucleus]
-            mass = torch.tensor([params[j].top_p for j in nucleus]) * sub.sum(-1)
-            candidates, order, inside = _nucleus_candidates(sub, mass)  # (N, C), (N, C), (N,)
-            # Rows whose nucleus lies among their candidates draw from those, in weight order: no vocabulary-wide
-            # CDF for them.
-            cdf = candidates.cumsum_(-1)
-            ids = torch.searchsorted(cdf, (u[nucleus] * cdf[:, -1]).unsqueeze(1), right=True)
-            ids = order.gather(1, ids.clamp_(max=cdf.shape[1] - 1)).squeeze(1).tolist()
-            drawn = set()
-            for n, j in enumerate(nucleus):
-                if inside[n]:
-                    picks[sampled[j]] = ids[n]
-                    drawn.add(j)
-                else:  # rare: the nucleus reaches past the candidates, so the row is cut in full
-                    weights[j] = _nucleus_sorted(weights[j:j + 1], mass[n:n + 1])[0]
-            rows = [j for j in rows if j not in drawn]
-        if rows:
-            sub = weights if len(rows) == len(sampled) else weights[rows]
-            cdf = sub.cumsum_(-1)  # (R, V)
-            ids = torch.searchsorted(cdf, (u[rows] * cdf[:, -1]).unsqueeze(1), right=True).clamp_(max=vocab - 1)
-            for j, token_id in zip(rows, ids.squeeze(1).tolist()):
-                picks[sampled[j]] = token_id
+        # Temperature, top-k, min-p, top-p and the draw in one kernel call (csrc/sample_impl.h): row by row on the
+        # thread pool, each finding its cuts from a histogram of its weights rather than sorting its vocabulary.
+        # u: one uniform number per row, from the request's own generator when seeded.
+        weights = logits if len(sampled) == len(states) else logits[sampled]  # (S, V)
+        u = torch.cat([torch.rand(1, generator=states[i].generator, dtype=torch.float64) for i in sampled])
+        ids = kernels.sample(weights, torch.tensor([p.temperature for p in params]),
+                             torch.tensor([p.top_k or 0 for p in params]), torch.tensor([p.top_p for p in params]),
+                             torch.tensor([p.min_p for p in params]), u)
+        for i, token_id in zip(sampled, ids):
+            picks[i] = token_id
         return picks
-
-
-_NUCLEUS_CANDIDATES = 256  # the nucleus nearly always lies among the most likely few hundred tokens
-
-
-def _nucleus_candidates(weights: torch.Tensor, mass: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
-    """Each row's heaviest tokens, cut to the smallest set whose total weight reaches `mass` (the heaviest always
-    stays). weights: (N, V) unnormalised probabilities, mass: (N,) top_p times each row's total. Returns the kept
-    weights (N, C) with the cut ones zeroed, their token ids (N, C), and whether each row's nucleus lies among its
-    C candidates; sorting a whole 49k vocabulary per row would cost more than the rest of a decode step."""
-    candidates, order = weights.topk(min(_NUCLEUS_CANDIDATES, weights.shape[1]), dim=-1)  # (N, C) descending
-    candidates[candidates.cumsum(-1) - candidates >= mass[:, None]] = 0.0
-    return candidates, order, (candidates.sum(-1) >= mass).tolist()
-
-
-def _nucleus_sorted(weights: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
-    """_nucleus_candidates over the whole vocabulary, for rows whose nucleus the candidates do not hold:
-    the kept weights in vocabulary order (N, V), zero elsewhere."""
-    sorted_all, order_all = weights.sort(dim=-1, descending=True)
-    sorted_all[sorted_all.cumsum(-1) - sorted_all >= mass[:, None]] = 0.0
-    return torch.zeros_like(sorted_all).scatter_(1, order_all, sorted_all)

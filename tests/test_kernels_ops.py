@@ -306,3 +306,81 @@ def test_paged_cache_and_decode_reject_mismatches():
         kernels.paged_attention_decode(torch.zeros(1, 2, 64), cache, tables, lens.long(), 1.0)
     with pytest.raises(ValueError, match=r"\(T, 2, 64\)"):
         kernels.write_kv(torch.zeros(1, 1, 64), torch.zeros(1, 1, 64), cache, torch.zeros(1, dtype=torch.int64))
+
+
+def sample_test_logits(vocab: int) -> torch.Tensor:
+    logits = torch.randn(6, vocab, generator=torch.Generator().manual_seed(vocab)) * 3
+    logits[1, :5] += 9.0                      # peaked: the nucleus is a few tokens
+    logits[2] = 0.0                           # flat: every token ties, so top-k and top-p cut by id
+    logits[3, ::7] = float("-inf")            # masked tokens weigh nothing
+    logits[4, [3, 500]] = float("nan")        # as do NaN ones
+    logits[5] = (logits[5] * 2).round() / 2   # many ties
+    return logits
+
+
+SAMPLE_PARAMS = [  # temperature, top_k, top_p, min_p
+    (1.0, 0, 1.0, 0.0), (0.7, 0, 0.95, 0.0), (0.7, 40, 1.0, 0.05), (1.3, 5, 0.9, 0.1), (0.2, 0, 0.9, 0.0),
+    (3.0, 0, 0.5, 0.0), (1.0, 300, 0.99, 0.0), (0.05, 2, 1.0, 0.0),
+]
+
+
+@pytest.mark.parametrize("vocab", [1003, 49152])
+def test_sample_weights_and_draws_match_the_reference(isa, vocab):
+    # Each row of each parameter set is drawn several times, u placed mid-way through a kept token's share of the
+    # reference's running weight (so rounding cannot move it across a neighbour): the first and last kept tokens,
+    # the heaviest, and a few others. The kernel must pick that token, and leave the reference's weights behind.
+    logits = sample_test_logits(vocab)
+    gen = torch.Generator().manual_seed(1)
+    for temperature, top_k, top_p, min_p in SAMPLE_PARAMS:
+        rows, us, expected, weights = [], [], [], []
+        for row in logits:
+            w = kernels.reference_sample_weights(row, temperature, top_k, top_p, min_p)
+            cdf = w.double().cumsum(0)
+            total = float(cdf[-1])
+            kept = w.nonzero().flatten()
+            picks = {int(kept[0]), int(kept[-1]), int(w.argmax())}
+            picks |= {int(kept[i]) for i in torch.randint(0, kept.numel(), (4,), generator=gen)}
+            for token in sorted(picks):
+                if w[token] / total < 1e-5:  # a share too thin to place u inside it with room for rounding
+                    continue
+                rows.append(row)
+                us.append((float(cdf[token]) - float(w[token]) / 2) / total)
+                expected.append(token)
+                weights.append(w)
+        batch = torch.stack(rows)
+        n = len(rows)
+        picked = kernels.sample(batch, torch.full((n,), temperature), torch.full((n,), top_k), torch.full((n,), top_p),
+                                torch.full((n,), min_p), torch.tensor(us, dtype=torch.float64))
+        assert picked == expected, (temperature, top_k, top_p, min_p)
+        reference = torch.stack(weights)
+        assert torch.equal(batch > 0, reference > 0), (temperature, top_k, top_p, min_p)  # the same tokens kept
+        torch.testing.assert_close(batch, reference, rtol=1e-5, atol=0)
+
+
+def test_sample_cuts_by_count_and_mass(isa):
+    # Hand-made weights: top-k keeps every tie of the k-th weight; top-p stops at the token whose share reaches it.
+    probs = torch.tensor([0.05, 0.4, 0.1, 0.25, 0.1, 0.1])
+    one = dict(temperature=torch.ones(1), top_p=torch.ones(1), min_p=torch.zeros(1), u=torch.zeros(1, dtype=torch.float64))
+    w = probs.log()[None].clone()
+    kernels.sample(w, top_k=torch.tensor([3]), **one)
+    assert (w[0] > 0).tolist() == [False, True, True, True, True, True]  # 0.4, 0.25 and the three 0.1s
+    w = probs.log()[None].clone()
+    kernels.sample(w, top_k=torch.zeros(1, dtype=torch.int64), **dict(one, top_p=torch.tensor([0.7])))
+    assert (w[0] > 0).tolist() == [False, True, True, True, False, False]  # 0.4 + 0.25 < 0.7: the first 0.1 (id 2)
+    rows = torch.full((2, 5), float("-inf"))
+    rows[1, 4] = 0.0
+    assert kernels.sample(rows, torch.ones(2), torch.zeros(2, dtype=torch.int64), torch.ones(2), torch.zeros(2),
+                          torch.full((2,), 0.5, dtype=torch.float64)) == [0, 4]
+
+
+def test_sample_rejects_bad_parameters():
+    logits = torch.zeros(1, 8)
+    good = dict(temperature=torch.ones(1), top_k=torch.zeros(1, dtype=torch.int64), top_p=torch.ones(1),
+                min_p=torch.zeros(1), u=torch.zeros(1, dtype=torch.float64))
+    for name, value, match in [("temperature", torch.zeros(1), "temperature"), ("top_p", torch.zeros(1), "top_p"),
+                               ("min_p", torch.full((1,), 1.5), "min_p"), ("u", torch.ones(1), "u must be"),
+                               ("top_k", torch.zeros(2, dtype=torch.int64), r"\(1,\)")]:
+        with pytest.raises(ValueError, match=match):
+            kernels.sample(logits.clone(), **dict(good, **{name: value}))
+    with pytest.raises(ValueError, match="float32"):
+        kernels.sample(logits.double(), **good)
