@@ -7,7 +7,7 @@
 
 For each client count (default 1, 4, 16, 64), that many clients each send --requests-per-client streaming chat
 requests back to back: a shared customer-service system prompt and a distinct question, --max-tokens new tokens,
-greedy, with `ignore_eos` so every engine writes the same number of tokens. Reported per engine and client count:
+greedy (or --temperature / --top-p), with `ignore_eos` so every engine writes the same number of tokens. Reported per engine and client count:
 aggregate output tokens/s (completion tokens / wall time of the level), median and p90 time to first token (request
 sent -> first non-empty content), median inter-token latency ((last - first content) / (tokens - 1) per request),
 requests completed and errors. Engines run one after another, never together. Spawned servers bind 127.0.0.1 on a
@@ -82,11 +82,12 @@ class RequestResult:
     latency_s: float | None = None
 
 
-def chat_body(index: int, model: str, max_tokens: int, ignore_eos: bool) -> dict:
+def chat_body(index: int, model: str, max_tokens: int, ignore_eos: bool, temperature: float = 0.0,
+              top_p: float = 1.0) -> dict:
     """The request for client request number `index`: distinct per index (the order number), same length class."""
     question = QUESTIONS[index % len(QUESTIONS)]
     body = {"model": model, "stream": True, "stream_options": {"include_usage": True},
-            "max_tokens": max_tokens, "temperature": 0.0,
+            "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p,
             "messages": [{"role": "system", "content": SYSTEM_PROMPT},
                          {"role": "user", "content": f"My order number is NW-{48213 + 7 * index}. {question}"}]}
     if ignore_eos:
@@ -158,18 +159,18 @@ def summarise(clients: int, results: list[RequestResult], wall_s: float) -> dict
     }
 
 
-async def run_level(base_url: str, model: str, clients: int, requests_per_client: int, max_tokens: int,
-                    ignore_eos: bool, request_timeout_s: float, first_index: int) -> dict:
-    """`clients` closed-loop clients, each sending `requests_per_client` requests one after another."""
+async def run_level(base_url: str, args: argparse.Namespace, clients: int, first_index: int) -> dict:
+    """`clients` closed-loop clients, each sending --requests-per-client requests one after another."""
     async def client_loop(client: httpx.AsyncClient, c: int) -> list[RequestResult]:
         out = []
-        for r in range(requests_per_client):
-            body = chat_body(first_index + c * requests_per_client + r, model, max_tokens, ignore_eos)
+        for r in range(args.requests_per_client):
+            body = chat_body(first_index + c * args.requests_per_client + r, args.model_name, args.max_tokens,
+                             args.ignore_eos, args.temperature, args.top_p)
             out.append(await one_request(client, base_url, body))
         return out
 
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
-    timeout = httpx.Timeout(request_timeout_s, connect=10.0)
+    timeout = httpx.Timeout(args.request_timeout, connect=10.0)
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
         start = time.perf_counter()
         per_client = await asyncio.gather(*(client_loop(client, c) for c in range(clients)))
@@ -180,7 +181,8 @@ async def run_level(base_url: str, model: str, clients: int, requests_per_client
 async def run_engine(base_url: str, args: argparse.Namespace, deadline: float) -> list[dict]:
     """Warm up, then every client count in turn; a level past the deadline is recorded as timed out and ends the run."""
     async with httpx.AsyncClient(timeout=httpx.Timeout(120.0, connect=10.0)) as client:
-        warm = await one_request(client, base_url, chat_body(10**6, args.model_name, 8, args.ignore_eos))
+        warm = await one_request(client, base_url, chat_body(10**6, args.model_name, 8, args.ignore_eos, args.temperature,
+                                                             args.top_p))
     if not warm.ok:
         raise RuntimeError(f"warm-up request to {base_url} failed: {warm.error}")
     levels, first_index = [], 0
@@ -191,8 +193,7 @@ async def run_engine(base_url: str, args: argparse.Namespace, deadline: float) -
             break
         try:
             level = await asyncio.wait_for(
-                run_level(base_url, args.model_name, clients, args.requests_per_client, args.max_tokens,
-                          args.ignore_eos, args.request_timeout, first_index), remaining)
+                run_level(base_url, args, clients, first_index), remaining)
         except asyncio.TimeoutError:
             levels.append({"clients": clients, "timed_out": True})
             break
@@ -360,6 +361,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=128, help="new tokens per request (default 128)")
     p.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
                    help="do not send ignore_eos (for servers that reject unknown fields)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling's top_p (default 1: off)")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request (default 600)")
     p.add_argument("--startup-timeout", type=float, default=180.0, help="seconds for a spawned server to get healthy")
     p.add_argument("--time-limit", type=float, default=1800.0, help="seconds for the whole run (default 1800)")
@@ -421,7 +424,8 @@ def main(argv: list[str] | None = None) -> int:
               "command": shlex.join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
               "machine": machine_facts(),
               "settings": {"clients": args.clients, "requests_per_client": args.requests_per_client,
-                           "max_tokens": args.max_tokens, "ignore_eos": args.ignore_eos, "temperature": 0.0,
+                           "max_tokens": args.max_tokens, "ignore_eos": args.ignore_eos, "temperature": args.temperature,
+                           "top_p": args.top_p,
                            "threads": args.threads, "repeats": args.repeats},
               "runs": [], "raw_runs": []}
     log_dir = Path(tempfile.mkdtemp(prefix="serve_bench_"))

@@ -64,6 +64,9 @@ def test_prompts_are_distinct_and_carry_ignore_eos(serve_bench):
     assert len({b["messages"][1]["content"] for b in bodies}) == 100
     assert all(b["ignore_eos"] and b["stream"] and b["stream_options"] == {"include_usage": True} for b in bodies)
     assert "ignore_eos" not in serve_bench.chat_body(0, "default", 128, False)
+    assert (bodies[0]["temperature"], bodies[0]["top_p"]) == (0.0, 1.0)  # greedy unless asked
+    sampled = serve_bench.chat_body(0, "default", 128, True, temperature=0.7, top_p=0.95)
+    assert (sampled["temperature"], sampled["top_p"]) == (0.7, 0.95)
 
 
 def test_summary_counts_errors_and_percentiles(serve_bench):
