@@ -8,8 +8,14 @@ old build's extension before rebuilding, then:
     # ... change csrc/, rebuild (pip install -e .) ...
     python benchmarks/ab_kernels.py /tmp/old_kernels.so prefill-attention
     python benchmarks/ab_kernels.py /tmp/old_kernels.so gemm --fmt int4_sym --rows 1,16 --shapes 6144x2048
+    python benchmarks/ab_kernels.py /tmp/old_kernels.so sample --threads 1  # builds since 06d58c0 (its sampler)
 
-Outputs of the two builds are compared too (max abs difference), so a change that should be exact shows it.
+Calls of a few milliseconds, such as the sampler's, are best compared on one thread: with two, each build's
+thread pool spins for a while after its calls, into the other build's turn, and two copies of one build measured
+0.66-1.59x on this 2-core machine (1.00 +- 0.02x on one thread).
+
+Outputs of the two builds are compared too (max abs difference; for sample, the rows whose picks differ), so a
+change that should be exact shows it.
 """
 import argparse
 import importlib.machinery
@@ -137,11 +143,37 @@ def ab_decode_attention(builds: dict, args) -> None:
         diff = (outs["old"] - outs["new"]).abs().max().item()
         report(f"decode attention {batch} x {context}, {heads}/{kv_heads} heads x {dim}", best, kv_bytes, "GB/s", diff)
 
+def ab_sample(builds: dict, args) -> None:
+    # The sampler's cases of benchmarks/bench_sampler.py, on logits peaked like a language model's, plus a flat
+    # row (temperature 5), whose top-p cut gathers most of the vocabulary. Each call gets a fresh copy of the
+    # logits (the kernel overwrites them), so the copy is timed too, alike for both builds.
+    rows, vocab = 64, 49152
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(0)) * 3
+    logits[:, :8] += 12
+    work = {name: logits.clone() for name in builds}
+    for label, (temperature, top_k, top_p, min_p) in {
+            "temperature 0.7": (0.7, 0, 1.0, 0.0), "temperature 0.7, top-p 0.95": (0.7, 0, 0.95, 0.0),
+            "temperature 0.7, top-k 40, min-p 0.05": (0.7, 40, 1.0, 0.05),
+            "temperature 5 (flat), top-p 0.95": (5.0, 0, 0.95, 0.0)}.items():
+        params = [torch.full((rows,), temperature), torch.full((rows,), top_k, dtype=torch.int64),
+                  torch.full((rows,), top_p), torch.full((rows,), min_p),
+                  torch.rand(rows, dtype=torch.float64, generator=torch.Generator().manual_seed(1))]
+        picks = {name: torch.empty(rows, dtype=torch.int64) for name in builds}
+
+        def run(name, module):
+            w = work[name]
+            w.copy_(logits)
+            module.sample(rows, vocab, w.data_ptr(), vocab, *(p.data_ptr() for p in params), picks[name].data_ptr())
+
+        best = best_of(builds, run, args.rounds)
+        diff = float((picks["old"] != picks["new"]).sum())  # rows that picked another token
+        report(f"sample {rows} x {vocab}, {label}", best, None, "", diff)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("old", help="the old build's _kernels*.so (the installed ironlm is the new one)")
-    parser.add_argument("kernel", choices=["gemm", "prefill-attention", "decode-attention"])
+    parser.add_argument("kernel", choices=["gemm", "prefill-attention", "decode-attention", "sample"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds per build (best kept)")
     parser.add_argument("--fmt", default="int4_sym", choices=sorted(FORMAT_IDS))
@@ -152,8 +184,8 @@ def main() -> None:
     for module in builds.values():
         module.set_num_threads(args.threads)
     print(f"old: {args.old}; new: {new_kernels.__file__}; ISA {new_kernels.active_isa()[0]}, {args.threads} threads")
-    {"gemm": ab_gemm, "prefill-attention": ab_prefill_attention, "decode-attention": ab_decode_attention}[args.kernel](
-        builds, args)
+    {"gemm": ab_gemm, "prefill-attention": ab_prefill_attention, "decode-attention": ab_decode_attention,
+     "sample": ab_sample}[args.kernel](builds, args)
 
 
 if __name__ == "__main__":
