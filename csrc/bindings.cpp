@@ -169,6 +169,24 @@ void sample_py(int64_t rows, int64_t vocab, uintptr_t logits, int64_t ld, uintpt
     launch(check_params, [a] { ops().sample(a); });
 }
 
+void repetition_penalty_py(int64_t count, int64_t batch, int64_t vocab, uintptr_t logits, int64_t ld, uintptr_t rows,
+                           uintptr_t offsets, uintptr_t ids, uintptr_t penalty) {
+    check(count >= 0 && batch >= 0 && vocab > 0 && ld >= vocab, "repetition_penalty: bad shape or stride");
+    PenaltyArgs a{count, vocab, ptr<float>(logits), ld, ptr<const int64_t>(rows), ptr<const int64_t>(offsets),
+                  ptr<const int64_t>(ids), ptr<const float>(penalty)};
+    auto check_ids = [a, batch] {
+        check(a.count == 0 || a.offsets[0] == 0, "repetition_penalty: offsets must start at 0");
+        for (int64_t i = 0; i < a.count; ++i) {
+            check(a.rows[i] >= 0 && a.rows[i] < batch, "repetition_penalty: a row outside the batch");
+            check(a.penalty[i] > 0.0f, "repetition_penalty: penalties must be > 0");
+            check(a.offsets[i + 1] >= a.offsets[i], "repetition_penalty: offsets must not decrease");
+            for (int64_t j = a.offsets[i]; j < a.offsets[i + 1]; ++j)
+                check(a.ids[j] >= 0 && a.ids[j] < a.vocab, "repetition_penalty: a token id outside the vocabulary");
+        }
+    };
+    launch(check_ids, [a] { ops().repetition_penalty(a); });
+}
+
 void prefill_attention_paged_py(int64_t q_len, int64_t context, int64_t heads, int64_t kv_heads, int64_t head_dim,
                                 uintptr_t q, int64_t q_stride_t, int64_t q_stride_h, bool q_bf16, int64_t block_size,
                                 int64_t num_blocks, uintptr_t k_cache, uintptr_t v_cache, int kv_dtype,
@@ -261,6 +279,7 @@ NB_MODULE(_kernels, m) {
     m.def("prefill_attention_paged", &prefill_attention_paged_py);
     m.def("kv_write", &kv_write_py);
     m.def("sample", &sample_py);
+    m.def("repetition_penalty", &repetition_penalty_py);
     m.def("repack_ggml", &repack_ggml_py);
     m.def("quantize_pack", &quantize_pack_py);
 }

@@ -77,6 +77,15 @@ struct SampleArgs {
 };
 constexpr int64_t kMaxSampleVocab = int64_t{1} << 20;
 
+struct PenaltyArgs {
+    int64_t count, vocab;                         // rows penalised
+    float* logits; int64_t ld;                    // (rows of the batch, vocab) float32, updated in place
+    const int64_t* rows;                          // (count) which rows of logits
+    const int64_t* offsets;                       // (count + 1): row i's token ids are ids[offsets[i], offsets[i + 1])
+    const int64_t* ids;                           // distinct within a row, each in [0, vocab)
+    const float* penalty;                         // (count) > 0
+};
+
 struct OpsTable {
     void (*rms_norm)(const NormArgs&);
     void (*silu_mul)(const SiluMulArgs&);
@@ -85,6 +94,7 @@ struct OpsTable {
     void (*kv_write)(const KvWriteArgs&);
     void (*prefill_attention)(const PrefillAttentionArgs&);
     void (*sample)(const SampleArgs&);
+    void (*repetition_penalty)(const PenaltyArgs&);
 };
 
 const OpsTable& ops_scalar();

@@ -243,6 +243,6 @@ void rope(const RopeArgs& a) {
 
 #include "attention_impl.h"          // decode attention and KV writes
 #include "prefill_attention_impl.h"  // causal attention of prompt chunks
-#include "sample_impl.h"             // the sampler's filters and draw
+#include "sample_impl.h"             // the sampler's penalty, filters and draw
 
-const OpsTable kTable = {rms_norm, silu_mul, rope, attention, kv_write, prefill_attention, sample};
+const OpsTable kTable = {rms_norm, silu_mul, rope, attention, kv_write, prefill_attention, sample, repetition_penalty};

@@ -1,5 +1,5 @@
-// One sampled token per row of logits: temperature, top-k, min-p, top-p, then an inverse-CDF draw.
-// Included by ops_impl.h (inside its anonymous namespace) after the vector helpers.
+// One sampled token per row of logits: temperature, top-k, min-p, top-p, then an inverse-CDF draw; and the
+// repetition penalty that may come before. Included by ops_impl.h (inside its anonymous namespace) after the vector helpers.
 //
 // A row's weights are w = exp(max((logit - max) / T, -87)), so its likeliest token weighs 1 and exp stays out of
 // the subnormals (x86 takes a slow path through those, and a weight under e^-87 beside 1 is never drawn). A -inf
@@ -218,4 +218,23 @@ void sample_rows(void* ctx, int64_t begin, int64_t end) {
 void sample(const SampleArgs& a) {
     SampleArgs copy = a;
     parallel_for(a.rows, sample_rows, &copy);
+}
+
+// Hugging Face's repetition penalty over each listed row's seen tokens: a positive logit divided by the penalty, a
+// negative one multiplied (as PyTorch computes it, to the bit).
+void penalize_rows(void* ctx, int64_t begin, int64_t end) {
+    const PenaltyArgs& a = *static_cast<const PenaltyArgs*>(ctx);
+    for (int64_t i = begin; i < end; ++i) {
+        float* row = a.logits + a.rows[i] * a.ld;
+        const float p = a.penalty[i];
+        for (int64_t j = a.offsets[i]; j < a.offsets[i + 1]; ++j) {
+            float& x = row[a.ids[j]];
+            x = x > 0.0f ? x / p : x * p;
+        }
+    }
+}
+
+void repetition_penalty(const PenaltyArgs& a) {
+    PenaltyArgs copy = a;
+    parallel_for(a.count, penalize_rows, &copy);
 }

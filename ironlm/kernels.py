@@ -234,6 +234,24 @@ def sample(weights: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor
     return out.tolist()
 
 
+def apply_repetition_penalty(logits: torch.Tensor, rows: list[int], ids: list[torch.Tensor],
+                             penalties: list[float]) -> None:
+    """Hugging Face's repetition penalty, in place on logits (B, V) float32 with contiguous rows: in row rows[i],
+    each of the distinct token ids ids[i] (int64) has its logit divided by penalties[i] if positive, else
+    multiplied by it."""
+    if logits.dtype is not torch.float32 or logits.dim() != 2 or logits.stride(1) != 1:
+        raise ValueError(f"repetition_penalty: logits {tuple(logits.shape)} {logits.dtype} must be float32 (B, V) "
+                         "with contiguous rows")
+    if not len(rows) == len(ids) == len(penalties):
+        raise ValueError("repetition_penalty: one id tensor and one penalty per row")
+    batch, vocab = logits.shape
+    flat = _int64(torch.cat(ids)) if ids else torch.zeros(0, dtype=torch.int64)
+    offsets = torch.tensor([0] + [t.numel() for t in ids], dtype=torch.int64).cumsum_(0)
+    row_ids, penalty = torch.tensor(rows, dtype=torch.int64), torch.tensor(penalties, dtype=torch.float32)
+    _kernels.repetition_penalty(len(rows), batch, vocab, logits.data_ptr(), _row_stride(logits), row_ids.data_ptr(),
+                                offsets.data_ptr(), flat.data_ptr(), penalty.data_ptr())
+
+
 def dequantize_kv(cache: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     """A cache (or rows of one) as float32: int8 rows times their scales; float caches as they are."""
     if cache.dtype is not torch.int8:
@@ -356,3 +374,10 @@ def reference_sample_weights(logits: torch.Tensor, temperature: float, top_k: in
         keep[0] = True
         w = torch.zeros_like(w).index_put_((order[keep],), w[order[keep]])
     return w
+
+
+def reference_repetition_penalty(logits: torch.Tensor, rows: list[int], ids: list[torch.Tensor],
+                                 penalties: list[float]) -> None:
+    for row, seen, penalty in zip(rows, ids, penalties):
+        values = logits[row, seen]
+        logits[row, seen] = torch.where(values > 0, values / penalty, values * penalty)

@@ -160,13 +160,7 @@ class Sampler:
         if not rows:
             return
         ids = [(states[i].seen or SeenTokens(states[i].prompt_token_ids)).ids(states[i].output_token_ids) for i in rows]
-        vocab = logits.shape[1]
-        flat = torch.cat([seen + i * vocab for i, seen in zip(rows, ids)])  # (N,) into logits viewed as (B * V,)
-        penalty = torch.repeat_interleave(torch.tensor([states[i].params.repetition_penalty for i in rows]),
-                                          torch.tensor([seen.numel() for seen in ids]))
-        view = logits.view(-1)
-        values = view[flat]
-        view[flat] = torch.where(values > 0, values / penalty, values * penalty)
+        kernels.apply_repetition_penalty(logits, rows, ids, [states[i].params.repetition_penalty for i in rows])
 
     @staticmethod
     def _apply_penalties(row: torch.Tensor, state: SampleState) -> None:

@@ -384,3 +384,28 @@ def test_sample_rejects_bad_parameters():
             kernels.sample(logits.clone(), **dict(good, **{name: value}))
     with pytest.raises(ValueError, match="float32"):
         kernels.sample(logits.double(), **good)
+
+
+def test_repetition_penalty_matches_the_reference(isa):
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(5, 1003, generator=gen) * 4
+    rows, penalties = [0, 2, 4], [1.3, 0.8, 2.0]
+    ids = [torch.randperm(1003, generator=gen)[:n] for n in (700, 1, 0)]  # distinct ids; a row with none
+    actual, expected = logits.clone(), logits.clone()
+    kernels.apply_repetition_penalty(actual, rows, ids, penalties)
+    kernels.reference_repetition_penalty(expected, rows, ids, penalties)
+    assert torch.equal(actual, expected)
+    assert torch.equal(actual[[1, 3]], logits[[1, 3]])  # rows not listed are left alone
+    assert not torch.equal(actual[0], logits[0])
+
+
+def test_repetition_penalty_rejects_bad_input():
+    logits = torch.zeros(2, 8)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        kernels.apply_repetition_penalty(logits, [0], [torch.tensor([8])], [1.1])
+    with pytest.raises(ValueError, match="outside the batch"):
+        kernels.apply_repetition_penalty(logits, [2], [torch.tensor([1])], [1.1])
+    with pytest.raises(ValueError, match="> 0"):
+        kernels.apply_repetition_penalty(logits, [0], [torch.tensor([1])], [0.0])
+    with pytest.raises(ValueError, match="float32"):
+        kernels.apply_repetition_penalty(logits.double(), [0], [torch.tensor([1])], [1.1])
