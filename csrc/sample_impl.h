@@ -1,5 +1,6 @@
 // One sampled token per row of logits: temperature, top-k, min-p, top-p, then an inverse-CDF draw; and the
-// repetition penalty that may come before. Included by ops_impl.h (inside its anonymous namespace) after the vector helpers.
+// repetition penalty that may come before. Included by ops_impl.h (inside its anonymous namespace) after the
+// vector helpers.
 //
 // A row's weights are w = exp(max((logit - max) / T, -87)), so its likeliest token weighs 1 and exp stays out of
 // the subnormals (x86 takes a slow path through those, and a weight under e^-87 beside 1 is never drawn). A -inf
@@ -8,11 +9,11 @@
 // total (the heaviest always stays; among equal weights the lower ids first). The draw walks the kept tokens in
 // vocabulary order and picks the first whose running weight passes u times their total.
 //
-// Neither cut sorts the row. The weights at least the highest of kGatherFloors whose weights alone reach the cut's
-// goal (their count for top-k, their weight for top-p) are gathered, usually a handful; every token only when
-// none does. Positive floats
-// order like their bits, so a histogram of the gathered weights' top bits finds the bucket where the goal is
-// reached, a histogram of the next bits within that bucket narrows it, and a third gives the exact weight.
+// Neither cut sorts the row. It gathers the weights at or above the highest of kGatherFloors whose weights alone
+// reach its goal (their count for top-k, their weight for top-p), usually a handful; every token only when none
+// does. Positive floats order like their bits, so a histogram of the gathered weights' top bits finds the bucket
+// where the goal is reached, a histogram of the next bits within that bucket narrows it, and a third gives the
+// exact weight.
 
 constexpr int kFloors = 3;
 constexpr float kGatherFloors[kFloors] = {0x1p-10f, 0x1p-20f, 0x1p-40f};  // beside the heaviest's 1
@@ -140,7 +141,8 @@ int64_t sample_row(const SampleArgs& a, int64_t r, Weighted* buf) {
     float* w = a.logits + r * a.ld;  // (vocab): the logits, then their weights
     const int64_t n = a.vocab;
     // The largest logit; NaN never wins a comparison, so it is passed over.
-    vf top[4] = {splat(-__builtin_inff()), splat(-__builtin_inff()), splat(-__builtin_inff()), splat(-__builtin_inff())};
+    const vf none = splat(-__builtin_inff());
+    vf top[4] = {none, none, none, none};
     int64_t i = 0;
     for (; i + 4 * kLanes <= n; i += 4 * kLanes)  // four maxima in flight
         for (int j = 0; j < 4; ++j) {
@@ -152,7 +154,7 @@ int64_t sample_row(const SampleArgs& a, int64_t r, Weighted* buf) {
     for (; i < n; ++i) max = w[i] > max ? w[i] : max;
     if (!(max > -__builtin_inff())) return 0;  // no token is possible: pick as greedy would (the first)
     // The weights, cut by min-p (the heaviest weighs 1, so min-p never cuts it).
-    const vf inv_t = splat(1.0f / a.temperature[r]), lowest = splat(-87.0f), none = splat(-__builtin_inff());
+    const vf inv_t = splat(1.0f / a.temperature[r]), lowest = splat(-87.0f);
     const vf min_p = splat(a.min_p[r]), lane = lane_index();
     double block_sum[kMaxSampleVocab / kDrawBlock];
     Heavy heavy;
@@ -174,7 +176,8 @@ int64_t sample_row(const SampleArgs& a, int64_t r, Weighted* buf) {
         const int64_t m = gather(w, n, gather_floor(heavy.count, goal), buf);
         const vf kth = splat(reach<false>(buf, m, 0.0, goal).w);
         auto cut = [&](int64_t, vf x, int) { return x >= kth ? x : vf{}; };
-        total = top_p ? reweigh<false, true>(w, n, cut, block_sum, heavy) : reweigh<false, false>(w, n, cut, block_sum, heavy);
+        total = top_p ? reweigh<false, true>(w, n, cut, block_sum, heavy)
+                      : reweigh<false, false>(w, n, cut, block_sum, heavy);
     }
     // top-p: the tokens after the one where the heaviest-first walk reaches top_p of the total cut too.
     if (top_p) {
