@@ -70,6 +70,12 @@ inline float hmax(vf v) {  // a tree of half-width maxima, like hsum
     return x > y ? x : y;
 }
 
+inline vf lane_index() {  // {0, 1, 2, ...}
+    vf lane;
+    for (int i = 0; i < kLanes; ++i) lane[i] = static_cast<float>(i);
+    return lane;
+}
+
 // Loads and stores of one vector (n < kLanes for a row's tail: the rest reads as 0).
 inline vf vload(const float* p, int n = kLanes) {
     vf v = {};
@@ -241,7 +247,8 @@ void rope(const RopeArgs& a) {
     else rope_tokens(&copy, 0, a.tokens);
 }
 
-#include "attention_impl.h"          // decode attention and KV writes
+#include "attention_impl.h"          // decode attention
+#include "kv_write_impl.h"           // new tokens' K and V into the cache
 #include "prefill_attention_impl.h"  // causal attention of prompt chunks
 #include "sample_impl.h"             // the sampler's penalty, filters and draw
 

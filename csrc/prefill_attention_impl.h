@@ -166,8 +166,7 @@ void prefill_tile_block(const PrefillCtx& c, int64_t s, TaskRows& t, const int64
     alignas(64) uint16_t p16[kPrefillRows][kKeyBlock];
     float* o[kPrefillRows];
     for (int r = 0; r < kPrefillRows; ++r) o[r] = t.o + slot[r] * dp;
-    vf lane;
-    for (int i = 0; i < kLanes; ++i) lane[i] = static_cast<float>(i);
+    const vf lane = lane_index();
     // scores: sc[r][v] = q[r] . K[j0 + W v + lane]
     vf sc[kPrefillRows][4] = {};
     if constexpr (kBf16) {

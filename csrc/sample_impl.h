@@ -28,12 +28,6 @@ inline void over_vectors(int64_t begin, int64_t end, F f) {
     if (i < end) f(i, static_cast<int>(end - i));
 }
 
-inline vf lane_index() {  // {0, 1, 2, ...}
-    vf lane;
-    for (int i = 0; i < kLanes; ++i) lane[i] = static_cast<float>(i);
-    return lane;
-}
-
 struct Weighted {
     float w;
     int32_t id;
