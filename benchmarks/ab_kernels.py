@@ -143,6 +143,7 @@ def ab_decode_attention(builds: dict, args) -> None:
         diff = (outs["old"] - outs["new"]).abs().max().item()
         report(f"decode attention {batch} x {context}, {heads}/{kv_heads} heads x {dim}", best, kv_bytes, "GB/s", diff)
 
+
 def ab_sample(builds: dict, args) -> None:
     # The sampler's cases of benchmarks/bench_sampler.py, on logits peaked like a language model's, plus a flat
     # row (temperature 5), whose top-p cut gathers most of the vocabulary. Each call gets a fresh copy of the

@@ -7,11 +7,12 @@
 
 For each client count (default 1, 4, 16, 64), that many clients each send --requests-per-client streaming chat
 requests back to back: a shared customer-service system prompt and a distinct question, --max-tokens new tokens,
-greedy (or --temperature / --top-p), with `ignore_eos` so every engine writes the same number of tokens. Reported per engine and client count:
-aggregate output tokens/s (completion tokens / wall time of the level), median and p90 time to first token (request
-sent -> first non-empty content), median inter-token latency ((last - first content) / (tokens - 1) per request),
-requests completed and errors. Engines run one after another, never together. Spawned servers bind 127.0.0.1 on a
-free port and are stopped at the end, also on error or Ctrl-C/SIGTERM; --time-limit bounds the whole run.
+greedy (or --temperature / --top-p), with `ignore_eos` so every engine writes the same number of tokens.
+Reported per engine and client count: aggregate output tokens/s (completion tokens / wall time of the level),
+median and p90 time to first token (request sent -> first non-empty content), median inter-token latency
+((last - first content) / (tokens - 1) per request), requests completed and errors. Engines run one after
+another, never together. Spawned servers bind 127.0.0.1 on a free port and are stopped at the end, also on error
+or Ctrl-C/SIGTERM; --time-limit bounds the whole run.
 With --repeats K every engine runs K times, alternating, and each client count reports its fastest repeat (on a
 shared machine noise only slows a run down); all repeats are kept in the JSON under `raw_runs`.
 """
@@ -181,8 +182,8 @@ async def run_level(base_url: str, args: argparse.Namespace, clients: int, first
 async def run_engine(base_url: str, args: argparse.Namespace, deadline: float) -> list[dict]:
     """Warm up, then every client count in turn; a level past the deadline is recorded as timed out and ends the run."""
     async with httpx.AsyncClient(timeout=httpx.Timeout(120.0, connect=10.0)) as client:
-        warm = await one_request(client, base_url, chat_body(10**6, args.model_name, 8, args.ignore_eos, args.temperature,
-                                                             args.top_p))
+        warm_body = chat_body(10**6, args.model_name, 8, args.ignore_eos, args.temperature, args.top_p)
+        warm = await one_request(client, base_url, warm_body)
     if not warm.ok:
         raise RuntimeError(f"warm-up request to {base_url} failed: {warm.error}")
     levels, first_index = [], 0
@@ -424,8 +425,8 @@ def main(argv: list[str] | None = None) -> int:
               "command": shlex.join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
               "machine": machine_facts(),
               "settings": {"clients": args.clients, "requests_per_client": args.requests_per_client,
-                           "max_tokens": args.max_tokens, "ignore_eos": args.ignore_eos, "temperature": args.temperature,
-                           "top_p": args.top_p,
+                           "max_tokens": args.max_tokens, "ignore_eos": args.ignore_eos,
+                           "temperature": args.temperature, "top_p": args.top_p,
                            "threads": args.threads, "repeats": args.repeats},
               "runs": [], "raw_runs": []}
     log_dir = Path(tempfile.mkdtemp(prefix="serve_bench_"))

@@ -362,7 +362,8 @@ def reference_sample_weights(logits: torch.Tensor, temperature: float, top_k: in
     vocabulary order and picks the first token whose running weight passes u times their total. Weights are
     exp(max((logit - max) / T, -87)), 0 for a -inf or NaN logit; min-p keeps those at least min_p, top-k those at
     least the k-th largest, top-p the fewest heaviest (lower ids first among equals) reaching top_p of the total."""
-    x = ((logits.float() - logits.nan_to_num(nan=float("-inf"), posinf=float("inf")).max()) / temperature).clamp(min=-87.0)
+    top = logits.nan_to_num(nan=float("-inf"), posinf=float("inf")).max()  # NaN passed over, as by the kernel
+    x = ((logits.float() - top) / temperature).clamp(min=-87.0)
     w = torch.where(logits > float("-inf"), x.exp(), 0.0)
     w = torch.where(w >= min_p, w, 0.0)
     if 0 < top_k < w.numel():

@@ -360,7 +360,8 @@ def test_sample_weights_and_draws_match_the_reference(isa, vocab):
 def test_sample_cuts_by_count_and_mass(isa):
     # Hand-made weights: top-k keeps every tie of the k-th weight; top-p stops at the token whose share reaches it.
     probs = torch.tensor([0.05, 0.4, 0.1, 0.25, 0.1, 0.1])
-    one = dict(temperature=torch.ones(1), top_p=torch.ones(1), min_p=torch.zeros(1), u=torch.zeros(1, dtype=torch.float64))
+    one = dict(temperature=torch.ones(1), top_p=torch.ones(1), min_p=torch.zeros(1),
+               u=torch.zeros(1, dtype=torch.float64))
     w = probs.log()[None].clone()
     kernels.sample(w, top_k=torch.tensor([3]), **one)
     assert (w[0] > 0).tolist() == [False, True, True, True, True, True]  # 0.4, 0.25 and the three 0.1s
