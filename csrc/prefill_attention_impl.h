@@ -3,8 +3,9 @@
 //
 // The call works through the kv heads in slices small enough for the cache. For each slice it copies K into
 // (slice, Cp / W, Dp, W) floats (each group of W = kLanes keys transposed), V into (slice, Cp, Dp) and the
-// slice's query heads into (L, heads, Dp) floats times the scale (Dp: head_dim and Cp: context rounded up to a
-// key block, the padding zero). A task is 24 query rows of one head. It goes over key blocks of 4 W keys (64
+// slice's query heads into (L, heads, Dp) floats times the scale and log2(e) (Dp: head_dim and Cp: context
+// rounded up to a key block, the padding zero), so the scores come out in log2 units and the softmax takes 2^x,
+// which costs fewer steps than e^x. A task is 24 query rows of one head. It goes over key blocks of 4 W keys (64
 // with AVX-512, 32 with AVX2), and on each block its rows take turns R = kPrefillRows at a time: the R x 4W
 // scores come from broadcasting q[d] against element d of 4 groups of W keys (4R accumulators), an online
 // softmax keeps each row's running max and sum, and P V adds the block's keys into the rows' Dp outputs, which
@@ -21,12 +22,14 @@ constexpr int64_t kPrefillRows = kVecRegs == 32 ? 6 : 3;
 constexpr int64_t kPrefillTaskRows = 24;  // query rows per task
 constexpr int64_t kKeyBlock = 4 * kLanes; // keys per block; also the padding unit of Dp and Cp
 constexpr int64_t kMaxPrefillDim = 256;
-constexpr float kSlack = 8.0f;            // how far scores may pass a row's reference max unrescaled
+constexpr float kSlack = 12.0f;           // how far scores (log2 units) may pass a row's reference max unrescaled
+constexpr float kLog2e = 1.44269504088896341f;
 
 struct PrefillCtx {
     const PrefillAttentionArgs* a;
     int64_t dp, cp, q_blocks;
     int64_t group;   // query heads per kv head
+    float score_scale;  // what turns q . k into a score in log2 units: the attention scale times log2(e)
     int64_t kvh0, kvh_n;  // the slice of kv heads being worked on: [kvh0, kvh0 + kvh_n)
     float* qs;  // (L, kvh_n * group, Dp), the slice's query heads, scaled
     float* kt;  // (kvh_n, Cp / W, Dp, W)
@@ -118,7 +121,7 @@ void prefill_pack_q(void* ctx, int64_t begin, int64_t end) {
                 const int n = a.head_dim - i >= kLanes ? kLanes : static_cast<int>(a.head_dim > i ? a.head_dim - i : 0);
                 const vf q = n ? load_any(a.q, a.q_type, t * a.q_stride_t + h * a.q_stride_h + i, n) : vf{};
                 if constexpr (kBf16) vstore(c.qs16 + (t * nq + s) * c.dp + i, q);
-                else vstore(c.qs + (t * nq + s) * c.dp + i, q * a.scale);
+                else vstore(c.qs + (t * nq + s) * c.dp + i, q * c.score_scale);
             }
         }
 }
@@ -145,12 +148,15 @@ inline __m512i load_pairs(const uint16_t* p) { return _mm512_loadu_si512(p); }
 #endif
 
 // One task's query rows of one head: each row's position, where its q starts, and its online softmax state
-// (running max m, sum l, output o). Slots past the task's rows are scratch for the rows a short tile repeats.
+// (running max m, sum l kept as a vector of lane sums, output o). Slots past the task's rows are scratch for the
+// rows a short tile repeats.
 constexpr int64_t kTaskSlots = kPrefillTaskRows + kPrefillRows;
 struct TaskRows {
     int64_t pos[kTaskSlots];  // the row sees keys [0, pos]
     int64_t q_at[kTaskSlots];
-    float m[kTaskSlots], l[kTaskSlots];
+    int64_t kv_at, scales_at;  // the head's K and V in the slice, and its int8 rows' scales
+    float m[kTaskSlots];
+    vf l[kTaskSlots];
     alignas(64) float o[kTaskSlots * kMaxPrefillDim];  // (slots, Dp)
 };
 
@@ -158,20 +164,19 @@ struct TaskRows {
 // scratch slots). kBf16: the bf16 layouts and vdpbf16ps (see the top).
 template <bool kBf16>
 void prefill_tile_block(const PrefillCtx& c, int64_t s, TaskRows& t, const int64_t (&slot)[kPrefillRows], int64_t j0) {
-    const int64_t dp = c.dp, cp = c.cp;
-    const int64_t kv_at = s / c.group * dp * cp;  // this head's K and V in the slice
-    const int64_t scales_at = s / c.group * cp;  // and its int8 rows' scales
+    const int64_t dp = c.dp;
+    const int64_t kv_at = t.kv_at, scales_at = t.scales_at;
     const int64_t kv_end = t.pos[slot[kPrefillRows - 1]] + 1;
-    alignas(64) float p[kPrefillRows][kKeyBlock];
+    alignas(64) float p[kPrefillRows][kKeyBlock];  // the scores, then the weights
     alignas(64) uint16_t p16[kPrefillRows][kKeyBlock];
     float* o[kPrefillRows];
     for (int r = 0; r < kPrefillRows; ++r) o[r] = t.o + slot[r] * dp;
     const vf lane = lane_index();
-    // scores: sc[r][v] = q[r] . K[j0 + W v + lane]
-    vf sc[kPrefillRows][4] = {};
+    // scores: p[r][W v + lane] = q[r] . K[j0 + W v + lane], in log2 units
     if constexpr (kBf16) {
 #ifdef __AVX512BF16__
-        const float scale = c.a->scale;
+        vf sc[kPrefillRows][4] = {};
+        const float scale = c.score_scale;
         const uint16_t* group = c.kt16 + kv_at + j0 * dp;  // 4 groups of 16 keys, dp x 16 bf16 each
         for (int64_t d = 0; d < dp; d += 2) {
             const uint16_t* kr = group + d * kLanes;
@@ -183,9 +188,10 @@ void prefill_tile_block(const PrefillCtx& c, int64_t s, TaskRows& t, const int64
         for (int v = 0; v < 4; ++v)
             to_score[v] = c.k_scales ? vload(c.k_scales + scales_at + j0 + kLanes * v) * scale : splat(scale);
         for (int r = 0; r < kPrefillRows; ++r)
-            for (int v = 0; v < 4; ++v) sc[r][v] *= to_score[v];
+            for (int v = 0; v < 4; ++v) vstore(p[r] + kLanes * v, sc[r][v] * to_score[v]);
 #endif
     } else {
+        vf sc[kPrefillRows][4] = {};
         const float* group = c.kt + kv_at + j0 * dp;  // 4 groups of W keys, dp x W floats each
         const float* q[kPrefillRows];
         for (int r = 0; r < kPrefillRows; ++r) q[r] = c.qs + t.q_at[slot[r]];
@@ -195,38 +201,37 @@ void prefill_tile_block(const PrefillCtx& c, int64_t s, TaskRows& t, const int64
                                vload(kr + 3 * dp * kLanes)};
             for (int r = 0; r < kPrefillRows; ++r) add_scaled(sc[r], q[r][d], k);
         }
+        for (int r = 0; r < kPrefillRows; ++r)
+            for (int v = 0; v < 4; ++v) vstore(p[r] + kLanes * v, sc[r][v]);
     }
-    // Online softmax; keys past a row's position weigh nothing. A row's reference max moves only when a
-    // block's max passes it by more than kSlack (e^(s - m) stays below e^8), so most blocks rescale nothing.
+    // Online softmax in base 2; keys past a row's position score -inf, so they weigh 0. A row's reference max
+    // moves only when a block's max passes it by more than kSlack (2^(s - m) stays below 2^12), so most blocks
+    // rescale nothing.
     for (int r = 0; r < kPrefillRows; ++r) {
         const int64_t pos = t.pos[slot[r]];
         float& m = t.m[slot[r]];
-        float& l = t.l[slot[r]];
-        const bool partial = j0 + kKeyBlock > pos + 1;
-        const vf limit = splat(static_cast<float>(pos - j0));  // exact: positions < 2^24
-        vf top = splat(-__builtin_inff());
-        for (int v = 0; v < 4; ++v) {
-            if (partial) sc[r][v] = lane + static_cast<float>(kLanes * v) <= limit ? sc[r][v] : splat(-__builtin_inff());
-            top = sc[r][v] > top ? sc[r][v] : top;
+        vf& l = t.l[slot[r]];
+        vf sc[4] = {vload(p[r]), vload(p[r] + kLanes), vload(p[r] + 2 * kLanes), vload(p[r] + 3 * kLanes)};
+        if (j0 + kKeyBlock > pos + 1) {  // the block passes the row's position
+            const vf limit = splat(static_cast<float>(pos - j0));  // exact: positions < 2^24
+            for (int v = 0; v < 4; ++v)
+                sc[v] = lane + static_cast<float>(kLanes * v) <= limit ? sc[v] : splat(-__builtin_inff());
         }
-        const float block_max = hmax(top);
-        if (block_max > m + kSlack) {  // always for the first block, where m = -inf
-            if (l > 0.0f) {
-                const float alpha = vexp(splat(m - block_max))[0];
-                l *= alpha;
-                for (int64_t i = 0; i < dp; i += kLanes) vstore(o[r] + i, vload(o[r] + i) * alpha);
-            }
+        const vf top01 = sc[0] > sc[1] ? sc[0] : sc[1], top23 = sc[2] > sc[3] ? sc[2] : sc[3];
+        const float block_max = hmax(top01 > top23 ? top01 : top23);
+        if (block_max > m + kSlack) {  // always for a row's first block, where m = -inf and l, o are 0
+            const vf alpha = vexp2_weight(splat(m - block_max));
+            l *= alpha;
+            for (int64_t i = 0; i < dp; i += kLanes) vstore(o[r] + i, vload(o[r] + i) * alpha);
             m = block_max;
         }
-        vf sum = {};
+        vf e[4];
         for (int v = 0; v < 4; ++v) {
-            vf e = vexp(sc[r][v] - m);
-            if (partial) e = lane + static_cast<float>(kLanes * v) <= limit ? e : vf{};
-            if constexpr (kBf16) vstore(p16[r] + kLanes * v, c.v_scales ? e * vload(c.v_scales + scales_at + j0 + kLanes * v) : e);
-            else vstore(p[r] + kLanes * v, e);
-            sum += e;
+            e[v] = vexp2_weight(sc[v] - m);
+            if constexpr (kBf16) vstore(p16[r] + kLanes * v, c.v_scales ? e[v] * vload(c.v_scales + scales_at + j0 + kLanes * v) : e[v]);
+            else vstore(p[r] + kLanes * v, e[v]);
         }
-        l += hsum(sum);
+        l += (e[0] + e[1]) + (e[2] + e[3]);
     }
     // o += p V over the block's keys, 4 W output dims at a time
     const int64_t nk = kv_end - j0 < kKeyBlock ? kv_end - j0 : kKeyBlock;
@@ -265,12 +270,14 @@ void prefill_task(const PrefillCtx& c, int64_t s, int64_t row_begin, int64_t row
     const int64_t rows = row_end - row_begin;
     const int64_t tiles = (rows + kPrefillRows - 1) / kPrefillRows;
     TaskRows t;
+    t.kv_at = s / c.group * dp * c.cp;
+    t.scales_at = s / c.group * c.cp;
     for (int64_t i = 0; i < kTaskSlots; ++i) {
         const int64_t row = row_begin + (i < rows ? i : rows - 1);  // scratch slots repeat the last row
         t.q_at[i] = (row * nq + s) * dp;
         t.pos[i] = a.context - a.q_len + row;
         t.m[i] = -__builtin_inff();
-        t.l[i] = 0.0f;
+        t.l[i] = vf{};
         for (int64_t j = 0; j < dp; j += kLanes) vstore(t.o + i * dp + j, vf{});
     }
     const int64_t kv_end = t.pos[rows - 1] + 1;
@@ -285,7 +292,7 @@ void prefill_task(const PrefillCtx& c, int64_t s, int64_t row_begin, int64_t row
         }
     }
     for (int64_t i = 0; i < rows; ++i) {
-        const float inv = 1.0f / t.l[i];
+        const float inv = 1.0f / hsum(t.l[i]);
         for (int64_t j = 0; j < a.head_dim; j += kLanes) {
             const int n = a.head_dim - j < kLanes ? static_cast<int>(a.head_dim - j) : kLanes;
             store_any(a.out, a.o_type, ((row_begin + i) * a.heads + c.kvh0 * c.group + s) * a.head_dim + j,
@@ -348,7 +355,7 @@ void prefill_slices(PrefillCtx& c) {
 
 void prefill_attention(const PrefillAttentionArgs& a) {
     PrefillCtx c{&a, round_up(a.head_dim, kKeyBlock), round_up(a.context, kKeyBlock),
-                 (a.q_len + kPrefillTaskRows - 1) / kPrefillTaskRows, a.heads / a.kv_heads, 0, 0,
+                 (a.q_len + kPrefillTaskRows - 1) / kPrefillTaskRows, a.heads / a.kv_heads, a.scale * kLog2e, 0, 0,
                  nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
 #ifdef __AVX512BF16__
     if (a.q_type == DType::bf16) return prefill_slices<true>(c);  // a bf16 model: bf16 products are enough
