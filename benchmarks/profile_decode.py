@@ -6,7 +6,8 @@
 Runs --batch sequences (prompts of token ids, then greedy decoding with EOS ignored) and wraps each kernel
 entry point with a timer that counts only the steps in which every sequence decodes one token. With
 --all-steps it counts every step instead (prompt chunks, mixed and decode steps): where a bulk job's time goes.
-The wrappers cost a microsecond or two a call, so "rest" is slightly overstated.
+The wrappers cost a microsecond or two a call, so "rest" is slightly overstated. The page faults and system
+time of the measured run are printed too: what the memory allocator costs (ironlm/engine/llm_engine.py).
 
 Decode steps replay their recorded kernel calls from C++ (ironlm/engine/decode_graph.py), out of the wrappers'
 sight: their time shows as "graph" (every kernel of the step but the lm_head). --enforce-eager runs them from
@@ -14,6 +15,7 @@ Python instead, for the per-kernel split (with Python's per-call costs in it).
 """
 
 import argparse
+import resource
 import time
 from collections import defaultdict
 
@@ -33,6 +35,7 @@ def main() -> None:
     parser.add_argument("--all-steps", action="store_true", help="count every step, not only all-decode ones")
     parser.add_argument("--kv-cache-dtype", default="auto")
     parser.add_argument("--enforce-eager", action="store_true", help="decode from Python: the per-kernel split")
+    parser.add_argument("--gemm-shapes", action="store_true", help="split the GEMM time by weight shape and rows")
     args = parser.parse_args()
 
     llm = LLM(model=args.model, threads=args.threads, max_num_seqs=max(64, args.batch),
@@ -72,9 +75,24 @@ def main() -> None:
             return out
         return wrapper
 
+    by_shape: dict[tuple[int, int, str], list[float]] = defaultdict(lambda: [0.0, 0])  # seconds, calls
+
+    def timed_gemm(layer, x, *a, **k):
+        start = time.perf_counter()
+        out = gemm(layer, x, *a, **k)
+        if counting[0]:
+            seconds = time.perf_counter() - start
+            spent["gemm"] += seconds
+            rows = x.numel() // layer.in_features
+            entry = by_shape[(layer.out_features, layer.in_features, "> 64 rows" if rows > 64 else "<= 64 rows")]
+            entry[0] += seconds
+            entry[1] += 1
+        return out
+
     runner.execute = timed_step
     decode_graph.DecodeGraph.replay = timed(decode_graph.DecodeGraph.replay, "graph")
-    linear.QuantLinear.forward = timed(linear.QuantLinear.forward, "gemm")
+    gemm = linear.QuantLinear.forward
+    linear.QuantLinear.forward = timed_gemm
     for module, name, key in [(attention.kernels, "paged_attention_decode", "attention"),
                               (attention.kernels, "prefill_attention", "prefill_attn"),
                               (attention.kernels, "prefill_attention_paged", "prefill_attn"),
@@ -82,9 +100,11 @@ def main() -> None:
                               (rotary.kernels, "apply_rope", "rope"), (activation.kernels, "silu_mul", "silu_mul")]:
         setattr(module, name, timed(getattr(module, name), key))
 
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     llm.generate(prompts(2000), params)
     wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_SELF)
     steps = int(spent["steps"])
     if steps == 0:
         print("no step had every sequence decoding: the first sequences finished while others were still in their "
@@ -104,6 +124,12 @@ def main() -> None:
         print(f"  {key:12} {amount(spent[key])}")
     rest = spent["step"] - sum(spent[key] for key in spent if key not in ("step", "steps"))
     print(f"  {'rest':12} {amount(rest)}  (Python, sampling; scheduling and detokenizing not included)")
+    if args.gemm_shapes:
+        for (n, k, rows), (seconds, calls) in sorted(by_shape.items(), key=lambda item: -item[1][0]):
+            print(f"    gemm {n:>6} x {k:<6} {rows:10} {amount(seconds)}  {calls:6} calls, "
+                  f"{seconds / calls * 1e3:7.3f} ms a call")
+    print(f"page faults during the run: {after.ru_minflt - usage.ru_minflt:,} minor, "
+          f"{after.ru_majflt - usage.ru_majflt:,} major; system time {after.ru_stime - usage.ru_stime:.2f} s")
     for batch, graph in sorted((runner.graphs or {}).items()):
         print(f"decode graph for {batch} sequences: {len(graph.graph)} kernel calls, "
               f"arena {graph.arena.nbytes / 1024:.1f} KB in {len(graph.arena.blocks)} blocks")
