@@ -153,7 +153,7 @@ inline vf vexp(vf x) {
     return p * scale;
 }
 
-// 2^x for a softmax's weights, x at most about 2^22 (scores less a reference max, in log2 units): the round
+// 2^x for a softmax's weights, x at most 127 (scores less a reference max, in log2 units): the round
 // to an integer n is an add of 1.5 * 2^23, whose low mantissa bits are then n, and n <= -127 gives 2^n = 0
 // exactly (so do -inf and masked scores). Fewer steps than vexp: no clamp above, no conversions; a
 // degree-5 fit of 2^f on [-0.5, 0.5], within a few float ulps. NaN stays NaN.
