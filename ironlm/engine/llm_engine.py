@@ -52,7 +52,7 @@ class LLMEngine:
         # One sequence must always fit on its own, or it could never finish.
         self.max_model_len = min(model_len, num_blocks * block_size)
         self.model = load_model(self.checkpoint, self.dtype, self.max_model_len, config.quant)
-        _return_freed_memory()
+        _tune_heap()
         self.kv_pool = allocate_kv_pool(args, num_blocks, block_size, self.kv_dtype)
         self.kv_scales = allocate_kv_scales(args, num_blocks, block_size) if self.kv_dtype is torch.int8 else None
         self.block_manager = BlockManager(num_blocks, block_size, config.enable_prefix_caching)
@@ -184,14 +184,15 @@ _STEP_MMAP_THRESHOLD = 32 << 20  # the largest glibc accepts (half its 64 MB hea
 _STEP_TRIM_THRESHOLD = 128 << 20
 
 
-def _return_freed_memory() -> None:
-    """Packing weights frees gigabytes of temporaries that glibc keeps in the heap unless asked to return them.
+def _tune_heap() -> None:
+    """Returns the load's temporaries to the OS, then tells glibc to keep what the steps free.
 
-    Then glibc is told to keep what the steps free. Left to itself, it serves many tensors of a few MB (a
-    512-token prefill's MLP activations are 6 MB for the 135M) by fresh mmaps, or trims its heap under them, and
-    the kernel faults in and zeroes their pages again at every step: a 16-document bulk job of the 135M made
-    0.5-1.5 million page faults and spent 2.7-7.3 s in the kernel; served from the heap, with up to 128 MB of
-    free memory kept at its top, 151,000 (the KV cache's first touch) and 1.7-2.4 s
+    Packing weights frees gigabytes of temporaries that glibc keeps in the heap unless asked to return them. Left
+    to itself, glibc then serves many of the steps' tensors of a few MB (a 512-token prefill's MLP activations are
+    6 MB for the 135M) by fresh mmaps, or trims its heap under them, and the kernel faults in and zeroes their
+    pages again at every step: a 16-document bulk job of the 135M made 0.5-1.5 million page faults and spent
+    2.7-7.3 s in the kernel. Served from the heap, with up to 128 MB of free memory kept at its top: 151,000 (the
+    KV cache's first touch) and 1.7-2.4 s
     (`benchmarks/profile_decode.py --batch 16 --prompt-tokens 1500 --new-tokens 128 --all-steps`)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
