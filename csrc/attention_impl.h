@@ -50,14 +50,16 @@ inline vf hsum_lanes(const vf* x) {
     return __builtin_shufflevector(w[0], w[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
          + __builtin_shufflevector(w[0], w[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 #elif IRONLM_LANES == 8
-    vf y[4], z[2];
-    for (int i = 0; i < 4; ++i)  // lanes 0-3: 4 partial sums of x[2i]; lanes 4-7: of x[2i+1]
-        y[i] = __builtin_shufflevector(x[2 * i], x[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11)
-             + __builtin_shufflevector(x[2 * i], x[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15);
-    for (int i = 0; i < 2; ++i)  // 2 partial sums each of x[4i .. 4i+3]
-        z[i] = __builtin_shufflevector(y[2 * i], y[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13)
-             + __builtin_shufflevector(y[2 * i], y[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15);
-    return __builtin_shufflevector(z[0], z[1], 0, 2, 4, 6, 8, 10, 12, 14) + __builtin_shufflevector(z[0], z[1], 1, 3, 5, 7, 9, 11, 13, 15);
+    // In-lane shuffles first (one cycle on AMD, no index register), the one cross-lane step last: each 128-bit
+    // half of b[i] holds the partial sums of x[4i .. 4i+3] over its half of the lanes.
+    vf a[4], b[2];
+    for (int i = 0; i < 4; ++i)  // per half: partial sums of x[2i], x[2i+1], x[2i], x[2i+1]
+        a[i] = __builtin_shufflevector(x[2 * i], x[2 * i + 1], 0, 8, 1, 9, 4, 12, 5, 13)
+             + __builtin_shufflevector(x[2 * i], x[2 * i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+    for (int i = 0; i < 2; ++i)  // per half: partial sums of x[4i .. 4i+3]
+        b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13)
+             + __builtin_shufflevector(a[2 * i], a[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+    return __builtin_shufflevector(b[0], b[1], 0, 1, 2, 3, 8, 9, 10, 11) + __builtin_shufflevector(b[0], b[1], 4, 5, 6, 7, 12, 13, 14, 15);
 #else
     vf y[2];
     for (int i = 0; i < 2; ++i)  // lanes 0-1: 2 partial sums of x[2i]; lanes 2-3: of x[2i+1]
