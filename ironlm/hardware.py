@@ -40,6 +40,7 @@ class CpuInfo:
     isa_reason: str                    # why that level
     cpu_quota: float | None = None     # cgroup CPU quota in CPUs (cpu.max), None when unlimited
     total_logical_cpus: int | None = None  # logical CPUs in the machine (os.cpu_count)
+    numa_nodes_spanned: int | None = None  # NUMA nodes with CPUs in this process's affinity
 
 
 def _read(path: str | Path) -> str | None:
@@ -160,6 +161,26 @@ def numa_nodes(root: str = "/sys/devices/system/node") -> int | None:
     return len(nodes) or None
 
 
+def _cpu_list(text: str) -> set[int]:
+    """The CPUs of a sysfs list such as "0-3,8,10-11"."""
+    cpus: set[int] = set()
+    for part in text.strip().split(","):
+        first, _, last = part.partition("-")
+        if first.strip().isdigit() and (not last or last.strip().isdigit()):
+            cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
+
+
+def numa_nodes_spanned(cpus: set[int], root: str = "/sys/devices/system/node") -> int | None:
+    """How many NUMA nodes the CPUs `cpus` belong to (nodes of memory only, without CPUs, do not count)."""
+    try:
+        nodes = [p for p in Path(root).iterdir() if p.name.startswith("node") and p.name[4:].isdigit()]
+    except OSError:
+        return None
+    spanned = sum(1 for node in nodes if _cpu_list(_read(node / "cpulist") or "") & cpus)
+    return spanned or None
+
+
 def _kernel_facts() -> tuple[dict[str, bool], str | None, str]:
     """Features and ISA choice from the native module, or from /proc/cpuinfo flags when it is not built."""
     try:
@@ -192,6 +213,7 @@ def cpu_info() -> CpuInfo:
         isa_reason=why,
         cpu_quota=cgroup_cpu_quota(),
         total_logical_cpus=os.cpu_count(),
+        numa_nodes_spanned=numa_nodes_spanned(cpus),
     )
 
 

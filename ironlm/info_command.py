@@ -49,6 +49,7 @@ def machine_facts() -> dict:
         "amx_permitted": info.features.get("amx_permitted") if any(amx.values()) else None,
         "memory_bytes": info.memory_bytes,
         "numa_nodes": info.numa_nodes,
+        "numa_nodes_spanned": info.numa_nodes_spanned,
         "active_isa": info.active_isa,
         "isa_reason": info.isa_reason,
         "default_threads": default_threads(),
@@ -106,6 +107,18 @@ def _yes(v: bool | None) -> str:
     return "[green]yes[/green]" if v else "no"
 
 
+def _numa(machine: dict) -> str:
+    nodes, spanned = machine["numa_nodes"], machine.get("numa_nodes_spanned")
+    if not nodes:
+        return "not detected"
+    if not spanned or spanned < 2:
+        return str(nodes)
+    # Threads of one process on several nodes read weights across the sockets' link; one process a node reads
+    # local memory (README: "Servers with several sockets").
+    return (f"{nodes}; this process's CPUs span {spanned}: for bulk jobs run one process per node, e.g. "
+            f"numactl --cpunodebind=K --membind=K ironlm batch IN --shard K/{spanned} -o OUT.K")
+
+
 def print_facts(machine: dict, model: dict | None, console: Console | None = None) -> None:
     console = console or Console()
     t = Table(title="Machine", show_header=False)
@@ -123,7 +136,7 @@ def print_facts(machine: dict, model: dict | None, console: Console | None = Non
     if machine["amx_permitted"] is not None:
         t.add_row("AMX enabled by the OS", _yes(machine["amx_os_enabled"] and machine["amx_permitted"]))
     t.add_row("Memory", _gib(machine["memory_bytes"]))
-    t.add_row("NUMA nodes", str(machine["numa_nodes"]) if machine["numa_nodes"] else "not detected")
+    t.add_row("NUMA nodes", _numa(machine))
     t.add_row("Kernel ISA", f"{machine['active_isa'] or 'none'} ({machine['isa_reason']})")
     t.add_row("Default threads", f"{machine['default_threads']} (IRONLM_THREADS or --threads to change)")
     t.add_row("Default dtype", machine["default_dtype"])

@@ -67,6 +67,20 @@ def test_missing_files_fall_back(tmp_path):
     assert hardware.cgroup_memory_limit([tmp_path]) is None or Path("/sys/fs/cgroup/memory").exists()
 
 
+def test_numa_nodes_spanned_by_this_process(tmp_path):
+    from ironlm import info_command
+
+    for node, cpulist in [(0, "0-3,8-11\n"), (1, "4-7,12-15\n"), (2, "\n")]:  # node 2: memory only (CXL)
+        (tmp_path / f"node{node}").mkdir()
+        (tmp_path / f"node{node}" / "cpulist").write_text(cpulist)
+    assert hardware.numa_nodes(str(tmp_path)) == 3
+    assert hardware.numa_nodes_spanned(set(range(16)), str(tmp_path)) == 2
+    assert hardware.numa_nodes_spanned({9, 10}, str(tmp_path)) == 1  # numactl --cpunodebind=0
+    assert hardware.numa_nodes_spanned({0}, str(tmp_path / "nope")) is None
+    assert "--shard K/2" in info_command._numa({"numa_nodes": 3, "numa_nodes_spanned": 2})
+    assert info_command._numa({"numa_nodes": 2, "numa_nodes_spanned": 1}) == "2"
+
+
 def test_cgroup_limits(tmp_path):
     (tmp_path / "cpu.max").write_text("150000 100000\n")
     (tmp_path / "memory.max").write_text("1073741824\n")

@@ -1,5 +1,6 @@
 """`batch` and `summarize` end to end on a tiny random model: outputs, failures, refusals, torn lines."""
 import json
+import os
 import random
 
 import pytest
@@ -100,6 +101,48 @@ def test_torn_last_line_is_dropped_and_redone(model_dir, tmp_path):
     records = read_jsonl(output)  # every line parses: the torn one is gone
     assert sorted(r["custom_id"] for r in records) == [f"n{i}" for i in range(4)]
     assert records[-1]["custom_id"] == torn_id
+
+
+def test_shards_split_a_job_exactly_and_keep_their_own_outputs(model_dir, tmp_path, capsys):
+    input_path = write_jsonl(tmp_path / "in.jsonl", [chat_line(f"n{i}", "hi") for i in range(12)])
+    outputs = [tmp_path / f"out.{k}.jsonl" for k in range(3)]
+    for k, output in enumerate(outputs):
+        assert batch(model_dir, input_path, output, "--shard", f"{k}/3") == 0
+    shares = [{r["custom_id"] for r in read_jsonl(output)} for output in outputs]
+    assert all(shares) and sum(map(len, shares)) == 12 and set().union(*shares) == {f"n{i}" for i in range(12)}
+    assert json.loads((tmp_path / "out.1.jsonl.manifest.json").read_text())["params"]["shard"] == "1/3"
+    # another shard on an output it did not make is refused; so is a shard that is not K/N
+    assert batch(model_dir, input_path, outputs[1], "--shard", "0/3") == 2
+    assert "shard: '1/3' -> '0/3'" in capsys.readouterr().err
+    for bad in ("3/3", "1", "a/2"):
+        assert batch(model_dir, input_path, tmp_path / "x.jsonl", "--shard", bad) == 2
+        assert "--shard takes K/N" in capsys.readouterr().err
+    assert [len(read_jsonl(output)) for output in outputs] == [len(share) for share in shares]
+
+
+def test_summarize_shards_split_the_documents(model_dir, tmp_path):
+    path = write_jsonl(tmp_path / "notes.jsonl", [{"id": f"r{i}", "text": f"Patient {i} is well."} for i in range(6)])
+    shares = []
+    for k in range(2):
+        output = tmp_path / f"s.{k}.jsonl"
+        assert main(["summarize", str(path), "-o", str(output), "-m", str(model_dir), "--dtype", "float32",
+                     "--threads", "1", "-q", "--max-summary-tokens", "3", "--shard", f"{k}/2"]) == 0
+        shares.append({r["custom_id"] for r in read_jsonl(output)})
+    assert not shares[0] & shares[1] and shares[0] | shares[1] == {f"r{i}" for i in range(6)}
+
+
+def test_a_second_job_on_the_same_output_is_refused_while_the_first_runs(model_dir, tmp_path, capsys):
+    from ironlm.jobs.resume import job_lock
+
+    input_path = write_jsonl(tmp_path / "in.jsonl", [chat_line(f"n{i}", "hi") for i in range(2)])
+    output = tmp_path / "out.jsonl"
+    with job_lock(output):  # the first job, still running
+        assert batch(model_dir, input_path, output) == 2
+        err = capsys.readouterr().err
+        assert f"another job (pid {os.getpid()}) is writing" in err and "Traceback" not in err
+        assert not output.exists()
+    assert batch(model_dir, input_path, output) == 0  # the lock goes with the job that held it
+    assert batch(model_dir, input_path, output) == 0 and len(read_jsonl(output)) == 2
 
 
 def test_summarize_notes_in_both_languages_with_map_reduce(model_dir, tmp_path):

@@ -10,10 +10,12 @@ complete but some items are in the error file; 130 interrupted (run the same com
 """
 import argparse
 import contextlib
+import hashlib
 import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from ironlm.cli import add_engine_arguments
@@ -40,6 +42,9 @@ def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sync-every", type=int, default=8,
                         help="flush and fsync the output every this many items (default 8; also every 2 s)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary table")
+    parser.add_argument("--shard", metavar="K/N",
+                        help="do only shard K of N (0 <= K < N) of the items, chosen by a hash of custom_id: N "
+                             "processes, one per socket say, share a job, each with its own -o")
 
 
 def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,13 +73,21 @@ def add_summarize_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_batch(args: argparse.Namespace) -> int:
     """Runs an OpenAI Batch file; see the module docstring for the exit status."""
+    from ironlm.jobs.resume import job_lock
+
+    output, errors = _output_paths(args)
+    shard = Shard.parse(args.shard)
+    with job_lock(output):  # before the model loads: a refusal comes at once
+        return _batch(args, output, errors, shard)
+
+
+def _batch(args: argparse.Namespace, output: Path, errors: Path, shard: "Shard") -> int:
     from ironlm.jobs.batch_file import check_batch_file, format_problems, iter_batch_items, output_line
     from ironlm.jobs.body import failure_line, prepare_body, response_body
     from ironlm.jobs.runner import Task
     from ironlm.server import protocol
 
     input_path = Path(args.input)
-    output, errors = _output_paths(args)
     llm = _load(args)
     names = (llm.model_name, "default")
     check = check_batch_file(input_path, names)
@@ -83,9 +96,12 @@ def run_batch(args: argparse.Namespace) -> int:
             print(line, file=sys.stderr)
         raise IronlmError(f"{input_path} has {check.num_problems} bad line(s); fix them and run again")
     manifest = {"kind": "batch", "input_sha256": check.sha256, "model_sha256": _model_hash(llm),
-                "params": {"model_name": llm.model_name, "dtype": llm.engine.dtype_name, "quant": args.quant,
-                           "kv_cache_dtype": llm.engine.kv_dtype_name, "max_model_len": llm.engine.max_model_len}}
+                "params": shard.record({"model_name": llm.model_name, "dtype": llm.engine.dtype_name,
+                                        "quant": args.quant, "kv_cache_dtype": llm.engine.kv_dtype_name,
+                                        "max_model_len": llm.engine.max_model_len})}
     engine = llm.engine
+    num_items = check.num_items if shard.count == 1 else sum(
+        1 for item in iter_batch_items(input_path) if shard.takes(item.custom_id))
 
     def make_task(item) -> Task:
         def start():
@@ -96,17 +112,26 @@ def run_batch(args: argparse.Namespace) -> int:
             return output_line(item.custom_id, body)
         return Task(item.custom_id, start)
 
-    return _run_job(f"batch {input_path.name}", llm, output, errors, manifest, args, check.num_items,
-                    lambda done: (make_task(item) for item in iter_batch_items(input_path, done)),
+    return _run_job(f"batch {input_path.name}{shard.label}", llm, output, errors, manifest, args, num_items,
+                    lambda done: (make_task(item) for item in iter_batch_items(input_path, done)
+                                  if shard.takes(item.custom_id)),
                     failure_line)
 
 
 def run_summarize(args: argparse.Namespace) -> int:
     """Summarises documents (map-reduce for long ones); see the module docstring for the exit status."""
+    from ironlm.jobs.resume import job_lock
+
+    output, errors = _output_paths(args)
+    shard = Shard.parse(args.shard)
+    with job_lock(output):
+        return _summarize(args, output, errors, shard)
+
+
+def _summarize(args: argparse.Namespace, output: Path, errors: Path, shard: "Shard") -> int:
     from ironlm.jobs.summarize import SummarySettings, Summarizer, failure_record, scan_documents
     from ironlm.sampling import SamplingParams
 
-    output, errors = _output_paths(args)
     template = None
     if args.template is not None:
         try:
@@ -134,14 +159,48 @@ def run_summarize(args: argparse.Namespace) -> int:
               "max_chunks": args.max_chunks, "chunk_tokens": args.chunk_tokens, "text_field": args.text_field,
               "id_field": args.id_field, "temperature": args.temperature,
               "repetition_penalty": args.repetition_penalty, "seed": args.seed}
-    manifest = {"kind": "summarize", "input_sha256": scan.sha256, "model_sha256": _model_hash(llm), "params": params}
-    by_id = {doc.custom_id: doc for doc in scan.documents}
-    return _run_job("summarize", llm, output, errors, manifest, args, len(scan.documents),
-                    lambda done: (summarizer.task(d) for d in scan.documents if d.custom_id not in done),
+    manifest = {"kind": "summarize", "input_sha256": scan.sha256, "model_sha256": _model_hash(llm),
+                "params": shard.record(params)}
+    documents = [doc for doc in scan.documents if shard.takes(doc.custom_id)]
+    by_id = {doc.custom_id: doc for doc in documents}
+    return _run_job(f"summarize{shard.label}", llm, output, errors, manifest, args, len(documents),
+                    lambda done: (summarizer.task(d) for d in documents if d.custom_id not in done),
                     lambda key, exc: failure_record(by_id[key], exc))
 
 
 # --- shared by both ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard `index` of `count`: the items whose custom_id hashes to it. A hash, not the line number, so an
+    item stays in its shard when lines are added or moved (a --force run after an input change)."""
+
+    index: int = 0
+    count: int = 1
+
+    @staticmethod
+    def parse(text: str | None) -> "Shard":
+        if text is None:
+            return Shard()
+        index, slash, count = text.partition("/")
+        if not (slash and index.strip().isdigit() and count.strip().isdigit() and int(index) < int(count)):
+            raise IronlmError(f"--shard takes K/N with 0 <= K < N (0/2 and 1/2 split a job in two); got {text!r}")
+        return Shard(int(index), int(count))
+
+    def takes(self, custom_id: str) -> bool:
+        if self.count == 1:
+            return True
+        digest = hashlib.blake2b(custom_id.encode("utf-8"), digest_size=8).digest()
+        return int.from_bytes(digest, "little") % self.count == self.index
+
+    def record(self, params: dict) -> dict:
+        """The manifest's parameters: a sharded job records its shard (an unsharded one stays as before)."""
+        return params if self.count == 1 else {**params, "shard": f"{self.index}/{self.count}"}
+
+    @property
+    def label(self) -> str:
+        return "" if self.count == 1 else f" (shard {self.index}/{self.count})"
+
 
 def _output_paths(args) -> tuple[Path, Path]:
     output = Path(args.output)

@@ -4,10 +4,12 @@ A job appends one JSON line per finished item to its output (or error) file. A c
 half written; `repair_torn_tail` cuts it off so the item is simply done again. Everything before it is whole,
 so the set of custom_ids in the files is exactly the set of finished items.
 """
+import contextlib
 import hashlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from ironlm.errors import IronlmError
@@ -17,6 +19,41 @@ MANIFEST_VERSION = 1
 
 def manifest_path(output: Path) -> Path:
     return output.with_name(output.name + ".manifest.json")
+
+
+def lock_path(output: Path) -> Path:
+    return output.with_name(output.name + ".lock")
+
+
+@contextlib.contextmanager
+def job_lock(output: Path) -> Iterator[None]:
+    """Holds an exclusive lock on `output` for the job's lifetime, or refuses: two jobs appending to one output
+    (a nightly job started again while the last one runs, two shards given the same -o) would repeat items and
+    interleave their lines. The lock is an flock on OUTPUT.lock, which the kernel drops when the process ends,
+    however it ends, so a killed job never leaves a stale lock. The file holds the owner's pid, for the message."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: no lock
+        yield
+        return
+    path = lock_path(output)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise IronlmError(f"cannot create the lock file {path}: {exc.strerror}; the output's folder must be "
+                          f"writable") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            raise IronlmError(f"another job (pid {owner}) is writing {output}; wait for it to finish, or give "
+                              f"this one its own -o") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def write_atomic(path: Path, data: bytes) -> None:
