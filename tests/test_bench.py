@@ -138,7 +138,8 @@ def _bench_args(*extra: str) -> argparse.Namespace:
 def _unit_ok(key: str) -> bool:
     units = ("_tok_s", "_tok_s_min", "_tok_s_max", "_s", "_pct", "_bytes", "_gb_s", "_gflop_s", "_tokens", "_cpus",
              "_cores", "_per_token")
-    counts = ("batch", "threads", "num_params", "numa_nodes", "vocab_size", "warmup_runs", "repeats", "prompt_tokens")
+    counts = ("batch", "threads", "num_params", "numa_nodes", "numa_nodes_spanned", "vocab_size", "warmup_runs",
+              "repeats", "prompt_tokens")
     return key.endswith(units) or key in counts or "threads" in key
 
 

@@ -94,3 +94,14 @@ def test_bad_sampling_value_is_exit_2():
     result = ironlm("generate", "--top-p", "7", "hi")
     assert result.returncode == 2
     assert "top_p" in result.stderr
+
+
+def test_a_second_server_on_the_same_batch_folder_is_refused(tmp_path):
+    # A server (here: this test) holds the folder; another one would resume the same batches and repeat them.
+    from ironlm.jobs.resume import exclusive_lock
+
+    with exclusive_lock(tmp_path / "server.lock", lambda pid: f"held by {pid}"):
+        result = ironlm("serve", "--batch-dir", str(tmp_path), "--port", "1", timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "another ironlm serve (pid" in result.stderr and "--batch-dir" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

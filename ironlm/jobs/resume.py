@@ -9,7 +9,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ironlm.errors import IronlmError
@@ -25,30 +25,33 @@ def lock_path(output: Path) -> Path:
     return output.with_name(output.name + ".lock")
 
 
-@contextlib.contextmanager
-def job_lock(output: Path) -> Iterator[None]:
+def job_lock(output: Path):
     """Holds an exclusive lock on `output` for the job's lifetime, or refuses: two jobs appending to one output
     (a nightly job started again while the last one runs, two shards given the same -o) would repeat items and
-    interleave their lines. The lock is an flock on OUTPUT.lock, which the kernel drops when the process ends,
-    however it ends, so a killed job never leaves a stale lock. The file holds the owner's pid, for the message."""
+    interleave their lines."""
+    return exclusive_lock(lock_path(output), lambda pid: f"another job (pid {pid}) is writing {output}; wait for it "
+                                                         f"to finish, or give this one its own -o")
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path, busy: Callable[[str], str]) -> Iterator[None]:
+    """An flock on the file `path` (created if need be) while the block runs; where another process holds it,
+    IronlmError(busy(its pid)). The kernel drops the lock when the process ends, however it ends, so a killed
+    process never leaves a stale one. The file holds the owner's pid, for the message."""
     try:
         import fcntl
     except ImportError:  # not a POSIX system: no lock
         yield
         return
-    path = lock_path(output)
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
-        raise IronlmError(f"cannot create the lock file {path}: {exc.strerror}; the output's folder must be "
-                          f"writable") from None
+        raise IronlmError(f"cannot create the lock file {path}: {exc.strerror}; its folder must be writable") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            owner = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
-            raise IronlmError(f"another job (pid {owner}) is writing {output}; wait for it to finish, or give "
-                              f"this one its own -o") from None
+            raise IronlmError(busy(os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown")) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
         yield

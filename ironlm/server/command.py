@@ -39,9 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Serves until SIGTERM or SIGINT; then stops taking requests, drains, and returns 0."""
-    from ironlm.engine.async_engine import AsyncEngine
-    from ironlm.jobs.batch_api import create_batch_router
-    from ironlm.server.app import ServerSettings, create_app
+    from ironlm.server.app import ServerSettings
 
     settings = ServerSettings(api_key=args.api_key or None, max_concurrent=args.max_concurrent,
                               max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
@@ -49,6 +47,28 @@ def run(args: argparse.Namespace) -> int:
     settings.validate()
     if not 0 < args.port < 65536:
         raise IronlmError(f"--port {args.port} is not a TCP port; use 1..65535")
+    with _batch_dir_lock(Path(args.batch_dir)):  # before the model loads: a refusal comes at once
+        return _serve(args, settings)
+
+
+def _batch_dir_lock(batch_dir: Path):
+    """Two servers on one batch folder would both resume its unfinished batches, repeating their items."""
+    from ironlm.jobs.resume import exclusive_lock
+
+    try:
+        batch_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise IronlmError(f"cannot create the batch folder {batch_dir}: {exc.strerror}; "
+                          f"pass another --batch-dir") from None
+    return exclusive_lock(batch_dir / "server.lock", lambda pid: f"another ironlm serve (pid {pid}) keeps its batches "
+                                                                 f"in {batch_dir}; give this one its own --batch-dir")
+
+
+def _serve(args: argparse.Namespace, settings) -> int:
+    from ironlm.engine.async_engine import AsyncEngine
+    from ironlm.jobs.batch_api import create_batch_router
+    from ironlm.server.app import create_app
+
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine_settings = {"max_num_seqs": args.max_num_seqs}
     if args.max_num_seqs > 512:
