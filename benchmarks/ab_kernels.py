@@ -9,6 +9,7 @@ old build's extension before rebuilding, then:
     python benchmarks/ab_kernels.py /tmp/old_kernels.so prefill-attention
     python benchmarks/ab_kernels.py /tmp/old_kernels.so gemm --fmt int4_sym --rows 1,16 --shapes 6144x2048
     python benchmarks/ab_kernels.py /tmp/old_kernels.so sample --threads 1  # builds since 06d58c0 (its sampler)
+    python benchmarks/ab_kernels.py /tmp/old_kernels.so decode-attention --threads 1 --cache-resident
 
 Calls of a few milliseconds, such as the sampler's, are best compared on one thread: with two, each build's
 thread pool spins for a while after its calls, into the other build's turn, and two copies of one build measured
@@ -121,11 +122,15 @@ def ab_decode_attention(builds: dict, args) -> None:
     for batch, heads, kv_heads, dim, context in [(1, 9, 3, 64, 550), (16, 9, 3, 64, 1600), (1, 32, 32, 64, 600),
                                                  (1, 32, 8, 128, 600), (4, 32, 8, 128, 1500), (1, 32, 8, 128, 8000),
                                                  (1, 24, 8, 128, 600), (1, 32, 32, 128, 600), (1, 14, 2, 64, 600)]:
-        blocks = batch * -(-context // block_size)
-        layers = 24  # one decode step's worth of calls, each layer with its own cache: read from DRAM, as in a model
+        per_seq = -(-context // block_size)
+        if args.cache_resident:  # one layer whose sequences share their blocks: the K/V rows come from cache
+            blocks, layers = per_seq, 1
+            tables = torch.arange(per_seq, dtype=torch.int32).repeat(batch, 1)
+        else:  # one decode step's worth of calls, each layer with its own cache: read from DRAM, as in a model
+            blocks, layers = batch * per_seq, 24
+            tables = torch.randperm(blocks).to(torch.int32).view(batch, -1).contiguous()  # scattered blocks
         caches = [(torch.randn(blocks, kv_heads, block_size, dim).bfloat16(),
                    torch.randn(blocks, kv_heads, block_size, dim).bfloat16()) for _ in range(layers)]
-        tables = torch.randperm(blocks).to(torch.int32).view(batch, -1).contiguous()  # scattered blocks
         lens = torch.full((batch,), context, dtype=torch.int32)
         q = torch.randn(batch, heads, dim)
         outs = {name: torch.empty(batch, heads, dim) for name in builds}
@@ -180,6 +185,9 @@ def main() -> None:
     parser.add_argument("--fmt", default="int4_sym", choices=sorted(FORMAT_IDS))
     parser.add_argument("--rows", default="1,16,512")
     parser.add_argument("--shapes", default="2048x2048,6144x2048,2048x8192", help="N x K weights, comma-separated")
+    parser.add_argument("--cache-resident", action="store_true",
+                        help="decode-attention: the sequences of a batch share one layer's blocks, so K and V are "
+                             "read from cache and the kernel's own work shows")
     args = parser.parse_args()
     builds = {"old": load_old(args.old), "new": new_kernels}
     for module in builds.values():

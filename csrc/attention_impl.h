@@ -148,7 +148,7 @@ inline vf scales_of(const float* base, const int64_t* idx, int n) {
 }
 
 // Where a stretch's partial result for one query head goes: the unnormalised output (head_dim rounded
-// up to a whole chunk of 2 * kLanes, in order), then the max score and the sum of exponentials.
+// up to a whole chunk of 2 * kLanes, in order), then the max score (in log2 units) and the sum of exponentials.
 struct Partials {
     float* data;
     int64_t per_head;
@@ -230,7 +230,7 @@ void attend_pass(const AttentionArgs& a, const int64_t* rows, int64_t n_tok, int
         vf sum = {};
         for (int64_t t = 0; t < n_tok; t += kLanes) {
             const int n = n_tok - t < kLanes ? static_cast<int>(n_tok - t) : kLanes;
-            vf e = vexp(vload(sg + t, n) - m);
+            vf e = vexp2_weight(vload(sg + t, n) - m);  // scores are in log2 units (the query took log2(e))
             for (int i = n; i < kLanes; ++i) e[i] = 0.0f;
             sum += e;
             if constexpr (kScaled) e *= scales_of(v_scale, scale_rows + t, n);  // V rows' scales, in the weights
@@ -327,6 +327,8 @@ void attention_tasks(void* ctx, int64_t begin, int64_t end) {
     const int64_t d = a.head_dim, group = a.heads / a.kv_heads;
     const int nc2 = static_cast<int>(padded_dim(d) / (2 * kLanes));
     const int64_t per_pass = heads_per_pass(nc2) < group ? heads_per_pass(nc2) : group;
+    // Scores in log2 units: the softmax takes 2^x, fewer steps than e^x (vexp2_weight).
+    const float score_scale = a.scale * 1.44269504088896341f;
     alignas(64) float qf[kMaxHeadsPerPass * kMaxChunks * 2 * kLanes];
     alignas(64) float sink[kMaxChunks * 2 * kLanes + 2];  // results of the padding heads of a pass
     for (int64_t task = begin; task < end; ++task) {
@@ -353,7 +355,7 @@ void attention_tasks(void* ctx, int64_t begin, int64_t end) {
                     const void* q = row_ptr(a.q, a.q_type, b * a.q_stride_b + h * a.q_stride_h);
                     for (int64_t i = 0; i < nc2 * 2 * kLanes; i += kLanes) {
                         const int n = d - i >= kLanes ? kLanes : d - i > 0 ? static_cast<int>(d - i) : 0;
-                        vstore(qg + i, n ? load_any(q, a.q_type, i, n) * a.scale : vf{});
+                        vstore(qg + i, n ? load_any(q, a.q_type, i, n) * score_scale : vf{});
                     }
                 }
                 const int64_t next_kvh = g0 + per_pass < group || kvh + 1 == a.kv_heads ? -1 : kvh + 1;
@@ -389,7 +391,7 @@ void merge_stretches(void* ctx, int64_t begin, int64_t end) {
         alignas(64) float o[kMaxChunks * 2 * kLanes] = {};
         for (int64_t t = s.first[b]; t < s.first[b + 1]; ++t) {
             const float* p = s.part.head(t, a.heads, h);
-            const float w = __builtin_expf(p[dp] - m);
+            const float w = __builtin_exp2f(p[dp] - m);  // maxima in log2 units
             total += p[dp + 1] * w;
             for (int64_t c = 0; c < d; c += kLanes) vstore(o + c, vload(o + c) + vload(p + c) * w);
         }
