@@ -72,7 +72,7 @@ class JobProgress:
         table.add_column(style="bold")
         table.add_column(justify="right")
         for name, value in [
-            ("items in input", f"{self.num_total:,}"),
+            ("items in this job", f"{self.num_total:,}"),
             ("done by earlier runs", f"{self.num_skipped:,}"),
             ("succeeded this run", f"{s.num_done:,}"),
             ("failed this run", f"{s.num_failed:,}"),
