@@ -1,5 +1,5 @@
-// Decode attention over the paged KV cache, on the vector primitives of ops_impl.h. Included at the end of ops_impl.h, inside the same anonymous namespace, so it is
-// compiled once per ISA level with that level's flags.
+// Decode attention over the paged KV cache, on the vector primitives of ops_impl.h. Included at the end of
+// ops_impl.h, inside the same anonymous namespace, so it is compiled once per ISA level with that level's flags.
 
 // ---- Decode attention over the paged KV cache. The cache is head-major within a block, so one kv
 // head's K (or V) rows for a block's tokens are one contiguous run. A task is one stretch of one
@@ -59,7 +59,8 @@ inline vf hsum_lanes(const vf* x) {
     for (int i = 0; i < 2; ++i)  // per half: partial sums of x[4i .. 4i+3]
         b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13)
              + __builtin_shufflevector(a[2 * i], a[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15);
-    return __builtin_shufflevector(b[0], b[1], 0, 1, 2, 3, 8, 9, 10, 11) + __builtin_shufflevector(b[0], b[1], 4, 5, 6, 7, 12, 13, 14, 15);
+    return __builtin_shufflevector(b[0], b[1], 0, 1, 2, 3, 8, 9, 10, 11)
+         + __builtin_shufflevector(b[0], b[1], 4, 5, 6, 7, 12, 13, 14, 15);
 #else
     vf y[2];
     for (int i = 0; i < 2; ++i)  // lanes 0-1: 2 partial sums of x[2i]; lanes 2-3: of x[2i+1]
@@ -328,7 +329,7 @@ void attention_tasks(void* ctx, int64_t begin, int64_t end) {
     const int nc2 = static_cast<int>(padded_dim(d) / (2 * kLanes));
     const int64_t per_pass = heads_per_pass(nc2) < group ? heads_per_pass(nc2) : group;
     // Scores in log2 units: the softmax takes 2^x, fewer steps than e^x (vexp2_weight).
-    const float score_scale = a.scale * 1.44269504088896341f;
+    const float score_scale = a.scale * kLog2e;
     alignas(64) float qf[kMaxHeadsPerPass * kMaxChunks * 2 * kLanes];
     alignas(64) float sink[kMaxChunks * 2 * kLanes + 2];  // results of the padding heads of a pass
     for (int64_t task = begin; task < end; ++task) {

@@ -131,11 +131,13 @@ inline void* row_ptr(void* p, DType t, int64_t offset) {
     return static_cast<char*>(p) + offset * (t == DType::f32 ? 4 : 2);
 }
 
+constexpr float kLog2e = 1.44269504088896341f;  // what turns e^x into 2^(x log2 e)
+
 // exp for float vectors: 2^n * p(r), |r| <= ln2/2, relative error about 2e-7 (Cephes polynomial).
 inline vf vexp(vf x) {
     x = x > 88.0f ? splat(88.0f) : x;
     x = x < -88.0f ? splat(-88.0f) : x;
-    const vf fx = x * 1.44269504088896341f;
+    const vf fx = x * kLog2e;
     vi n = __builtin_convertvector(fx + (fx >= 0.0f ? splat(0.5f) : splat(-0.5f)), vi);
     const vf nf = __builtin_convertvector(n, vf);
     vf r = x - nf * 0.693359375f;

@@ -23,7 +23,6 @@ constexpr int64_t kPrefillTaskRows = 24;  // query rows per task
 constexpr int64_t kKeyBlock = 4 * kLanes; // keys per block; also the padding unit of Dp and Cp
 constexpr int64_t kMaxPrefillDim = 256;
 constexpr float kSlack = 12.0f;           // how far scores (log2 units) may pass a row's reference max unrescaled
-constexpr float kLog2e = 1.44269504088896341f;
 
 struct PrefillCtx {
     const PrefillAttentionArgs* a;
