@@ -181,6 +181,21 @@ def test_summarize_reports_bad_records_with_their_line(model_dir, tmp_path, caps
     assert code == 2 and "notes.jsonl line 2: no string field 'text'" in err and "line 3: not valid JSON" in err
 
 
+def test_summarize_into_the_documents_folder_resumes(model_dir, tmp_path):
+    # The output beside the documents must not count as a document on the next run (which would change the
+    # input's hash and refuse the resume).
+    docs = tmp_path / "notes"
+    docs.mkdir()
+    for i in range(3):
+        (docs / f"n{i}.txt").write_text(fake_note_en(random.Random(i)))
+    output = docs / "summaries.jsonl"
+    run = ["summarize", str(docs), "-o", str(output), "-m", str(model_dir), "--dtype", "float32", "--threads", "1",
+           "-q", "--max-summary-tokens", "4"]
+    assert main(run) == 0 and main(run) == 0
+    assert sorted(r["custom_id"] for r in read_jsonl(output)) == [str(docs / f"n{i}.txt") for i in range(3)]
+    assert not (docs / "summaries.jsonl.lock").exists()
+
+
 def test_real_tokenizer_chunks_of_a_long_chinese_note_are_whole(model_dir):
     from ironlm.jobs.summarize import split_text
     from ironlm.tokenizer import Tokenizer

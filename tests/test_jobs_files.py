@@ -1,5 +1,6 @@
 """Batch file checks, resume files, text splitting and the runner loop, without a model."""
 import json
+import os
 import random
 
 import pytest
@@ -7,10 +8,10 @@ import pytest
 from ironlm.errors import IronlmError, RequestError
 from ironlm.jobs.batch_file import check_batch_file, iter_batch_items
 from ironlm.jobs.body import Completion
-from ironlm.jobs.resume import (DurableAppender, check_manifest, finished_ids, manifest_path, repair_torn_tail,
-                                write_atomic)
+from ironlm.jobs.resume import (DurableAppender, check_manifest, exclusive_lock, finished_ids, lock_path,
+                                manifest_path, repair_torn_tail, write_atomic)
 from ironlm.jobs.runner import JobRunner, Task
-from ironlm.jobs.summarize import detect_language, split_text
+from ironlm.jobs.summarize import detect_language, scan_documents, split_text
 from ironlm.sampling import SamplingParams
 from test_jobs_support import chat_line, fake_note_en, fake_note_zh, write_jsonl
 from test_server_support import FakeEngine
@@ -90,6 +91,49 @@ def test_write_atomic_replaces_whole_file(tmp_path):
     write_atomic(path, b"one")
     write_atomic(path, b"two")
     assert path.read_bytes() == b"two" and not (tmp_path / "m.json.tmp").exists()
+
+
+def test_lock_refuses_a_second_holder_and_leaves_no_file(tmp_path):
+    path = tmp_path / "out.jsonl.lock"
+    path.write_text("12345\n")  # left by a job that was killed: its lock died with it, the file is reused
+    with exclusive_lock(path, lambda pid: f"held by {pid}"):
+        assert path.read_text().strip() == str(os.getpid())
+        with pytest.raises(IronlmError, match=f"held by {os.getpid()}"):
+            with exclusive_lock(path, lambda pid: f"held by {pid}"):
+                pass
+        assert path.exists()  # a refused job does not remove the holder's file
+    assert not path.exists()
+    with exclusive_lock(path, lambda pid: "busy"):  # free again
+        pass
+
+
+def test_folder_search_passes_over_job_results_and_hidden_files(tmp_path):
+    docs = tmp_path / "notes"
+    (docs / ".git").mkdir(parents=True)
+    (docs / "a.txt").write_text("first note")
+    (docs / ".draft.txt").write_text("an editor's temporary copy")
+    (docs / ".git" / "b.txt").write_text("not a document")
+    write_jsonl(docs / "records.jsonl", [{"id": "r1", "text": "second note"}])
+    output = docs / "summaries.jsonl"  # this job's results, written beside the documents
+    output.write_text('{"custom_id": "a"}\n')
+    (docs / "summaries.errors.jsonl").write_text('{"custom_id": "b"}\n')
+    own = frozenset({output, docs / "summaries.errors.jsonl", manifest_path(output), lock_path(output)})
+    other = docs / "shard1.jsonl"  # another job's, known by its manifest
+    other.write_text('{"custom_id": "c"}\n')
+    manifest_path(other).write_text("{}")
+    (docs / "shard1.errors.jsonl").write_text('{"custom_id": "d"}\n')
+
+    scan = scan_documents([str(docs)], job_files=own)
+    assert not scan.problems
+    assert [d.custom_id for d in scan.documents] == [str(docs / "a.txt"), "r1"]
+    assert sorted(p.name for p in scan.skipped) == [
+        "shard1.errors.jsonl", "shard1.jsonl", "summaries.errors.jsonl", "summaries.jsonl"]
+    output.write_text('{"custom_id": "a"}\n{"custom_id": "r1"}\n')  # more results: the input is unchanged
+    assert scan_documents([str(docs)], job_files=own).sha256 == scan.sha256
+
+    named = scan_documents([str(output), str(other)], job_files=own)  # named on purpose: the other is read
+    assert named.problems == [f"{output}: is this job's own output; give the output (-o, --errors) another name",
+                              f"{other} line 1: no string field 'text'; pick the field with --text-field"]
 
 
 @pytest.mark.parametrize("tail", [b'{"custom_id": "c", "resp', b'\x00\x00\x00\n', b'{"custom_id": "c"}'])

@@ -129,6 +129,7 @@ def run_summarize(args: argparse.Namespace) -> int:
 
 
 def _summarize(args: argparse.Namespace, output: Path, errors: Path, shard: "Shard") -> int:
+    from ironlm.jobs.resume import lock_path, manifest_path
     from ironlm.jobs.summarize import SummarySettings, Summarizer, failure_record, scan_documents
     from ironlm.sampling import SamplingParams
 
@@ -141,7 +142,12 @@ def _summarize(args: argparse.Namespace, output: Path, errors: Path, shard: "Sha
     for name in ("max_summary_tokens", "max_chunks"):
         if getattr(args, name) < 1:
             raise IronlmError(f"--{name.replace('_', '-')} must be at least 1")
-    scan = scan_documents(args.paths, args.text_field, args.id_field)
+    job_files = frozenset({output, errors, manifest_path(output), lock_path(output)})
+    scan = scan_documents(args.paths, args.text_field, args.id_field, job_files)
+    if scan.skipped and not args.quiet:
+        names = ", ".join(str(p) for p in scan.skipped[:3]) + (", ..." if len(scan.skipped) > 3 else "")
+        print(f"note: passing over {len(scan.skipped)} file(s) that are ironlm job results: {names}",
+              file=sys.stderr)
     if scan.problems:
         for line in scan.problems[:20]:
             print(line, file=sys.stderr)

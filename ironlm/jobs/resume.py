@@ -37,26 +37,45 @@ def job_lock(output: Path):
 def exclusive_lock(path: Path, busy: Callable[[str], str]) -> Iterator[None]:
     """An flock on the file `path` (created if need be) while the block runs; where another process holds it,
     IronlmError(busy(its pid)). The kernel drops the lock when the process ends, however it ends, so a killed
-    process never leaves a stale one. The file holds the owner's pid, for the message."""
+    process never leaves a stale one (only its file, which the next holder reuses). The file holds the owner's
+    pid, for the message, and is removed on the way out."""
     try:
         import fcntl
     except ImportError:  # not a POSIX system: no lock
         yield
         return
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise IronlmError(f"cannot create the lock file {path}: {exc.strerror}; its folder must be writable") from None
-    try:
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise IronlmError(f"cannot create the lock file {path}: {exc.strerror}; its folder must be writable"
+                              ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise IronlmError(busy(os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown")) from None
+            pid = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise IronlmError(busy(pid)) from None
+        if _same_file(fd, path):
+            break
+        os.close(fd)  # the last holder removed this file between our open and our lock: lock the new one
+    try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
         yield
     finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # while still locked, so no one holds a lock on a file no longer there
         os.close(fd)  # releases the lock
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        on_disk = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (on_disk.st_dev, on_disk.st_ino)
 
 
 def write_atomic(path: Path, data: bytes) -> None:

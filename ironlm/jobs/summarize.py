@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ironlm.errors import IronlmError
+from ironlm.jobs.resume import manifest_path
 from ironlm.jobs.runner import Task
 from ironlm.sampling import SamplingParams
 
@@ -68,6 +69,7 @@ class DocumentScan:
     problems: list[str] = field(default_factory=list)
     num_problems: int = 0
     sha256: str = ""
+    skipped: list[Path] = field(default_factory=list)  # job results found in the folders searched
 
     def problem(self, message: str) -> None:
         self.num_problems += 1
@@ -75,14 +77,19 @@ class DocumentScan:
             self.problems.append(message)
 
 
-def scan_documents(paths: list[str], text_field: str = "text", id_field: str = "id") -> DocumentScan:
+def scan_documents(paths: list[str], text_field: str = "text", id_field: str = "id",
+                   job_files: frozenset[Path] = frozenset()) -> DocumentScan:
     """Every document under `paths` (files, or folders searched recursively for .txt/.md/.jsonl), checked and
     hashed. A .txt/.md file is one document named by its path; a .jsonl line is one document whose text is
-    `text_field` and whose id is `id_field` (or PATH:LINE when it has none)."""
+    `text_field` and whose id is `id_field` (or PATH:LINE when it has none).
+
+    `job_files` are this job's own output, errors, manifest and lock. A folder search passes over them, over
+    other ironlm jobs' results (a .jsonl with a manifest beside it, such as another shard's) and over hidden
+    files, so an output written into the documents' folder is not read back as a document on the next run."""
     scan = DocumentScan()
     digest = hashlib.sha256()
     seen: dict[str, str] = {}
-    for file in _files(paths, scan):
+    for file in _files(paths, frozenset(p.resolve() for p in job_files), scan):
         digest.update(str(file).encode("utf-8") + b"\0")
         try:
             data = file.read_bytes()
@@ -112,15 +119,26 @@ def scan_documents(paths: list[str], text_field: str = "text", id_field: str = "
     return scan
 
 
-def _files(paths: list[str], scan: DocumentScan) -> Iterator[Path]:
+def _files(paths: list[str], job_files: frozenset[Path], scan: DocumentScan) -> Iterator[Path]:
     seen: set[Path] = set()
     for name in paths:
         path = Path(name)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
+            found = []
+            for file in sorted(path.rglob("*")):
+                hidden = any(part.startswith(".") for part in file.relative_to(path).parts)
+                if hidden or not file.is_file() or file.suffix not in SUFFIXES:
+                    continue
+                if file.resolve() in job_files or _is_job_result(file):
+                    scan.skipped.append(file)
+                else:
+                    found.append(file)
         elif path.is_file():
             if path.suffix not in SUFFIXES:
                 scan.problem(f"{path}: unsupported file type; give .txt, .md or .jsonl files")
+                continue
+            if path.resolve() in job_files:
+                scan.problem(f"{path}: is this job's own output; give the output (-o, --errors) another name")
                 continue
             found = [path]
         else:
@@ -130,6 +148,14 @@ def _files(paths: list[str], scan: DocumentScan) -> Iterator[Path]:
             if file.resolve() not in seen:
                 seen.add(file.resolve())
                 yield file
+
+
+def _is_job_result(file: Path) -> bool:
+    """An ironlm job's output (its manifest lies beside it) or its errors file (named after that output)."""
+    if manifest_path(file).exists():
+        return True
+    stem = file.name.removesuffix(".errors.jsonl")
+    return stem != file.name and manifest_path(file.with_name(stem + ".jsonl")).exists()
 
 
 def _scan_jsonl(file: Path, data: bytes, text_field: str, id_field: str, scan: DocumentScan) -> list[Document]:
