@@ -61,6 +61,7 @@ def test_chat_batch_end_to_end(client, model_dir):
     records = [chat_line(f"zh-{i}", fake_note_zh(rng)) for i in range(3)]
     records += [chat_line(f"en-{i}", fake_note_en(rng), model="default") for i in range(3)]
     records.append(chat_line("named", "hi", model=model_dir.name))
+    records.append(chat_line("json", "hi", max_tokens=12, logprobs=True, response_format={"type": "json_object"}))
     records.append(chat_line("bad", "hi", top_p=3))
     uploaded = client.files.create(file=("notes.jsonl", jsonl(records)), purpose="batch")
     assert uploaded.purpose == "batch" and uploaded.bytes == len(jsonl(records))
@@ -70,12 +71,14 @@ def test_chat_batch_end_to_end(client, model_dir):
     assert batch.status in ("validating", "in_progress") and batch.metadata == {"ward": "synthetic"}
     batch = wait(client, batch.id)
     assert batch.status == "completed", batch
-    assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == (8, 7, 1)
+    assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == (9, 8, 1)
     outputs = [json.loads(line) for line in client.files.content(batch.output_file_id).text.splitlines()]
     errors = [json.loads(line) for line in client.files.content(batch.error_file_id).text.splitlines()]
     assert sorted(o["custom_id"] for o in outputs) == sorted(r["custom_id"] for r in records[:-1])
     assert all(o["response"]["status_code"] == 200 and o["response"]["body"]["object"] == "chat.completion"
                for o in outputs)
+    json_choice = next(o for o in outputs if o["custom_id"] == "json")["response"]["body"]["choices"][0]
+    assert json_choice["message"]["content"].startswith("{") and json_choice["logprobs"]["content"]
     assert [e["custom_id"] for e in errors] == ["bad"] and errors[0]["response"]["body"]["error"]["param"] == "top_p"
     assert batch.id in [b.id for b in client.batches.list()]
     assert {uploaded.id, batch.output_file_id} <= {f.id for f in client.files.list()}

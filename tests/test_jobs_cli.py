@@ -131,6 +131,50 @@ def test_summarize_shards_split_the_documents(model_dir, tmp_path):
     assert not shares[0] & shares[1] and shares[0] | shares[1] == {f"r{i}" for i in range(6)}
 
 
+def test_batch_structured_output_and_logprobs(model_dir, tmp_path):
+    # Tagging tickets: each answer must parse against the schema; logprobs come back as the server gives them.
+    pytest.importorskip("llguidance")
+    schema = {"type": "object", "properties": {"tag": {"enum": ["billing", "shipping"]}, "urgent": {"type": "boolean"}},
+              "required": ["tag", "urgent"], "additionalProperties": False}
+    tagged = {"type": "json_schema", "json_schema": {"name": "ticket", "schema": schema}}
+    lines = [chat_line(f"ticket-{i}", f"Parcel {i} is late.", max_tokens=40, n=2, response_format=tagged)
+             for i in range(3)]
+    lines.append({"custom_id": "object", "method": "POST", "url": "/v1/completions",
+                  "body": {"prompt": "JSON:", "max_tokens": 12, "response_format": {"type": "json_object"}}})
+    lines.append(chat_line("chat-logprobs", "hi", max_tokens=5, temperature=0, logprobs=True, top_logprobs=2))
+    lines.append({"custom_id": "logprobs", "method": "POST", "url": "/v1/completions",
+                  "body": {"prompt": "The sea", "max_tokens": 5, "temperature": 0, "logprobs": 3}})
+    lines.append(chat_line("bad-schema", "x", response_format={
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}}))
+    input_path = write_jsonl(tmp_path / "in.jsonl", lines)
+    output = tmp_path / "out.jsonl"
+    assert batch(model_dir, input_path, output) == 3
+
+    bodies = {r["custom_id"]: r["response"]["body"] for r in read_jsonl(output)}
+    for i in range(3):
+        for choice in bodies[f"ticket-{i}"]["choices"]:
+            answer = json.loads(choice["message"]["content"])
+            assert set(answer) == {"tag", "urgent"} and answer["tag"] in ("billing", "shipping")
+            assert choice["finish_reason"] == "stop" and choice["logprobs"] is None
+    assert bodies["object"]["choices"][0]["text"].startswith("{")
+
+    chat = bodies["chat-logprobs"]["choices"][0]
+    content = chat["logprobs"]["content"]
+    assert len(content) == bodies["chat-logprobs"]["usage"]["completion_tokens"] > 0
+    for entry in content:  # greedy: the chosen token is the most likely one
+        assert len(entry["top_logprobs"]) == 2 and entry["logprob"] == entry["top_logprobs"][0]["logprob"] <= 0
+    assert "".join(entry["token"] for entry in content) == chat["message"]["content"]
+    completion = bodies["logprobs"]["choices"][0]
+    logprobs = completion["logprobs"]
+    assert len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == len(logprobs["top_logprobs"]) == 5
+    assert "".join(logprobs["tokens"]) == completion["text"]
+    assert all(len(top) == 3 and max(top.values()) == lp for top, lp in zip(logprobs["top_logprobs"],
+                                                                           logprobs["token_logprobs"]))
+    failure, = read_jsonl(tmp_path / "out.errors.jsonl")
+    assert failure["custom_id"] == "bad-schema"
+    assert failure["response"]["body"]["error"]["param"] == "response_format"
+
+
 def test_a_second_job_on_the_same_output_is_refused_while_the_first_runs(model_dir, tmp_path, capsys):
     from ironlm.jobs.resume import job_lock
 

@@ -23,6 +23,8 @@ from ironlm.jobs.resume import DurableAppender, finished_ids, repair_torn_tail, 
 from ironlm.jobs.runner import ITEM_ERRORS
 from ironlm.server import protocol
 from ironlm.server.protocol import APIError, bad_request
+from ironlm.server.structured import GrammarCompiler
+from ironlm.server.translate import TokenTexts
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +47,8 @@ class BatchStore:
         self.model_names = model_names
         self.max_in_flight = max_in_flight
         self.max_file_bytes = max_file_bytes
+        self.grammar = GrammarCompiler(engine.tokenizer, engine.tokenizer.vocab_size)  # built at first use
+        self.token_texts = TokenTexts(engine.tokenizer)
         self.workers: dict[str, asyncio.Task] = {}
         self.batches: dict[str, dict] = {}  # batch_id -> {"batch": public object, "output": id, "errors": id}
         self._saved: dict[str, float] = {}
@@ -247,7 +251,7 @@ class BatchStore:
         engine = self.engine
         try:
             prepared = await asyncio.to_thread(prepare_body, item.url, item.body, engine.tokenizer,
-                                               engine.max_model_len, engine.model_name)
+                                               engine.max_model_len, engine.model_name, self.grammar)
             prefix = f"{batch_id}-{uuid.uuid4().hex[:8]}-{item.line_number}"  # unique even across restarts
             results = await asyncio.gather(*[self._generate(f"{prefix}-{i}", prompt, params)
                                              for i, (prompt, params) in enumerate(prepared.requests)])
@@ -256,16 +260,19 @@ class BatchStore:
             counts["failed"] += 1
         else:
             kind = "chatcmpl" if prepared.kind == "chat" else "cmpl"
-            body = response_body(prepared, engine.model_name, results, protocol.new_id(kind), protocol.now())
+            body = response_body(prepared, engine.model_name, results, protocol.new_id(kind), protocol.now(),
+                                 self.token_texts)
             out.append(output_line(item.custom_id, body))
             counts["completed"] += 1
         self.save(batch_id, throttle_s=2.0)
 
     async def _generate(self, request_id: str, prompt: list[int], params) -> Completion:
         last = None
+        logprobs = []
         async for output in self.engine.generate(request_id, prompt, params):
             last = output
-        return Completion(last.text, len(last.token_ids), last.finish_reason)
+            logprobs += output.logprobs
+        return Completion(last.text, len(last.token_ids), last.finish_reason, logprobs)
 
     def _fail(self, batch_id: str, errors: list[dict]) -> None:
         batch = self.batches[batch_id]["batch"]

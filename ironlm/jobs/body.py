@@ -1,17 +1,18 @@
 """One batch item's body -> engine requests, and the engine's results -> the endpoint's response body.
 
-The request models, their checks and the request -> SamplingParams translation are the server's own
-(ironlm.server), so a batch line behaves exactly as the same request sent to the server would.
+The request models, their checks, the request -> SamplingParams translation and the JSON-schema grammars are
+the server's own (ironlm.server), so a batch line behaves exactly as the same request sent to the server would.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
 from ironlm.errors import IronlmError, RequestError
 from ironlm.jobs.batch_file import error_line
-from ironlm.sampling import SamplingParams
+from ironlm.sampling import SampleResult, SamplingParams
 from ironlm.server import protocol
-from ironlm.server.translate import request_sampling_params, tokenize_request
+from ironlm.server.structured import GrammarCompiler, grammar_unavailable
+from ironlm.server.translate import TokenTexts, request_sampling_params, tokenize_request
 from ironlm.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, bad_request
 
 
@@ -21,6 +22,7 @@ class PreparedBody:
     prompts: list[list[int]]       # token ids per prompt
     params: list[SamplingParams]   # one per choice; choice i answers prompts[i // n]
     n: int
+    logprobs: bool = False         # the response carries each choice's logprobs
 
     @property
     def requests(self) -> list[tuple[list[int], SamplingParams]]:
@@ -34,10 +36,13 @@ class Completion:
     text: str
     num_tokens: int
     finish_reason: str | None
+    logprobs: list[SampleResult] = field(default_factory=list)  # one per token, when its params asked
 
 
-def prepare_body(url: str, body: dict, tokenizer, max_model_len: int, model_name: str) -> PreparedBody:
-    """Validates the body as the server would and tokenizes it; raises APIError or RequestError."""
+def prepare_body(url: str, body: dict, tokenizer, max_model_len: int, model_name: str,
+                 grammar: GrammarCompiler | None = None) -> PreparedBody:
+    """Validates the body as the server would, tokenizes it and, for a response_format with a JSON schema,
+    compiles its grammar with `grammar`; raises APIError or RequestError."""
     kind = "chat" if url == "/v1/chat/completions" else "completion"
     model = ChatCompletionRequest if kind == "chat" else CompletionRequest
     try:
@@ -47,27 +52,32 @@ def prepare_body(url: str, body: dict, tokenizer, max_model_len: int, model_name
     req.check()
     if req.stream:
         raise bad_request("'stream' is not supported in a batch; leave it out", param="stream")
-    if req.response_format is not None and req.response_format.type != "text":
-        raise bad_request("'response_format' is not supported in a batch yet", param="response_format")
-    if (req.logprobs if kind == "chat" else req.logprobs is not None):
-        raise bad_request("'logprobs' is not supported in a batch yet", param="logprobs")
     prompts = tokenize_request(tokenizer, req)
     params = [request_sampling_params(req, len(prompts[i // req.n]), i % req.n, max_model_len, tokenizer.vocab_size)
               for i in range(len(prompts) * req.n)]
-    return PreparedBody(kind, prompts, params, req.n)
+    fmt = req.response_format
+    if fmt is not None and fmt.type != "text":
+        if grammar is None or not grammar.available():
+            raise grammar_unavailable()
+        for p, processor in zip(params, grammar.compile(fmt, len(params))):
+            p.logits_processor = processor
+    want_logprobs = req.logprobs if kind == "chat" else req.logprobs is not None
+    return PreparedBody(kind, prompts, params, req.n, want_logprobs)
 
 
 def response_body(prepared: PreparedBody, model_name: str, results: list[Completion], response_id: str,
-                  created: int) -> dict:
+                  created: int, token_texts: TokenTexts) -> dict:
     """The chat.completion or text_completion object the server would have answered with."""
     choices = []
     for i, result in enumerate(results):
+        entries = token_texts.entries(result.logprobs) if prepared.logprobs else None
         if prepared.kind == "chat":
             choices.append({"index": i, "message": {"role": "assistant", "content": result.text, "refusal": None},
-                            "logprobs": None, "finish_reason": result.finish_reason})
-        else:
-            choices.append({"index": i, "text": result.text, "logprobs": None,
+                            "logprobs": None if entries is None else protocol.chat_logprobs(entries),
                             "finish_reason": result.finish_reason})
+        else:
+            choices.append({"index": i, "text": result.text, "finish_reason": result.finish_reason,
+                            "logprobs": None if entries is None else protocol.completion_logprobs(entries)})
     num_prompt = sum(len(p) for p in prepared.prompts)
     return {"id": response_id, "object": "chat.completion" if prepared.kind == "chat" else "text_completion",
             "created": created, "model": model_name, "system_fingerprint": None, "choices": choices,

@@ -86,6 +86,8 @@ def _batch(args: argparse.Namespace, output: Path, errors: Path, shard: "Shard")
     from ironlm.jobs.body import failure_line, prepare_body, response_body
     from ironlm.jobs.runner import Task
     from ironlm.server import protocol
+    from ironlm.server.structured import GrammarCompiler
+    from ironlm.server.translate import TokenTexts
 
     input_path = Path(args.input)
     llm = _load(args)
@@ -100,15 +102,19 @@ def _batch(args: argparse.Namespace, output: Path, errors: Path, shard: "Shard")
                                         "quant": args.quant, "kv_cache_dtype": llm.engine.kv_dtype_name,
                                         "max_model_len": llm.engine.max_model_len})}
     engine = llm.engine
+    grammar = GrammarCompiler(llm.tokenizer, llm.tokenizer.vocab_size)  # built at the first response_format
+    token_texts = TokenTexts(llm.tokenizer)
     num_items = check.num_items if shard.count == 1 else sum(
         1 for item in iter_batch_items(input_path) if shard.takes(item.custom_id))
 
     def make_task(item) -> Task:
         def start():
-            prepared = prepare_body(item.url, item.body, llm.tokenizer, engine.max_model_len, llm.model_name)
+            prepared = prepare_body(item.url, item.body, llm.tokenizer, engine.max_model_len, llm.model_name,
+                                    grammar)
             results = yield prepared.requests
             body = response_body(prepared, llm.model_name, results,
-                                 protocol.new_id("chatcmpl" if prepared.kind == "chat" else "cmpl"), protocol.now())
+                                 protocol.new_id("chatcmpl" if prepared.kind == "chat" else "cmpl"), protocol.now(),
+                                 token_texts)
             return output_line(item.custom_id, body)
         return Task(item.custom_id, start)
 

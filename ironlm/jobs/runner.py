@@ -47,6 +47,7 @@ class _Running:
         self.task = task
         self.generator = generator
         self.results: list[Completion | None] = []
+        self.logprobs: list[list] = []  # per request, its tokens' SampleResults so far (when asked for)
         self.remaining = 0
         self.request_ids: set[str] = set()
 
@@ -103,6 +104,7 @@ class JobRunner:
             if not requests:
                 raise RuntimeError(f"task {running.task.key!r} yielded no requests")
             running.results = [None] * len(requests)
+            running.logprobs = [[] for _ in requests]
             running.remaining = len(requests)
             pending.extend((running, i, request) for i, request in enumerate(requests))
 
@@ -137,11 +139,16 @@ class JobRunner:
                     return stats
                 for output in self.engine.step():
                     stats.num_generated_tokens += len(output.new_token_ids)
-                    if not output.finished or output.request_id not in active:
+                    if output.request_id not in active:
                         continue
-                    running, index = active.pop(output.request_id)
+                    running, index = active[output.request_id]
+                    running.logprobs[index] += output.logprobs
+                    if not output.finished:
+                        continue
+                    del active[output.request_id]
                     running.request_ids.discard(output.request_id)
-                    running.results[index] = Completion(output.text, len(output.token_ids), output.finish_reason)
+                    running.results[index] = Completion(output.text, len(output.token_ids), output.finish_reason,
+                                                        running.logprobs[index])
                     running.remaining -= 1
                     if running.remaining == 0:
                         advance(running, running.results)

@@ -18,7 +18,7 @@ from ironlm.server.limits import Guard, Slots, to_json
 from ironlm.server.metrics import ServerMetrics
 from ironlm.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, bad_request
 from ironlm.server.structured import GrammarCompiler, grammar_unavailable
-from ironlm.server.translate import request_sampling_params, tokenize_request
+from ironlm.server.translate import TokenTexts, request_sampling_params, tokenize_request
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ class _Server:
         self.jobs: set[_Job] = set()  # open generation requests, to end them if a drain runs out of time
         self.metrics = ServerMetrics(engine.stats, lambda: {
             "num_queued": self.slots.num_queued, "num_active": self.slots.num_active, "alive": engine.is_alive})
-        self._token_text: dict[int, str] = {}
+        self.token_texts = TokenTexts(engine.tokenizer)
 
     # --- checks --------------------------------------------------------------------------------------------
 
@@ -222,20 +222,10 @@ class _Server:
 
     # --- results -------------------------------------------------------------------------------------------
 
-    def token_text(self, token_id: int) -> str:
-        text = self._token_text.get(token_id)
-        if text is None:
-            text = self._token_text[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
-        return text
-
-    def logprob_entries(self, output) -> list[tuple[str, float, list[tuple[str, float]]]]:
-        return [(self.token_text(r.token_id), r.logprob,
-                 [(self.token_text(t), lp) for t, lp in (r.top_logprobs or [])]) for r in output.logprobs]
-
     def choice_logprobs(self, job: _Job, choice: int, output, want: bool):
         if not want:
             return None
-        entries = self.logprob_entries(output)
+        entries = self.token_texts.entries(output.logprobs)
         if job.kind == "chat":
             return protocol.chat_logprobs(entries)
         return protocol.completion_logprobs(entries, job.text_len[choice])
@@ -255,7 +245,7 @@ class _Server:
             job.observe(i, output)
             texts[i].append(output.new_text)
             if want_logprobs:
-                entries[i] += self.logprob_entries(output)
+                entries[i] += self.token_texts.entries(output.logprobs)
             if output.finished:
                 finish[i] = output.finish_reason
                 remaining -= 1

@@ -1,5 +1,5 @@
 """OpenAI requests -> prompt token ids and SamplingParams; shared by the server and batch jobs."""
-from ironlm.sampling import SamplingParams
+from ironlm.sampling import SampleResult, SamplingParams
 from ironlm.server.protocol import ChatCompletionRequest, bad_request
 from ironlm.tokenizer import Tokenizer
 
@@ -56,3 +56,21 @@ def request_sampling_params(req, prompt_len: int, choice: int, max_model_len: in
     )
     params.validate(vocab_size)
     return params
+
+
+class TokenTexts:
+    """Each token's own text, decoded once, for the logprobs of responses."""
+
+    def __init__(self, tok: Tokenizer):
+        self.tok = tok
+        self._texts: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        text = self._texts.get(token_id)
+        if text is None:
+            text = self._texts[token_id] = self.tok.decode([token_id], skip_special_tokens=False)
+        return text
+
+    def entries(self, results: list[SampleResult]) -> list[tuple[str, float, list[tuple[str, float]]]]:
+        """(token, logprob, [(top token, its logprob)...]) per sampled token: what protocol's logprobs take."""
+        return [(self(r.token_id), r.logprob, [(self(t), lp) for t, lp in (r.top_logprobs or [])]) for r in results]
