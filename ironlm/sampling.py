@@ -11,6 +11,7 @@ from ironlm.errors import RequestError
 LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
 
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 1024  # tokens one request may bias
 
 
 @dataclass
@@ -18,7 +19,8 @@ class SamplingParams:
     """How to pick each next token and when to stop.
 
     temperature 0 means greedy. top_k None or 0 means no top-k. Penalties follow Hugging Face
-    (repetition, over prompt and output) and OpenAI (presence/frequency, over the output only).
+    (repetition, over prompt and output) and OpenAI (presence/frequency, over the output only). logit_bias follows
+    OpenAI: a value in [-100, 100] added to a token's logit at every step (-100 bans it, 100 all but forces it).
     """
 
     max_tokens: int = 256
@@ -34,6 +36,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None
+    logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
     logits_processor: LogitsProcessor | None = field(default=None, repr=False, compare=False)
 
@@ -68,6 +71,18 @@ class SamplingParams:
         for token_id in self.stop_token_ids or []:
             if not isinstance(token_id, int) or token_id < 0 or (vocab_size is not None and token_id >= vocab_size):
                 raise bad("stop_token_ids", f"token id {token_id!r} is outside the vocabulary")
+        if self.logit_bias is not None:
+            if len(self.logit_bias) > MAX_LOGIT_BIAS:
+                raise RequestError(f"logit_bias holds {len(self.logit_bias)} tokens; at most {MAX_LOGIT_BIAS}",
+                                   param="logit_bias")
+            for token_id, bias in self.logit_bias.items():
+                if not isinstance(token_id, int) or token_id < 0 or (vocab_size is not None and token_id >= vocab_size):
+                    raise RequestError(f"logit_bias: token id {token_id!r} is outside the vocabulary"
+                                       + (f" (0..{vocab_size - 1})" if vocab_size is not None else ""),
+                                       param="logit_bias")
+                if not isinstance(bias, (int, float)) or not -100.0 <= bias <= 100.0:
+                    raise RequestError(f"logit_bias: the bias of token {token_id} is {bias!r}; it must be a number "
+                                       f"from -100 to 100", param="logit_bias")
 
     @property
     def greedy(self) -> bool:
@@ -117,7 +132,7 @@ class SampleResult:
 
 def _writes_logits(p: SamplingParams) -> bool:
     return (not p.greedy or p.logits_processor is not None or p.repetition_penalty != 1.0
-            or bool(p.presence_penalty) or bool(p.frequency_penalty))
+            or bool(p.presence_penalty) or bool(p.frequency_penalty) or bool(p.logit_bias))
 
 
 class Sampler:
@@ -168,6 +183,8 @@ class Sampler:
         if (p.presence_penalty or p.frequency_penalty) and state.output_token_ids:
             counts = torch.bincount(torch.tensor(state.output_token_ids), minlength=row.numel())[: row.numel()]
             row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+        if p.logit_bias:
+            row[list(p.logit_bias)] += torch.tensor(list(p.logit_bias.values()), dtype=row.dtype)
 
     @staticmethod
     def _pick(logits: torch.Tensor, states: list[SampleState]) -> list[int]:

@@ -1,6 +1,8 @@
 """The batched sampler's filters and penalties against direct computations."""
+import pytest
 import torch
 
+from ironlm.errors import RequestError
 from ironlm.sampling import Sampler, SampleState, SamplingParams, SeenTokens
 
 
@@ -38,6 +40,27 @@ def test_presence_and_frequency_penalties():
     Sampler._apply_penalties(row, SampleState(SamplingParams(presence_penalty=0.5, frequency_penalty=0.25), [],
                                               [0, 0, 1], None))
     assert torch.allclose(row, torch.tensor([1.0 - 0.5 - 0.5, 1.0 - 0.5 - 0.25, 1.0]))
+
+
+def test_logit_bias_adds_to_the_logits_and_bans_or_forces_tokens():
+    logits = torch.tensor([1.0, 1.0, 1.0, 5.0])
+    row = logits.clone()
+    Sampler._apply_penalties(row, SampleState(SamplingParams(logit_bias={0: 2.5, 3: -1.0}), [], [], None))
+    assert torch.equal(row, torch.tensor([3.5, 1.0, 1.0, 4.0]))
+    assert sample_many(logits, SamplingParams(temperature=1.0, logit_bias={3: -100})) == {0, 1, 2}
+    assert sample_many(logits, SamplingParams(temperature=1.0, logit_bias={1: 100})) == {1}
+    assert sample_many(logits, SamplingParams(temperature=0.0, logit_bias={2: 4.5}), n=3) == {2}
+    assert torch.equal(logits, torch.tensor([1.0, 1.0, 1.0, 5.0]))  # the caller's logits are not written
+
+
+@pytest.mark.parametrize("bias, message", [({7: 1.0}, "token id 7 is outside the vocabulary"),
+                                           ({-1: 1.0}, "token id -1"), ({2: 101.0}, "from -100 to 100"),
+                                           ({2: float("nan")}, "from -100 to 100"), ({"2": 1.0}, "token id '2'"),
+                                           ({i: 1.0 for i in range(2000)}, "at most")])
+def test_logit_bias_is_checked(bias, message):
+    with pytest.raises(RequestError, match=message) as info:
+        SamplingParams(logit_bias=bias).validate(vocab_size=7 if len(bias) < 100 else 5000)
+    assert info.value.param == "logit_bias"
 
 
 def test_repetition_penalty_divides_positive_and_multiplies_negative():

@@ -150,6 +150,13 @@ def test_openai_error_classes(client):
     ({"model": "default", "messages": [{"role": "user", "content": 5}]}, 400, "messages.0.content"),
     ({"model": "default", "prompt": "x", "stop": ["", "y"]}, 400, "stop"),
     ({"model": "default", "prompt": "x", "response_format": {"type": "xml"}}, 400, "response_format.type"),
+    ({"model": "default", "prompt": "x", "logit_bias": {"x": 1}}, 400, "logit_bias"),
+    ({"model": "default", "prompt": "x", "logit_bias": {"1": 500}}, 400, "logit_bias"),
+    ({"model": "default", "prompt": "x", "logit_bias": {"100000000": 5}}, 400, "logit_bias"),
+    ({"model": "default", "messages": [{"role": "user", "content": "x"}],
+      "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    ({"model": "default", "messages": [{"role": "user", "content": "x"}], "functions": [{"name": "f"}]},
+     400, "functions"),
     ({"model": "nope", "prompt": "x"}, 404, "model"),
 ])
 def test_bad_requests(live, body, status, param):

@@ -140,6 +140,18 @@ def test_response_format_json_schema_and_object(client):
             response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}})
 
 
+def test_logit_bias_forces_and_bans_tokens(client, tiny_llm):
+    def first_token(**extra) -> str:
+        return client.completions.create(model="default", prompt="The sea", max_tokens=1, temperature=0,
+                                         **extra).choices[0].text
+
+    forced = client.completions.create(model="default", prompt="The sea", max_tokens=4, temperature=0,
+                                       logit_bias={"50": 100}).choices[0]
+    assert forced.text == "BBBB"  # token 50 of SmolLM2's vocabulary is "B"
+    greedy_id, = tiny_llm.tokenizer.encode(first_token(), add_special_tokens=False)
+    assert first_token(logit_bias={str(greedy_id): -100}) != first_token()
+
+
 def test_stop_string_ends_the_choice(client):
     full = client.completions.create(model="default", prompt="The sea", max_tokens=10, temperature=0).choices[0]
     words = full.text.split()

@@ -81,6 +81,7 @@ class _SamplingFields(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
+    logit_bias: dict[str, float] | None = None
     user: str | None = None
     # extensions shared with vLLM and llama.cpp's server
     top_k: int | None = Field(None, ge=0, le=1 << 20)
@@ -95,6 +96,16 @@ class _SamplingFields(_Strict):
         if len(stop) > MAX_STOP or not all(stop):
             raise bad_request(f"'stop' must hold 1 to {MAX_STOP} non-empty strings", param="stop")
         return stop
+
+    def logit_bias_ids(self) -> dict[int, float] | None:
+        """logit_bias with its keys (token ids, written as strings in JSON) as integers."""
+        if not self.logit_bias:
+            return None
+        try:
+            return {int(key): bias for key, bias in self.logit_bias.items()}
+        except ValueError:
+            raise bad_request("'logit_bias' maps token ids (written as strings, such as \"50256\") to a bias from "
+                              "-100 to 100", param="logit_bias") from None
 
     def check_common(self) -> None:
         if self.stream_options is not None and not self.stream:
@@ -125,9 +136,18 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1, le=1 << 31)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    # Function calling is not offered. These are read only to refuse a request that needs it, rather than answer
+    # it with plain text the client would take for a decision not to call.
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
 
     def check(self) -> None:
         self.check_common()
+        if (self.tools and self.tool_choice != "none") or self.functions:
+            param = "tools" if self.tools else "functions"
+            raise bad_request("function calling ('tools', 'functions') is not supported; leave them out, or describe "
+                              "the choices in the prompt and ask for a JSON answer with 'response_format'", param=param)
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("'top_logprobs' needs 'logprobs' set to true", param="top_logprobs")
         for i, message in enumerate(self.messages):

@@ -53,6 +53,7 @@ def request_sampling_params(req, prompt_len: int, choice: int, max_model_len: in
         stop=req.stop_list(),
         ignore_eos=req.ignore_eos,
         logprobs=logprobs,
+        logit_bias=req.logit_bias_ids(),
     )
     params.validate(vocab_size)
     return params
