@@ -3,7 +3,9 @@
     python benchmarks/bench_sampler.py [--rows 16] [--vocab 49152] [--no-generate]
 
 The sampler cases run on random logits; the generate cases run the embedded SmolLM2-135M on 16 prompts
-of 32 tokens, 200 new tokens each (EOS ignored), greedy and with temperature 0.7 / top-p 0.95.
+of 32 tokens, 200 new tokens each (EOS ignored), greedy and with temperature 0.7 / top-p 0.95. The JSON-schema
+case gives every row a response_format grammar (the server's and batch jobs') over the embedded model's
+tokenizer, standing inside a string value, where most of a tagged answer's tokens are.
 """
 
 import argparse
@@ -41,6 +43,28 @@ def sampler_ms(logits: torch.Tensor, params: SamplingParams, prompt_tokens: int,
     return (time.perf_counter() - start) / repeats * 1e3
 
 
+def json_schema_ms(rows: int, repeats: int) -> float:
+    from ironlm import LLM
+    from ironlm.server.protocol import ResponseFormat
+    from ironlm.server.structured import GrammarCompiler
+
+    tokenizer = LLM(threads=1).tokenizer
+    schema = {"type": "object", "properties": {"tag": {"enum": ["billing", "shipping", "other"]},
+                                               "summary": {"type": "string"}}, "required": ["tag", "summary"]}
+    fmt = ResponseFormat.model_validate({"type": "json_schema", "json_schema": {"name": "t", "schema": schema}})
+    processors = GrammarCompiler(tokenizer, tokenizer.vocab_size).compile(fmt, rows)
+    answer = tokenizer.encode('{"tag": "shipping", "summary": "The parcel is', add_special_tokens=False)
+    states = [SampleState(SamplingParams(temperature=0.0, logits_processor=processor), [], answer, None)
+              for processor in processors]
+    logits = torch.randn(rows, tokenizer.vocab_size, generator=torch.Generator().manual_seed(0))
+    sampler = Sampler()
+    sampler(logits, states)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        sampler(logits, states)
+    return (time.perf_counter() - start) / repeats * 1e3
+
+
 def generate_tok_s(temperature: float) -> float:
     from ironlm import LLM
 
@@ -66,6 +90,8 @@ def main() -> None:
     print(f"sampler step, {args.rows} rows x {args.vocab} logits:")
     for name, (params, prompt_tokens) in CASES.items():
         print(f"  {name:64} {sampler_ms(logits, params, prompt_tokens, args.repeats):7.2f} ms")
+    print(f"  {'greedy, JSON schema (response_format), SmolLM2 tokenizer':64} "
+          f"{json_schema_ms(args.rows, args.repeats):7.2f} ms")
     if not args.no_generate:
         print("LLM.generate, SmolLM2-135M, 16 prompts x 200 new tokens:")
         for temperature in (0.0, 0.7):

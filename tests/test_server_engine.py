@@ -152,6 +152,35 @@ def test_logit_bias_forces_and_bans_tokens(client, tiny_llm):
     assert first_token(logit_bias={str(greedy_id): -100}) != first_token()
 
 
+def test_json_processor_masks_exactly_the_tokens_the_grammar_forbids(tiny_llm):
+    # Its packed-bit mask against llguidance's byte-per-token one, token by token through a valid answer.
+    pytest.importorskip("llguidance")
+    import torch
+
+    from ironlm.server.protocol import ResponseFormat
+    from ironlm.server.structured import GrammarCompiler
+
+    tokenizer = tiny_llm.tokenizer
+    schema = {"type": "object", "properties": {"tag": {"enum": ["billing", "shipping"]}, "note": {"type": "string"}},
+              "required": ["tag", "note"]}
+    fmt = ResponseFormat.model_validate({"type": "json_schema", "json_schema": {"name": "t", "schema": schema}})
+    processor, reference = GrammarCompiler(tokenizer, VOCAB).compile(fmt, 2)
+    answer = tokenizer.encode('{"tag": "billing", "note": "late parcel, \u00e9t\u00e9"}', add_special_tokens=False)
+    logits = torch.randn(VOCAB + 7)  # a model's vocabulary may be padded past the tokenizer's
+    for i in range(len(answer) + 1):
+        masked = processor(answer[:i], logits.clone())
+        expected = torch.full_like(logits, float("-inf"))
+        allowed = torch.frombuffer(bytearray(reference.matcher.compute_logit_bias()), dtype=torch.uint8)[:VOCAB] > 0
+        expected[:VOCAB][allowed] = logits[:VOCAB][allowed]
+        assert torch.equal(masked, expected), f"after {i} tokens"
+        assert 0 < int(allowed.sum()) < VOCAB or i == len(answer)
+        if i < len(answer):
+            reference.matcher.consume_token(answer[i])
+    masked = processor(answer + tokenizer.encode("x", add_special_tokens=False), logits.clone())  # past the end
+    assert processor.matcher.is_error()  # so only EOS may follow
+    assert torch.isfinite(masked).nonzero().view(-1).tolist() == sorted(tokenizer.eos_token_ids)
+
+
 def test_stop_string_ends_the_choice(client):
     full = client.completions.create(model="default", prompt="The sea", max_tokens=10, temperature=0).choices[0]
     words = full.text.split()
