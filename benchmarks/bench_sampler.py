@@ -45,14 +45,12 @@ def sampler_ms(logits: torch.Tensor, params: SamplingParams, prompt_tokens: int,
 
 def json_schema_ms(rows: int, repeats: int) -> float:
     from ironlm import LLM
-    from ironlm.server.protocol import ResponseFormat
-    from ironlm.server.structured import GrammarCompiler
+    from ironlm.grammar import GrammarCompiler
 
     tokenizer = LLM(threads=1).tokenizer
     schema = {"type": "object", "properties": {"tag": {"enum": ["billing", "shipping", "other"]},
                                                "summary": {"type": "string"}}, "required": ["tag", "summary"]}
-    fmt = ResponseFormat.model_validate({"type": "json_schema", "json_schema": {"name": "t", "schema": schema}})
-    processors = GrammarCompiler(tokenizer, tokenizer.vocab_size).compile(fmt, rows)
+    processors = GrammarCompiler(tokenizer, tokenizer.vocab_size).compile(schema, rows)
     answer = tokenizer.encode('{"tag": "shipping", "summary": "The parcel is', add_special_tokens=False)
     states = [SampleState(SamplingParams(temperature=0.0, logits_processor=processor), [], answer, None)
               for processor in processors]

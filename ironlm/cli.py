@@ -68,9 +68,35 @@ def load_llm(args: argparse.Namespace, **engine_settings):
                **engine_settings)
 
 
+def json_schema_arg(args: argparse.Namespace) -> dict | None:
+    """--json-schema (a file, or the schema's JSON text) or --json (any JSON object) as a schema; None without."""
+    import json
+    from pathlib import Path
+
+    from ironlm.errors import IronlmError
+
+    if args.json_schema is None:
+        return {"type": "object"} if args.json else None
+    text = args.json_schema
+    if not text.lstrip().startswith(("{", "[")):
+        try:
+            text = Path(text).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise IronlmError(f"cannot read the JSON schema file {args.json_schema}: {exc}; give a file or the "
+                              f"schema's JSON text") from None
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise IronlmError(f"--json-schema is not valid JSON ({exc})") from None
+    if not isinstance(schema, dict):
+        raise IronlmError('--json-schema must be a JSON schema object, such as {"type": "object"}')
+    return schema
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     params = sampling_params(args)
+    params.json_schema = json_schema_arg(args)
     params.validate()
     llm = load_llm(args)
     use_chat = not args.raw and llm.tokenizer.chat_template is not None
@@ -133,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", help="the prompt, or - to read it from standard input")
     gen.add_argument("--stream", action="store_true", help="print text as it is generated")
     gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    gen.add_argument("--json-schema", metavar="SCHEMA",
+                     help="answer in JSON matching this schema: a .json file, or the schema's JSON text")
+    gen.add_argument("--json", action="store_true", help="answer with a JSON object (any keys)")
     add_model_arguments(gen)
     add_sampling_arguments(gen)
     gen.set_defaults(func=cmd_generate)

@@ -37,6 +37,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     logit_bias: dict[int, float] | None = None
+    json_schema: dict | None = None  # output constrained to JSON matching it ({"type": "object"}: any object)
     skip_special_tokens: bool = True
     logits_processor: LogitsProcessor | None = field(default=None, repr=False, compare=False)
 
@@ -71,6 +72,12 @@ class SamplingParams:
         for token_id in self.stop_token_ids or []:
             if not isinstance(token_id, int) or token_id < 0 or (vocab_size is not None and token_id >= vocab_size):
                 raise bad("stop_token_ids", f"token id {token_id!r} is outside the vocabulary")
+        if self.json_schema is not None:
+            if not isinstance(self.json_schema, dict):
+                raise bad("json_schema", "must be a JSON schema as a dict, such as {\"type\": \"object\"}")
+            if self.logits_processor is not None:
+                raise RequestError("give json_schema or logits_processor, not both (the schema makes its own)",
+                                   param="json_schema")
         if self.logit_bias is not None:
             if len(self.logit_bias) > MAX_LOGIT_BIAS:
                 raise RequestError(f"logit_bias holds {len(self.logit_bias)} tokens; at most {MAX_LOGIT_BIAS}",

@@ -63,6 +63,13 @@ def test_logit_bias_is_checked(bias, message):
     assert info.value.param == "logit_bias"
 
 
+def test_json_schema_is_checked():
+    with pytest.raises(RequestError, match="must be a JSON schema"):
+        SamplingParams(json_schema='{"type": "object"}').validate()
+    with pytest.raises(RequestError, match="not both"):
+        SamplingParams(json_schema={"type": "object"}, logits_processor=lambda ids, row: row).validate()
+
+
 def test_repetition_penalty_divides_positive_and_multiplies_negative():
     logits = torch.tensor([[2.0, -2.0, 2.0]])
     Sampler._apply_repetition_penalties(logits, [SampleState(SamplingParams(repetition_penalty=2.0), [0], [1], None)])

@@ -157,14 +157,12 @@ def test_json_processor_masks_exactly_the_tokens_the_grammar_forbids(tiny_llm):
     pytest.importorskip("llguidance")
     import torch
 
-    from ironlm.server.protocol import ResponseFormat
-    from ironlm.server.structured import GrammarCompiler
+    from ironlm.grammar import GrammarCompiler
 
     tokenizer = tiny_llm.tokenizer
     schema = {"type": "object", "properties": {"tag": {"enum": ["billing", "shipping"]}, "note": {"type": "string"}},
               "required": ["tag", "note"]}
-    fmt = ResponseFormat.model_validate({"type": "json_schema", "json_schema": {"name": "t", "schema": schema}})
-    processor, reference = GrammarCompiler(tokenizer, VOCAB).compile(fmt, 2)
+    processor, reference = GrammarCompiler(tokenizer, VOCAB).compile(schema, 2)
     answer = tokenizer.encode('{"tag": "billing", "note": "late parcel, \u00e9t\u00e9"}', add_special_tokens=False)
     logits = torch.randn(VOCAB + 7)  # a model's vocabulary may be padded past the tokenizer's
     for i in range(len(answer) + 1):
@@ -179,6 +177,22 @@ def test_json_processor_masks_exactly_the_tokens_the_grammar_forbids(tiny_llm):
     masked = processor(answer + tokenizer.encode("x", add_special_tokens=False), logits.clone())  # past the end
     assert processor.matcher.is_error()  # so only EOS may follow
     assert torch.isfinite(masked).nonzero().view(-1).tolist() == sorted(tokenizer.eos_token_ids)
+
+
+def test_python_api_json_schema_gives_each_prompt_its_own_grammar(tiny_llm):
+    # One SamplingParams for several prompts: each sequence must follow the grammar from its own state.
+    pytest.importorskip("llguidance")
+    from ironlm import SamplingParams
+
+    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}, "n": {"enum": [1, 2, 3]}},
+              "required": ["answer", "n"], "additionalProperties": False}  # closed: the answer always ends
+    params = SamplingParams(max_tokens=40, temperature=0.8, seed=3, json_schema=schema)
+    results = tiny_llm.generate(["Is it?", "Why not", "Numbers:", "x"], params)
+    for result in results:
+        answer = json.loads(result.text)
+        assert set(answer) == {"answer", "n"} and answer["answer"] in ("yes", "no") and answer["n"] in (1, 2, 3)
+        assert result.finish_reason == "stop"
+    assert params.logits_processor is None  # the caller's params are left as they were
 
 
 def test_stop_string_ends_the_choice(client):

@@ -1,5 +1,6 @@
 """The engine step loop shared by LLM.generate, the server and batch jobs."""
 import ctypes
+import dataclasses
 import time
 
 import torch
@@ -14,6 +15,7 @@ from ironlm.engine.scheduler import Scheduler
 from ironlm.engine.sequence import Sequence
 from ironlm.errors import RequestError
 from ironlm.formats import default_model_path, load_checkpoint
+from ironlm.grammar import GrammarCompiler
 from ironlm.hardware import default_dtype, default_threads
 from ironlm.models import get_model_class
 from ironlm.models.llama import ModelArgs
@@ -61,6 +63,7 @@ class LLMEngine:
                                   config.enforce_eager)
         self.sequences: dict[str, Sequence] = {}
         self.num_steps = 0
+        self.grammar = GrammarCompiler(self.tokenizer, self.tokenizer.vocab_size)  # built at the first json_schema
 
     # --- requests -------------------------------------------------------------------------------------------
 
@@ -82,6 +85,9 @@ class LLMEngine:
                 f"(prompt plus at least one new token); shorten the prompt",
                 param="messages", code="context_length_exceeded",
             )
+        if params.json_schema is not None:  # each sequence gets its own grammar state
+            processor, = self.grammar.compile(params.json_schema, 1)
+            params = dataclasses.replace(params, json_schema=None, logits_processor=processor)
         seq = Sequence(request_id, prompt_token_ids, params)
         seq.output_state = OutputState(self.tokenizer, seq)
         self.sequences[request_id] = seq

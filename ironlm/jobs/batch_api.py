@@ -23,7 +23,7 @@ from ironlm.jobs.resume import DurableAppender, finished_ids, repair_torn_tail, 
 from ironlm.jobs.runner import ITEM_ERRORS
 from ironlm.server import protocol
 from ironlm.server.protocol import APIError, bad_request
-from ironlm.server.structured import GrammarCompiler
+from ironlm.grammar import GrammarCompiler
 from ironlm.server.translate import TokenTexts
 
 logger = logging.getLogger(__name__)

@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from pydantic import ValidationError
 
 from ironlm.errors import IronlmError, RequestError
+from ironlm.grammar import GrammarCompiler
 from ironlm.jobs.batch_file import error_line
 from ironlm.sampling import SampleResult, SamplingParams
 from ironlm.server import protocol
-from ironlm.server.structured import GrammarCompiler, grammar_unavailable
 from ironlm.server.translate import TokenTexts, request_sampling_params, tokenize_request
 from ironlm.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, bad_request
 
@@ -40,7 +40,7 @@ class Completion:
 
 
 def prepare_body(url: str, body: dict, tokenizer, max_model_len: int, model_name: str,
-                 grammar: GrammarCompiler | None = None) -> PreparedBody:
+                 grammar: GrammarCompiler) -> PreparedBody:
     """Validates the body as the server would, tokenizes it and, for a response_format with a JSON schema,
     compiles its grammar with `grammar`; raises APIError or RequestError."""
     kind = "chat" if url == "/v1/chat/completions" else "completion"
@@ -55,11 +55,9 @@ def prepare_body(url: str, body: dict, tokenizer, max_model_len: int, model_name
     prompts = tokenize_request(tokenizer, req)
     params = [request_sampling_params(req, len(prompts[i // req.n]), i % req.n, max_model_len, tokenizer.vocab_size)
               for i in range(len(prompts) * req.n)]
-    fmt = req.response_format
-    if fmt is not None and fmt.type != "text":
-        if grammar is None or not grammar.available():
-            raise grammar_unavailable()
-        for p, processor in zip(params, grammar.compile(fmt, len(params))):
+    schema = None if req.response_format is None else req.response_format.schema()
+    if schema is not None:
+        for p, processor in zip(params, grammar.compile(schema, len(params), "response_format")):
             p.logits_processor = processor
     want_logprobs = req.logprobs if kind == "chat" else req.logprobs is not None
     return PreparedBody(kind, prompts, params, req.n, want_logprobs)

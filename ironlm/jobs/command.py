@@ -86,7 +86,7 @@ def _batch(args: argparse.Namespace, output: Path, errors: Path, shard: "Shard")
     from ironlm.jobs.body import failure_line, prepare_body, response_body
     from ironlm.jobs.runner import Task
     from ironlm.server import protocol
-    from ironlm.server.structured import GrammarCompiler
+    from ironlm.grammar import GrammarCompiler
     from ironlm.server.translate import TokenTexts
 
     input_path = Path(args.input)

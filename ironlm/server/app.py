@@ -12,12 +12,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ironlm.engine.async_engine import AsyncEngine, EngineDeadError
 from ironlm.errors import IronlmError, RequestError
+from ironlm.grammar import GrammarCompiler
 from ironlm.sampling import SamplingParams
 from ironlm.server import protocol
 from ironlm.server.limits import Guard, Slots, to_json
 from ironlm.server.metrics import ServerMetrics
 from ironlm.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, bad_request
-from ironlm.server.structured import GrammarCompiler, grammar_unavailable
 from ironlm.server.translate import TokenTexts, request_sampling_params, tokenize_request
 
 logger = logging.getLogger(__name__)
@@ -195,14 +195,14 @@ class _Server:
         job.prompts = await asyncio.to_thread(self.tokenize, req)
         num_choices = len(job.prompts) * req.n
         params = [self.sampling_params(req, len(job.prompts[i // req.n]), i % req.n) for i in range(num_choices)]
-        fmt = req.response_format
-        if fmt is not None and fmt.type != "text":
-            if not self.grammar.available():
-                raise grammar_unavailable()
-            await asyncio.to_thread(self.grammar.prepare)
+        schema = None if req.response_format is None else req.response_format.schema()
+        if schema is not None:
+            if self.grammar.available():
+                await asyncio.to_thread(self.grammar.prepare)
             try:
-                processors = await asyncio.wait_for(asyncio.to_thread(self.grammar.compile, fmt, num_choices),
-                                                    self.settings.grammar_timeout_s)
+                processors = await asyncio.wait_for(
+                    asyncio.to_thread(self.grammar.compile, schema, num_choices, "response_format"),
+                    self.settings.grammar_timeout_s)
             except TimeoutError:
                 raise bad_request(f"the JSON schema did not compile within {self.settings.grammar_timeout_s} s; "
                                   f"simplify it", param="response_format") from None

@@ -67,6 +67,12 @@ class ResponseFormat(_Strict):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
+    def schema(self) -> dict | None:
+        """The JSON schema the output must match; None for plain text."""
+        if self.type == "text":
+            return None
+        return {"type": "object"} if self.type == "json_object" else self.json_schema.schema_
+
 
 class _SamplingFields(_Strict):
     model: str = Field(max_length=512)

@@ -1,7 +1,9 @@
-"""response_format json_object / json_schema: sampling constrained by an llguidance grammar.
+"""Output constrained to a JSON schema: sampling masked by an llguidance grammar.
 
 llguidance (no torch dependency) compiles a JSON schema into a token-level matcher; each step the matcher gives
-the set of tokens that keep the output valid, and every other logit is set to -inf.
+the set of tokens that keep the output valid, and every other logit is set to -inf. Used by
+SamplingParams.json_schema (the Python API and `ironlm generate --json-schema`), the server's response_format
+and batch jobs.
 """
 import json
 import tempfile
@@ -11,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ironlm.server.protocol import APIError, ResponseFormat, bad_request
+from ironlm.errors import RequestError
 
 # Bounds on grammar work so a hostile schema cannot stall a worker: lexer fuel, grammar size, per-step work.
 GRAMMAR_LIMITS = dict(initial_lexer_fuel=1_000_000, step_lexer_fuel=200_000, step_max_items=50_000,
@@ -45,7 +47,7 @@ class JsonLogitsProcessor:
             allowed[list(self.eos_token_ids)] = True  # end the output rather than emit anything invalid
         else:
             # One bit per token, written by llguidance without the GIL; unpacking it and one torch.where cost
-            # well under a byte-per-token mask and masked_fill (benchmarks/bench_sampler.py --json-schema).
+            # well under a byte-per-token mask and masked_fill (benchmarks/bench_sampler.py, JSON-schema case).
             self.matcher.unsafe_compute_mask_ptr(self.words.ctypes.data, self.words.nbytes)
             bits = np.unpackbits(self.words.view(np.uint8), count=vocab_size, bitorder="little")  # (V,) 0/1
             allowed = torch.from_numpy(bits).view(torch.bool)
@@ -53,7 +55,8 @@ class JsonLogitsProcessor:
 
 
 class GrammarCompiler:
-    """Turns a response_format into per-choice logits processors. Thread-safe; methods block (run them off the loop)."""
+    """Turns JSON schemas into per-sequence logits processors. Thread-safe; methods block (run them off an
+    event loop)."""
 
     def __init__(self, tokenizer, vocab_size: int):
         self.tokenizer = tokenizer
@@ -82,30 +85,24 @@ class GrammarCompiler:
             self._ll_tokenizer = llguidance.LLTokenizer(
                 tokenizer_json, n_vocab=self.vocab_size, eos_token=sorted(self.tokenizer.eos_token_ids))
 
-    def compile(self, response_format: ResponseFormat, num_choices: int) -> list[JsonLogitsProcessor]:
-        """One processor per choice; a schema llguidance rejects is a 400."""
+    def compile(self, schema: dict, num_sequences: int, param: str = "json_schema") -> list[JsonLogitsProcessor]:
+        """One processor per sequence; a schema llguidance rejects is a RequestError naming `param`."""
+        if not self.available():
+            raise RequestError("output constrained to a JSON schema needs the llguidance package: "
+                               "pip install llguidance", param=param)
         import llguidance
 
         self.prepare()
-        if response_format.type == "json_object":
-            schema = {"type": "object"}
-        else:
-            schema = response_format.json_schema.schema_
         if len(json.dumps(schema)) > MAX_SCHEMA_BYTES:
-            raise bad_request(f"the JSON schema is larger than {MAX_SCHEMA_BYTES} bytes", param="response_format")
+            raise RequestError(f"the JSON schema is larger than {MAX_SCHEMA_BYTES} bytes", param=param)
         try:
             grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
         except ValueError as exc:
-            raise bad_request(f"invalid JSON schema: {exc}", param="response_format") from None
+            raise RequestError(f"invalid JSON schema: {exc}", param=param) from None
         limits = llguidance.LLParserLimits(**GRAMMAR_LIMITS)
         matcher = llguidance.LLMatcher(self._ll_tokenizer, grammar, log_level=0, limits=limits)
         if matcher.is_error():
-            raise bad_request(f"unsupported JSON schema: {matcher.get_error()[:500]}", param="response_format")
+            raise RequestError(f"unsupported JSON schema: {matcher.get_error()[:500]}", param=param)
         eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
         return [JsonLogitsProcessor(matcher if i == 0 else matcher.deep_copy(), eos_token_ids, self.vocab_size)
-                for i in range(num_choices)]
-
-
-def grammar_unavailable() -> APIError:
-    return bad_request("response_format json_object/json_schema needs the llguidance package: pip install llguidance",
-                       param="response_format")
+                for i in range(num_sequences)]
