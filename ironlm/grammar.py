@@ -93,7 +93,11 @@ class GrammarCompiler:
         import llguidance
 
         self.prepare()
-        if len(json.dumps(schema)) > MAX_SCHEMA_BYTES:
+        try:
+            text = json.dumps(schema)
+        except (TypeError, ValueError) as exc:  # a Python caller's set, object or cycle
+            raise RequestError(f"the JSON schema holds something JSON cannot express ({exc})", param=param) from None
+        if len(text) > MAX_SCHEMA_BYTES:
             raise RequestError(f"the JSON schema is larger than {MAX_SCHEMA_BYTES} bytes", param=param)
         try:
             grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)

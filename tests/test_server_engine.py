@@ -195,6 +195,19 @@ def test_python_api_json_schema_gives_each_prompt_its_own_grammar(tiny_llm):
     assert params.logits_processor is None  # the caller's params are left as they were
 
 
+@pytest.mark.parametrize("schema, message", [
+    ({"enum": {1, 2}}, "JSON cannot express"), ({"type": "bogus"}, "unsupported JSON schema"),
+    ({"enum": ["x" * 100] * 1000}, "larger than")])
+def test_python_api_bad_json_schema_is_a_request_error(tiny_llm, schema, message):
+    pytest.importorskip("llguidance")
+    from ironlm import SamplingParams
+    from ironlm.errors import RequestError
+
+    with pytest.raises(RequestError, match=message) as info:
+        tiny_llm.generate("hi", SamplingParams(max_tokens=4, json_schema=schema))
+    assert info.value.param == "json_schema" and not tiny_llm.engine.sequences
+
+
 def test_stop_string_ends_the_choice(client):
     full = client.completions.create(model="default", prompt="The sea", max_tokens=10, temperature=0).choices[0]
     words = full.text.split()
