@@ -70,27 +70,11 @@ def load_llm(args: argparse.Namespace, **engine_settings):
 
 def json_schema_arg(args: argparse.Namespace) -> dict | None:
     """--json-schema (a file, or the schema's JSON text) or --json (any JSON object) as a schema; None without."""
-    import json
-    from pathlib import Path
-
-    from ironlm.errors import IronlmError
+    from ironlm.grammar import read_schema
 
     if args.json_schema is None:
         return {"type": "object"} if args.json else None
-    text = args.json_schema
-    if not text.lstrip().startswith(("{", "[")):
-        try:
-            text = Path(text).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise IronlmError(f"cannot read the JSON schema file {args.json_schema}: {exc}; give a file or the "
-                              f"schema's JSON text") from None
-    try:
-        schema = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise IronlmError(f"--json-schema is not valid JSON ({exc})") from None
-    if not isinstance(schema, dict):
-        raise IronlmError('--json-schema must be a JSON schema object, such as {"type": "object"}')
-    return schema
+    return read_schema(args.json_schema)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ironlm.errors import RequestError
+from ironlm.errors import IronlmError, RequestError
 
 # Bounds on grammar work so a hostile schema cannot stall a worker: lexer fuel, grammar size, per-step work.
 GRAMMAR_LIMITS = dict(initial_lexer_fuel=1_000_000, step_lexer_fuel=200_000, step_max_items=50_000,
@@ -21,6 +21,24 @@ GRAMMAR_LIMITS = dict(initial_lexer_fuel=1_000_000, step_lexer_fuel=200_000, ste
 # Compact JSON: a flexible-whitespace grammar lets a small model emit newlines forever.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 MAX_SCHEMA_BYTES = 64 * 1024
+
+
+def read_schema(given: str, option: str = "--json-schema") -> dict:
+    """A JSON schema given on a command line: the path of a .json file, or the schema's own JSON text."""
+    text = given
+    if not text.lstrip().startswith(("{", "[")):
+        try:
+            text = Path(given).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise IronlmError(f"cannot read the JSON schema file {given}: {exc}; give a file or the schema's "
+                              f"JSON text") from None
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise IronlmError(f"{option} is not valid JSON ({exc})") from None
+    if not isinstance(schema, dict):
+        raise IronlmError(f'{option} must be a JSON schema object, such as {{"type": "object"}}')
+    return schema
 
 
 class JsonLogitsProcessor:

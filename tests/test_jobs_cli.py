@@ -218,6 +218,38 @@ def test_summarize_notes_in_both_languages_with_map_reduce(model_dir, tmp_path):
     assert all(isinstance(r["summary"], str) and r["usage"]["completion_tokens"] > 0 for r in results.values())
 
 
+def test_summarize_into_json_fields_with_map_reduce(model_dir, tmp_path, capsys):
+    # Structured extraction from records: every summary, chunk and combined, is JSON matching the schema.
+    pytest.importorskip("llguidance")
+    rng = random.Random(3)
+    docs = tmp_path / "notes"
+    docs.mkdir()
+    (docs / "short.txt").write_text(fake_note_en(rng))
+    (docs / "long.txt").write_text(fake_note_en(rng, 6))
+    schema = {"type": "object", "properties": {"urgent": {"type": "boolean"}, "ward": {"enum": ["a", "b"]}},
+              "required": ["urgent", "ward"], "additionalProperties": False}
+    output = tmp_path / "fields.jsonl"
+    run = ["summarize", str(docs), "-o", str(output), "-m", str(model_dir), "--dtype", "float32", "--threads", "1",
+           "-q", "--json-schema", json.dumps(schema), "--max-summary-tokens", "24", "--chunk-tokens", "120"]
+    assert main(run) == 0
+    records = {r["custom_id"]: r for r in read_jsonl(output)}
+    assert records[str(docs / "long.txt")]["num_chunks"] > 1 and records[str(docs / "long.txt")]["num_reduce_steps"]
+    for record in records.values():
+        assert set(record["data"]) == {"urgent", "ward"} and record["data"]["ward"] in ("a", "b")
+        assert json.loads(record["summary"]) == record["data"] and record["finish_reason"] == "stop"
+
+    # Another schema is another job: refused without --force.
+    assert main(run[:-6] + ["--json-schema", '{"type": "object"}'] + run[-4:]) == 2
+    assert "json_schema" in capsys.readouterr().err
+    # An answer the token budget cuts off is a failure, not half a JSON object.
+    cut = tmp_path / "cut.jsonl"
+    open_schema = {"type": "object", "properties": {"notes": {"type": "string"}}, "required": ["notes"]}
+    assert main(["summarize", str(docs / "short.txt"), "-o", str(cut), "-m", str(model_dir), "--dtype", "float32",
+                 "--threads", "1", "-q", "--json-schema", json.dumps(open_schema), "--max-summary-tokens", "3"]) == 3
+    failure, = read_jsonl(tmp_path / "cut.errors.jsonl")
+    assert "did not end within --max-summary-tokens 3" in failure["error"]["message"]
+
+
 def test_summarize_reports_bad_records_with_their_line(model_dir, tmp_path, capsys):
     path = write_jsonl(tmp_path / "notes.jsonl", [{"text": "a"}, {"body": "b"}, "{broken"])
     code = main(["summarize", str(path), "-o", str(tmp_path / "o.jsonl"), "-m", str(model_dir), "-q"])

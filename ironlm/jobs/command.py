@@ -62,6 +62,9 @@ def add_summarize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lang", choices=["auto", "en", "zh"], default="auto",
                         help="language of the built-in prompts (default: detected per document)")
     parser.add_argument("--template", help="file with your own summary prompt; {text} marks where the text goes")
+    parser.add_argument("--json-schema", metavar="SCHEMA",
+                        help="summaries as JSON objects matching this schema (a .json file, or its JSON text); "
+                             "each record then has them parsed under 'data'")
     parser.add_argument("--max-summary-tokens", type=int, default=256, help="tokens per summary (default 256)")
     parser.add_argument("--max-chunks", type=int, default=200,
                         help="documents needing more chunks than this fail instead (default 200)")
@@ -135,6 +138,7 @@ def run_summarize(args: argparse.Namespace) -> int:
 
 
 def _summarize(args: argparse.Namespace, output: Path, errors: Path, shard: "Shard") -> int:
+    from ironlm.grammar import read_schema
     from ironlm.jobs.resume import lock_path, manifest_path
     from ironlm.jobs.summarize import SummarySettings, Summarizer, failure_record, scan_documents
     from ironlm.sampling import SamplingParams
@@ -148,6 +152,7 @@ def _summarize(args: argparse.Namespace, output: Path, errors: Path, shard: "Sha
     for name in ("max_summary_tokens", "max_chunks"):
         if getattr(args, name) < 1:
             raise IronlmError(f"--{name.replace('_', '-')} must be at least 1")
+    json_schema = None if args.json_schema is None else read_schema(args.json_schema)
     job_files = frozenset({output, errors, manifest_path(output), lock_path(output)})
     scan = scan_documents(args.paths, args.text_field, args.id_field, job_files)
     if scan.skipped and not args.quiet:
@@ -162,7 +167,7 @@ def _summarize(args: argparse.Namespace, output: Path, errors: Path, shard: "Sha
     settings = SummarySettings(
         lang=None if args.lang == "auto" else args.lang, max_summary_tokens=args.max_summary_tokens,
         max_chunks=args.max_chunks, chunk_tokens=args.chunk_tokens, text_field=args.text_field, map_template=template,
-        params=SamplingParams(temperature=args.temperature, repetition_penalty=args.repetition_penalty,
+        json_schema=json_schema, params=SamplingParams(temperature=args.temperature, repetition_penalty=args.repetition_penalty,
                               seed=args.seed))
     summarizer = Summarizer(llm.tokenizer, llm.engine.max_model_len, settings)
     params = {"model_name": llm.model_name, "dtype": llm.engine.dtype_name, "quant": args.quant,
@@ -171,6 +176,8 @@ def _summarize(args: argparse.Namespace, output: Path, errors: Path, shard: "Sha
               "max_chunks": args.max_chunks, "chunk_tokens": args.chunk_tokens, "text_field": args.text_field,
               "id_field": args.id_field, "temperature": args.temperature,
               "repetition_penalty": args.repetition_penalty, "seed": args.seed}
+    if json_schema is not None:  # only then: outputs of earlier versions keep resuming
+        params["json_schema"] = json_schema
     manifest = {"kind": "summarize", "input_sha256": scan.sha256, "model_sha256": _model_hash(llm),
                 "params": shard.record(params)}
     documents = [doc for doc in scan.documents if shard.takes(doc.custom_id)]

@@ -35,6 +35,7 @@ TEMPLATES = {
         "reduce": ("These are summaries of consecutive parts of one document. Combine them into one concise "
                    "summary that keeps the key facts, names, numbers and dates, and adds nothing new.\n\n{text}"),
         "item": "Part {index}:\n{text}",
+        "json": "\n\nAnswer with one JSON object that matches this JSON schema:\n{schema}",
     },
     "zh": {
         "system": "你是一名严谨的助手，负责撰写忠实、简洁的摘要。",
@@ -42,6 +43,7 @@ TEMPLATES = {
         "part": "（这是一份较长文档的第{index}部分，共{count}部分。）",
         "reduce": "以下是同一份文档各部分的摘要。请将它们合并为一份简洁的中文摘要，保留关键事实、姓名、数字和日期，不要添加新内容。\n\n{text}",
         "item": "第{index}部分：\n{text}",
+        "json": "\n\n请只输出一个符合以下 JSON 模式的 JSON 对象：\n{schema}",
     },
 }
 
@@ -262,6 +264,7 @@ class SummarySettings:
     chunk_tokens: int | None = None    # None: as much as the context allows
     text_field: str = "text"
     map_template: str | None = None    # user template with {text}; None: built-in for the language
+    json_schema: dict | None = None    # summaries as JSON objects matching it (map and reduce alike)
     params: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=0.0))
 
 
@@ -274,7 +277,8 @@ class Summarizer:
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.settings = settings
-        self.params = SamplingParams(**{**vars(settings.params), "max_tokens": settings.max_summary_tokens})
+        self.params = SamplingParams(**{**vars(settings.params), "max_tokens": settings.max_summary_tokens,
+                                        "json_schema": settings.json_schema})
         self.params.validate(tokenizer.vocab_size)
         if settings.map_template is not None and "{text}" not in settings.map_template:
             raise IronlmError("the prompt template has no {text} placeholder; add one where the document goes")
@@ -298,6 +302,8 @@ class Summarizer:
     def _render(self, lang: str, user: str) -> list[int]:
         tok = self.tokenizer
         system = TEMPLATES[lang]["system"]
+        if self.settings.json_schema is not None:  # say what the grammar will enforce, so the model aims for it
+            user += TEMPLATES[lang]["json"].format(schema=json.dumps(self.settings.json_schema, ensure_ascii=False))
         if tok.chat_template is None:
             return tok.encode(f"{system}\n\n{user}\n\n" + ("摘要：" if lang == "zh" else "Summary:"))
         text = tok.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": user}],
@@ -348,6 +354,9 @@ class Summarizer:
             results = yield requests
             usage["prompt_tokens"] += sum(len(p) for p, _ in requests)
             usage["completion_tokens"] += sum(r.num_tokens for r in results)
+            if self.settings.json_schema is not None and any(r.finish_reason != "stop" for r in results):
+                raise IronlmError(f"a JSON answer did not end within --max-summary-tokens "
+                                  f"{self.settings.max_summary_tokens}; raise it (or simplify the schema)")
             summaries = [r.text.strip() for r in results]
             if len(summaries) == 1:
                 break
@@ -357,9 +366,12 @@ class Summarizer:
             requests = [(self.reduce_prompt(lang, g), self.params) for g in groups]
             num_reduce_steps += 1
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        return {"custom_id": doc.custom_id, "source": str(doc.path), "line": doc.line_number, "lang": lang,
-                "num_chunks": len(chunks), "num_reduce_steps": num_reduce_steps, "summary": summaries[0],
-                "finish_reason": results[0].finish_reason, "usage": usage}
+        record = {"custom_id": doc.custom_id, "source": str(doc.path), "line": doc.line_number, "lang": lang,
+                  "num_chunks": len(chunks), "num_reduce_steps": num_reduce_steps, "summary": summaries[0],
+                  "finish_reason": results[0].finish_reason, "usage": usage}
+        if self.settings.json_schema is not None:
+            record["data"] = json.loads(summaries[0])  # whole and valid: the grammar allowed nothing else
+        return record
 
 
 def failure_record(doc: Document, exc: BaseException) -> dict:
