@@ -16,6 +16,7 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse
 
+from ironlm.grammar import GrammarCompiler
 from ironlm.jobs.batch_file import URLS, check_batch_file, iter_batch_items, output_line
 from ironlm.jobs.body import Completion, failure_line, prepare_body, response_body
 from ironlm.jobs.multipart import MultipartParser
@@ -23,7 +24,6 @@ from ironlm.jobs.resume import DurableAppender, finished_ids, repair_torn_tail, 
 from ironlm.jobs.runner import ITEM_ERRORS
 from ironlm.server import protocol
 from ironlm.server.protocol import APIError, bad_request
-from ironlm.grammar import GrammarCompiler
 from ironlm.server.translate import TokenTexts
 
 logger = logging.getLogger(__name__)

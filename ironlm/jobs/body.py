@@ -1,7 +1,8 @@
 """One batch item's body -> engine requests, and the engine's results -> the endpoint's response body.
 
-The request models, their checks, the request -> SamplingParams translation and the JSON-schema grammars are
-the server's own (ironlm.server), so a batch line behaves exactly as the same request sent to the server would.
+The request models, their checks and the request -> SamplingParams translation are the server's own
+(ironlm.server), and response_format grammars come from the same compiler (ironlm.grammar), so a batch line
+behaves exactly as the same request sent to the server would.
 """
 from dataclasses import dataclass, field
 

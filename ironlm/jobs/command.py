@@ -167,8 +167,8 @@ def _summarize(args: argparse.Namespace, output: Path, errors: Path, shard: "Sha
     settings = SummarySettings(
         lang=None if args.lang == "auto" else args.lang, max_summary_tokens=args.max_summary_tokens,
         max_chunks=args.max_chunks, chunk_tokens=args.chunk_tokens, text_field=args.text_field, map_template=template,
-        json_schema=json_schema, params=SamplingParams(temperature=args.temperature, repetition_penalty=args.repetition_penalty,
-                              seed=args.seed))
+        json_schema=json_schema, params=SamplingParams(temperature=args.temperature,
+                                                       repetition_penalty=args.repetition_penalty, seed=args.seed))
     summarizer = Summarizer(llm.tokenizer, llm.engine.max_model_len, settings)
     params = {"model_name": llm.model_name, "dtype": llm.engine.dtype_name, "quant": args.quant,
               "kv_cache_dtype": llm.engine.kv_dtype_name, "max_model_len": llm.engine.max_model_len,

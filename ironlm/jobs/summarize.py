@@ -370,7 +370,10 @@ class Summarizer:
                   "num_chunks": len(chunks), "num_reduce_steps": num_reduce_steps, "summary": summaries[0],
                   "finish_reason": results[0].finish_reason, "usage": usage}
         if self.settings.json_schema is not None:
-            record["data"] = json.loads(summaries[0])  # whole and valid: the grammar allowed nothing else
+            try:
+                record["data"] = json.loads(summaries[0])  # the grammar allowed nothing else; checked all the same
+            except json.JSONDecodeError as exc:
+                raise IronlmError(f"the answer is not valid JSON ({exc})") from None
         return record
 
 
