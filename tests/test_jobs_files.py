@@ -11,7 +11,7 @@ from ironlm.jobs.body import Completion
 from ironlm.jobs.resume import (DurableAppender, check_manifest, exclusive_lock, finished_ids, lock_path,
                                 manifest_path, repair_torn_tail, write_atomic)
 from ironlm.jobs.runner import JobRunner, Task
-from ironlm.jobs.summarize import detect_language, scan_documents, split_text
+from ironlm.jobs.summarize import detect_language, read_document, scan_documents, split_text
 from ironlm.sampling import SamplingParams
 from test_jobs_support import chat_line, fake_note_en, fake_note_zh, write_jsonl
 from test_server_support import FakeEngine
@@ -134,6 +134,20 @@ def test_folder_search_passes_over_job_results_and_hidden_files(tmp_path):
     named = scan_documents([str(output), str(other)], job_files=own)  # named on purpose: the other is read
     assert named.problems == [f"{output}: is this job's own output; give the output (-o, --errors) another name",
                               f"{other} line 1: no string field 'text'; pick the field with --text-field"]
+
+
+def test_nested_fields_of_jsonl_records(tmp_path):
+    # Records exported with nested objects: "note.text" and "patient.id" reach inside; a key with a dot wins.
+    path = write_jsonl(tmp_path / "export.jsonl", [
+        {"patient": {"id": "p-7"}, "note": {"text": "first note"}},
+        {"patient": {"id": 8}, "note": {"text": "second note"}, "note.text": "a key with a dot"},
+        {"patient": {"id": "p-9"}, "note": "not nested"},
+        {"patient": {"id": "p-10"}, "note": {"text": ["not", "a string"]}}])
+    scan = scan_documents([str(path)], text_field="note.text", id_field="patient.id")
+    assert [d.custom_id for d in scan.documents] == ["p-7", "8"]
+    assert [read_document(d, "note.text") for d in scan.documents] == ["first note", "a key with a dot"]
+    assert scan.problems == [f"{path} line {n}: no string field 'note.text'; pick the field with --text-field"
+                             for n in (3, 4)]
 
 
 @pytest.mark.parametrize("tail", [b'{"custom_id": "c", "resp', b'\x00\x00\x00\n', b'{"custom_id": "c"}'])

@@ -57,8 +57,10 @@ def add_summarize_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `ironlm summarize PATH... -o OUT.jsonl`."""
     parser.add_argument("paths", nargs="+", metavar="PATH", help=".txt, .md or .jsonl files, or folders of them")
     _add_common_arguments(parser)
-    parser.add_argument("--text-field", default="text", help="field holding the text in .jsonl records (default text)")
-    parser.add_argument("--id-field", default="id", help="field naming a .jsonl record (default id; else PATH:LINE)")
+    parser.add_argument("--text-field", default="text",
+                        help="field holding the text in .jsonl records (default text; note.text for a nested one)")
+    parser.add_argument("--id-field", default="id",
+                        help="field naming a .jsonl record (default id, else PATH:LINE; patient.id for a nested one)")
     parser.add_argument("--lang", choices=["auto", "en", "zh"], default="auto",
                         help="language of the built-in prompts (default: detected per document)")
     parser.add_argument("--template", help="file with your own summary prompt; {text} marks where the text goes")

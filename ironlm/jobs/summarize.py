@@ -170,16 +170,31 @@ def _scan_jsonl(file: Path, data: bytes, text_field: str, id_field: str, scan: D
         except (ValueError, UnicodeDecodeError) as exc:
             scan.problem(f"{file} line {number}: not valid JSON ({exc})")
             continue
-        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+        if not isinstance(field_value(record, text_field), str):
             scan.problem(f"{file} line {number}: no string field {text_field!r}; pick the field with --text-field")
             continue
-        doc_id = record.get(id_field)
+        doc_id = field_value(record, id_field)
         if isinstance(doc_id, (str, int)) and not isinstance(doc_id, bool) and str(doc_id):
             custom_id = str(doc_id)
         else:
             custom_id = f"{file}:{number}"
         found.append(Document(custom_id, file, number))
     return found
+
+
+def field_value(record, name: str):
+    """record[name], or for a name with dots that is not itself a key, the nested field it names ("note.text" is
+    record["note"]["text"]); None where there is none."""
+    if not isinstance(record, dict):
+        return None
+    if name in record:
+        return record[name]
+    value = record
+    for part in name.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
 
 
 def read_document(doc: Document, text_field: str) -> str:
@@ -190,8 +205,11 @@ def read_document(doc: Document, text_field: str) -> str:
         with open(doc.path, "rb") as f:
             for number, line in enumerate(f, 1):
                 if number == doc.line_number:
-                    return json.loads(line)[text_field]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+                    text = field_value(json.loads(line), text_field)
+                    if not isinstance(text, str):
+                        raise ValueError(f"line {number} has no string field {text_field!r}")
+                    return text
+    except (OSError, ValueError) as exc:
         raise IronlmError(f"cannot read {doc.path}: {exc}; the input changed while the job ran") from None
     raise IronlmError(f"{doc.path} line {doc.line_number} has gone; the input changed while the job ran")
 
