@@ -51,14 +51,23 @@ class JsonLogitsProcessor:
         self.words = np.empty((vocab_size + 31) // 32, dtype=np.int32)  # (V/32,) the allowed tokens' bits
         self.neg_inf = torch.tensor(float("-inf"))
 
-    def __call__(self, generated_token_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
-        # logits: (V,), the sampler's own copy, masked in place
+    def _catch_up(self, generated_token_ids: list[int]) -> None:
         if len(generated_token_ids) < self.num_consumed:  # cannot happen with recompute, but stay exact
             self.matcher.reset()
             self.num_consumed = 0
         for token_id in generated_token_ids[self.num_consumed:]:
             self.matcher.consume_token(token_id)
         self.num_consumed = len(generated_token_ids)
+
+    def forced_tokens(self, generated_token_ids: list[int]) -> list[int]:
+        """The tokens the grammar allows alone after generated_token_ids: a key and its quotes and colon, the rest
+        of an enum value. The engine appends them unsampled, and one step computes them all."""
+        self._catch_up(generated_token_ids)
+        return [] if self.matcher.is_error() else self.matcher.compute_ff_tokens()
+
+    def __call__(self, generated_token_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+        # logits: (V,), the sampler's own copy, masked in place
+        self._catch_up(generated_token_ids)
         vocab_size = logits.shape[0]
         if self.matcher.is_error():
             allowed = torch.zeros(vocab_size, dtype=torch.bool)  # (V,)

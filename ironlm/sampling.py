@@ -7,7 +7,9 @@ import torch
 from ironlm import kernels
 from ironlm.errors import RequestError
 
-# (generated_token_ids, logits (V,)) -> logits (V,); used for grammars and custom biasing.
+# (generated_token_ids, logits (V,)) -> logits (V,); used for grammars and custom biasing. A processor may also
+# have forced_tokens(generated_token_ids) -> [token ids] that it allows alone next: the engine appends those
+# without sampling (JSON grammars' keys and punctuation), unless logprobs are asked for.
 LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
 
 MAX_LOGPROBS = 20

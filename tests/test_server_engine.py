@@ -195,6 +195,33 @@ def test_python_api_json_schema_gives_each_prompt_its_own_grammar(tiny_llm):
     assert params.logits_processor is None  # the caller's params are left as they were
 
 
+def test_forced_tokens_are_appended_unsampled(tiny_llm):
+    # Keys, quotes and colons the grammar forces go in without a step each; asking for logprobs turns that off,
+    # and max_tokens still cuts at its count, forced tokens included.
+    pytest.importorskip("llguidance")
+    from ironlm import SamplingParams
+
+    schema = {"type": "object", "properties": {"patient_age": {"enum": [30, 40]}, "ward_name": {"enum": ["a", "b"]}},
+              "required": ["patient_age", "ward_name"], "additionalProperties": False}
+    engine = tiny_llm.engine
+    runs = {}
+    for logprobs in (None, 0):
+        steps = engine.num_steps
+        result, = tiny_llm.generate("x", SamplingParams(max_tokens=40, temperature=0, json_schema=schema,
+                                                        logprobs=logprobs))
+        runs[logprobs] = (result, engine.num_steps - steps)
+        assert set(json.loads(result.text)) == {"patient_age", "ward_name"} and result.finish_reason == "stop"
+    (fast, fast_steps), (slow, slow_steps) = runs[None], runs[0]
+    assert slow_steps == len(slow.token_ids)  # one step a token (the prompt's step gives the first)
+    assert fast_steps < slow_steps - 4
+    streamed = list(tiny_llm.stream(tiny_llm.tokenizer.encode("x"),
+                                    SamplingParams(max_tokens=40, temperature=0, json_schema=schema)))
+    assert max(len(out.new_token_ids) for out in streamed) > 1  # a step that took forced tokens with its own
+    assert "".join(out.new_text for out in streamed) == fast.text and streamed[-1].token_ids == fast.token_ids
+    short, = tiny_llm.generate("x", SamplingParams(max_tokens=3, temperature=0, json_schema=schema))
+    assert len(short.token_ids) == 3 and short.finish_reason == "length"
+
+
 @pytest.mark.parametrize("schema, message", [
     ({"enum": {1, 2}}, "JSON cannot express"), ({"type": "bogus"}, "unsupported JSON schema"),
     ({"enum": ["x" * 100] * 1000}, "larger than")])

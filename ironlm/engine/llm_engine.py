@@ -20,7 +20,7 @@ from ironlm.hardware import default_dtype, default_threads
 from ironlm.models import get_model_class
 from ironlm.models.llama import ModelArgs
 from ironlm.models.loader import load_model
-from ironlm.sampling import SamplingParams
+from ironlm.sampling import SampleResult, SamplingParams
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -121,15 +121,33 @@ class LLMEngine:
                 seq.first_token_time = now
             seq.token_ids.append(result.token_id)
             state: OutputState = seq.output_state
+            results = [result]
             reason = state.add_token(seq, result.token_id, self.max_model_len)
+            if reason is None:
+                reason = self._fast_forward(seq, results)
             if reason is not None:
                 state.finish()
                 self.scheduler.finish(seq, reason)
                 self.runner.release(seq.request_id)
                 self.sequences.pop(seq.request_id, None)
                 seq.finish_time = now
-            outputs.append(self._output(seq, [result]))
+            outputs.append(self._output(seq, results))
         return outputs
+
+    def _fast_forward(self, seq: Sequence, results: list[SampleResult]) -> str | None:
+        """Appends the tokens the sequence's grammar forces next (JSON keys, quotes, the rest of an enum value)
+        without sampling them: the next step computes them together with the token after them, so a structured
+        answer takes fewer steps. Returns a finish reason if one of them ends the sequence."""
+        forced_tokens = getattr(seq.params.logits_processor, "forced_tokens", None)
+        if forced_tokens is None or seq.params.logprobs is not None:  # logprobs need each token's own logits
+            return None
+        for token_id in forced_tokens(seq.output_token_ids):
+            seq.token_ids.append(token_id)
+            results.append(SampleResult(token_id))
+            reason = seq.output_state.add_token(seq, token_id, self.max_model_len)
+            if reason is not None:
+                return reason
+        return None
 
     def _output(self, seq: Sequence, results) -> RequestOutput:
         state: OutputState = seq.output_state
