@@ -119,13 +119,13 @@ class GrammarCompiler:
                                "pip install llguidance", param=param)
         import llguidance
 
-        self.prepare()
         try:
             text = json.dumps(schema)
         except (TypeError, ValueError) as exc:  # a Python caller's set, object or cycle
             raise RequestError(f"the JSON schema holds something JSON cannot express ({exc})", param=param) from None
         if len(text) > MAX_SCHEMA_BYTES:
             raise RequestError(f"the JSON schema is larger than {MAX_SCHEMA_BYTES} bytes", param=param)
+        self.prepare()
         try:
             grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
         except ValueError as exc:

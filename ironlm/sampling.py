@@ -71,8 +71,11 @@ class SamplingParams:
                 self.stop = [self.stop]
             if not all(isinstance(s, str) and s for s in self.stop):
                 raise bad("stop", "must be a list of non-empty strings")
+        def outside(token_id) -> bool:
+            return not isinstance(token_id, int) or token_id < 0 or (vocab_size is not None and token_id >= vocab_size)
+
         for token_id in self.stop_token_ids or []:
-            if not isinstance(token_id, int) or token_id < 0 or (vocab_size is not None and token_id >= vocab_size):
+            if outside(token_id):
                 raise bad("stop_token_ids", f"token id {token_id!r} is outside the vocabulary")
         if self.json_schema is not None:
             if not isinstance(self.json_schema, dict):
@@ -85,7 +88,7 @@ class SamplingParams:
                 raise RequestError(f"logit_bias holds {len(self.logit_bias)} tokens; at most {MAX_LOGIT_BIAS}",
                                    param="logit_bias")
             for token_id, bias in self.logit_bias.items():
-                if not isinstance(token_id, int) or token_id < 0 or (vocab_size is not None and token_id >= vocab_size):
+                if outside(token_id):
                     raise RequestError(f"logit_bias: token id {token_id!r} is outside the vocabulary"
                                        + (f" (0..{vocab_size - 1})" if vocab_size is not None else ""),
                                        param="logit_bias")

@@ -9,6 +9,7 @@ import uvicorn
 from ironlm.engine.async_engine import AsyncEngine
 from ironlm.engine.output import RequestOutput
 from ironlm.errors import RequestError
+from ironlm.grammar import GrammarCompiler
 from ironlm.sampling import SampleResult
 from ironlm.server.app import ServerSettings, create_app
 
@@ -69,6 +70,7 @@ class FakeEngine:
 
     def __init__(self, step_s: float = 0.002, max_model_len: int = 128, fail_at_step: int | None = None):
         self.tokenizer = FakeTokenizer()
+        self.grammar = GrammarCompiler(self.tokenizer, self.tokenizer.vocab_size)  # as LLMEngine's; never prepared
         self.model_name = "fake-model"
         self.max_model_len = max_model_len
         self.step_s = step_s

@@ -32,6 +32,7 @@ class AsyncEngine:
         self.tokenizer = engine.tokenizer
         self.model_name: str = engine.model_name
         self.max_model_len: int = engine.max_model_len
+        self.grammar = engine.grammar  # JSON-schema grammars, shared by whatever serves this engine
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", id, prompt, params, future) | ("abort", id)
         self._wakeup = threading.Event()
         self._stopping = threading.Event()

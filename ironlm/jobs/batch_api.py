@@ -16,7 +16,6 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse
 
-from ironlm.grammar import GrammarCompiler
 from ironlm.jobs.batch_file import URLS, check_batch_file, iter_batch_items, output_line
 from ironlm.jobs.body import Completion, failure_line, prepare_body, response_body
 from ironlm.jobs.multipart import MultipartParser
@@ -47,7 +46,6 @@ class BatchStore:
         self.model_names = model_names
         self.max_in_flight = max_in_flight
         self.max_file_bytes = max_file_bytes
-        self.grammar = GrammarCompiler(engine.tokenizer, engine.tokenizer.vocab_size)  # built at first use
         self.token_texts = TokenTexts(engine.tokenizer)
         self.workers: dict[str, asyncio.Task] = {}
         self.batches: dict[str, dict] = {}  # batch_id -> {"batch": public object, "output": id, "errors": id}
@@ -251,7 +249,7 @@ class BatchStore:
         engine = self.engine
         try:
             prepared = await asyncio.to_thread(prepare_body, item.url, item.body, engine.tokenizer,
-                                               engine.max_model_len, engine.model_name, self.grammar)
+                                               engine.max_model_len, engine.model_name, engine.grammar)
             prefix = f"{batch_id}-{uuid.uuid4().hex[:8]}-{item.line_number}"  # unique even across restarts
             results = await asyncio.gather(*[self._generate(f"{prefix}-{i}", prompt, params)
                                              for i, (prompt, params) in enumerate(prepared.requests)])

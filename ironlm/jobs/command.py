@@ -91,7 +91,6 @@ def _batch(args: argparse.Namespace, output: Path, errors: Path, shard: "Shard")
     from ironlm.jobs.body import failure_line, prepare_body, response_body
     from ironlm.jobs.runner import Task
     from ironlm.server import protocol
-    from ironlm.grammar import GrammarCompiler
     from ironlm.server.translate import TokenTexts
 
     input_path = Path(args.input)
@@ -107,7 +106,6 @@ def _batch(args: argparse.Namespace, output: Path, errors: Path, shard: "Shard")
                                         "quant": args.quant, "kv_cache_dtype": llm.engine.kv_dtype_name,
                                         "max_model_len": llm.engine.max_model_len})}
     engine = llm.engine
-    grammar = GrammarCompiler(llm.tokenizer, llm.tokenizer.vocab_size)  # built at the first response_format
     token_texts = TokenTexts(llm.tokenizer)
     num_items = check.num_items if shard.count == 1 else sum(
         1 for item in iter_batch_items(input_path) if shard.takes(item.custom_id))
@@ -115,7 +113,7 @@ def _batch(args: argparse.Namespace, output: Path, errors: Path, shard: "Shard")
     def make_task(item) -> Task:
         def start():
             prepared = prepare_body(item.url, item.body, llm.tokenizer, engine.max_model_len, llm.model_name,
-                                    grammar)
+                                    engine.grammar)
             results = yield prepared.requests
             body = response_body(prepared, llm.model_name, results,
                                  protocol.new_id("chatcmpl" if prepared.kind == "chat" else "cmpl"), protocol.now(),
@@ -224,9 +222,10 @@ class Shard:
 
 
 def _output_paths(args) -> tuple[Path, Path]:
+    from ironlm.jobs.resume import default_errors_path
+
     output = Path(args.output)
-    errors = Path(args.errors) if args.errors else output.with_name(
-        (output.name[:-6] if output.name.endswith(".jsonl") else output.name) + ".errors.jsonl")
+    errors = Path(args.errors) if args.errors else default_errors_path(output)
     if output.resolve() == errors.resolve():
         raise IronlmError(f"--errors must differ from --output ({output})")
     for path in (output, errors):

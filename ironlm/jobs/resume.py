@@ -21,6 +21,11 @@ def manifest_path(output: Path) -> Path:
     return output.with_name(output.name + ".manifest.json")
 
 
+def default_errors_path(output: Path) -> Path:
+    """OUT.errors.jsonl beside OUT.jsonl: where a job's failed items go unless --errors says otherwise."""
+    return output.with_name(output.name.removesuffix(".jsonl") + ".errors.jsonl")
+
+
 def lock_path(output: Path) -> Path:
     return output.with_name(output.name + ".lock")
 

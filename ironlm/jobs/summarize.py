@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ironlm.errors import IronlmError
-from ironlm.jobs.resume import manifest_path
+from ironlm.jobs.resume import default_errors_path, manifest_path
 from ironlm.jobs.runner import Task
 from ironlm.sampling import SamplingParams
 
@@ -153,11 +153,9 @@ def _files(paths: list[str], job_files: frozenset[Path], scan: DocumentScan) -> 
 
 
 def _is_job_result(file: Path) -> bool:
-    """An ironlm job's output (its manifest lies beside it) or its errors file (named after that output)."""
-    if manifest_path(file).exists():
-        return True
-    stem = file.name.removesuffix(".errors.jsonl")
-    return stem != file.name and manifest_path(file.with_name(stem + ".jsonl")).exists()
+    """An ironlm job's output (its manifest lies beside it) or its default errors file."""
+    output = file.with_name(file.name.removesuffix(".errors.jsonl") + ".jsonl")
+    return manifest_path(file).exists() or (default_errors_path(output) == file and manifest_path(output).exists())
 
 
 def _scan_jsonl(file: Path, data: bytes, text_field: str, id_field: str, scan: DocumentScan) -> list[Document]:

@@ -12,7 +12,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ironlm.engine.async_engine import AsyncEngine, EngineDeadError
 from ironlm.errors import IronlmError, RequestError
-from ironlm.grammar import GrammarCompiler
 from ironlm.sampling import SamplingParams
 from ironlm.server import protocol
 from ironlm.server.limits import Guard, Slots, to_json
@@ -143,7 +142,7 @@ class _Server:
         self.vocab_size: int = engine.tokenizer.vocab_size
         self.model_name = settings.served_model_name or engine.model_name
         self.slots = Slots(settings.max_concurrent, settings.max_queue, settings.retry_after_s)
-        self.grammar = GrammarCompiler(engine.tokenizer, self.vocab_size)
+        self.grammar = engine.grammar
         self.draining = False
         self.loop: asyncio.AbstractEventLoop | None = None  # set when the app starts
         self.jobs: set[_Job] = set()  # open generation requests, to end them if a drain runs out of time
