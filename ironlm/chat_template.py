@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 from jinja2.runtime import Macro
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -193,14 +194,28 @@ def _strftime_now(fmt):
     return datetime.datetime.now().strftime(fmt)
 
 
-def compile_template(source: str, name: str, error=ModelLoadError) -> jinja2.Template:
-    """Compile a chat template in the budgeted sandbox; `error` (ModelLoadError or RequestError) on bad syntax."""
+def _environment() -> _BudgetedSandbox:
     # optimized=False: the optimizer folds constant expressions while compiling, outside any budget.
     env = _BudgetedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, _GenerationTag],
                            optimized=False)
     env.filters = {key: _budgeted_filter(key, fn) for key, fn in env.filters.items()}
     env.filters["tojson"] = _budgeted_filter("tojson", _tojson)
     env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now, range=_BudgetedRange)
+    return env
+
+
+def template_variables(source: str) -> frozenset[str]:
+    """The variables a template reads from its caller ("messages", "tools", ...); parsing runs no template code.
+    Empty if the template does not parse (compile_template reports that)."""
+    try:
+        return frozenset(jinja2.meta.find_undeclared_variables(_environment().parse(source)))
+    except jinja2.TemplateSyntaxError:
+        return frozenset()
+
+
+def compile_template(source: str, name: str, error=ModelLoadError) -> jinja2.Template:
+    """Compile a chat template in the budgeted sandbox; `error` (ModelLoadError or RequestError) on bad syntax."""
+    env = _environment()
     try:
         return env.from_string(source)
     except jinja2.TemplateSyntaxError as e:

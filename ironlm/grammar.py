@@ -3,7 +3,7 @@
 llguidance (no torch dependency) compiles a JSON schema into a token-level matcher; each step the matcher gives
 the set of tokens that keep the output valid, and every other logit is set to -inf. Used by
 SamplingParams.json_schema (the Python API and `ironlm generate --json-schema`), the server's response_format
-and batch jobs.
+and batch jobs, and for calls that `tool_choice` forces (ironlm.tools writes their grammar in Lark).
 """
 import json
 import tempfile
@@ -114,11 +114,7 @@ class GrammarCompiler:
 
     def compile(self, schema: dict, num_sequences: int, param: str = "json_schema") -> list[JsonLogitsProcessor]:
         """One processor per sequence; a schema llguidance rejects is a RequestError naming `param`."""
-        if not self.available():
-            raise RequestError("output constrained to a JSON schema needs the llguidance package: "
-                               "pip install llguidance", param=param)
-        import llguidance
-
+        llguidance = self._llguidance(param)
         try:
             text = json.dumps(schema)
         except (TypeError, ValueError) as exc:  # a Python caller's set, object or cycle
@@ -130,10 +126,37 @@ class GrammarCompiler:
             grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
         except ValueError as exc:
             raise RequestError(f"invalid JSON schema: {exc}", param=param) from None
+        return self._processors(grammar, num_sequences, param, "JSON schema")
+
+    def compile_lark(self, lark: str, num_sequences: int, param: str) -> list[JsonLogitsProcessor]:
+        """One processor per sequence for a grammar in llguidance's Lark dialect (which embeds JSON schemas with
+        %json); what llguidance rejects in it is a RequestError naming `param`."""
+        llguidance = self._llguidance(param)
+        if len(lark) > 2 * MAX_SCHEMA_BYTES:
+            raise RequestError(f"the schemas of this request add up to more than {2 * MAX_SCHEMA_BYTES} bytes",
+                               param=param)
+        self.prepare()
+        try:
+            grammar = llguidance.LLMatcher.grammar_from_lark(lark)
+        except ValueError as exc:
+            raise RequestError(f"invalid grammar: {exc}", param=param) from None
+        return self._processors(grammar, num_sequences, param, "schema")
+
+    def _llguidance(self, param: str):
+        if not self.available():
+            raise RequestError("output constrained to a JSON schema needs the llguidance package: "
+                               "pip install llguidance", param=param)
+        import llguidance
+
+        return llguidance
+
+    def _processors(self, grammar: str, num_sequences: int, param: str, what: str) -> list[JsonLogitsProcessor]:
+        import llguidance
+
         limits = llguidance.LLParserLimits(**GRAMMAR_LIMITS)
         matcher = llguidance.LLMatcher(self._ll_tokenizer, grammar, log_level=0, limits=limits)
         if matcher.is_error():
-            raise RequestError(f"unsupported JSON schema: {matcher.get_error()[:500]}", param=param)
+            raise RequestError(f"unsupported {what}: {matcher.get_error()[:500]}", param=param)
         eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
         return [JsonLogitsProcessor(matcher if i == 0 else matcher.deep_copy(), eos_token_ids, self.vocab_size)
                 for i in range(num_sequences)]

@@ -35,6 +35,8 @@ class Tokenizer:
         self.pad_token_id = self._id(pad_token)
         self.chat_template = chat_template
         self._template = None if chat_template is None else chat.compile_template(chat_template, f"of {name}")
+        # what the template reads besides messages: "tools" means it renders tool definitions itself
+        self.template_variables = frozenset() if chat_template is None else chat.template_variables(chat_template)
         eos_ids = {self._id(eos_token), *eos_token_ids}
         eos_ids |= {self._id(t) for t in END_OF_TURN_TOKENS if chat_template and t in chat_template}
         self.eos_token_ids = frozenset(i for i in eos_ids if i is not None)

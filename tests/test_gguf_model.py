@@ -102,3 +102,34 @@ def test_native_q4_1_greedy_matches_dequantized_reference(llm, native_llm, promp
     logits = llm.engine.prompt_logits(prefix)[-1]  # (V,) the reference's scores for the diverging position
     gap = float(logits[reference[first]] - logits[native[first]])
     assert gap < NEAR_TIE_LOGITS, (first, gap)
+
+
+def test_default_model_calls_a_tool_through_the_server(native_llm):
+    # SmolLM2's template knows no tools, so this goes through ironlm's own tool prompt; the question's city has
+    # to reach the call's arguments, and the tool's result a second turn.
+    pytest.importorskip("llguidance")
+    import json
+
+    import openai
+
+    from test_server_support import serve
+
+    weather = {"type": "function", "function": {
+        "name": "get_weather", "description": "The current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    server, _ = serve(native_llm.engine)
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        messages = [{"role": "user", "content": "What is the weather like in Paris today?"}]
+        r = client.chat.completions.create(model="default", messages=messages, tools=[weather],
+                                           tool_choice="required", temperature=0, max_tokens=100)
+        call, = r.choices[0].message.tool_calls
+        assert call.function.name == "get_weather" and r.choices[0].finish_reason == "tool_calls"
+        assert "Paris" in json.loads(call.function.arguments)["city"]
+        messages += [r.choices[0].message.model_dump(exclude_none=True),
+                     {"role": "tool", "tool_call_id": call.id, "content": '{"celsius": 18, "sky": "clear"}'}]
+        r = client.chat.completions.create(model="default", messages=messages, tools=[weather], temperature=0,
+                                           max_tokens=40)
+        assert r.choices[0].message.content and r.usage.prompt_tokens > 100
+    finally:
+        server.stop()

@@ -175,6 +175,32 @@ def test_batch_structured_output_and_logprobs(model_dir, tmp_path):
     assert failure["response"]["body"]["error"]["param"] == "response_format"
 
 
+def test_batch_tool_calls(model_dir, tmp_path):
+    # Routing tickets to functions: forced calls come back in tool_calls, a bad tool_choice fails its item only.
+    pytest.importorskip("llguidance")
+    route = {"type": "function", "function": {"name": "route_ticket", "parameters": {
+        "type": "object", "properties": {"team": {"enum": ["billing", "shipping"]}}, "required": ["team"]}}}
+    lines = [chat_line(f"ticket-{i}", f"Parcel {i} is late.", max_tokens=60, tools=[route], tool_choice="required",
+                       parallel_tool_calls=False) for i in range(3)]
+    lines.append(chat_line("unknown-tool", "x", tools=[route],
+                           tool_choice={"type": "function", "function": {"name": "refund"}}))
+    input_path = write_jsonl(tmp_path / "in.jsonl", lines)
+    output = tmp_path / "out.jsonl"
+    assert batch(model_dir, input_path, output) == 3
+
+    bodies = {r["custom_id"]: r["response"]["body"] for r in read_jsonl(output)}
+    assert set(bodies) == {"ticket-0", "ticket-1", "ticket-2"}
+    for body in bodies.values():
+        message = body["choices"][0]["message"]
+        assert body["choices"][0]["finish_reason"] == "tool_calls" and message["content"] is None
+        call, = message["tool_calls"]
+        assert call["type"] == "function" and call["function"]["name"] == "route_ticket"
+        assert json.loads(call["function"]["arguments"])["team"] in ("billing", "shipping")
+    failure, = read_jsonl(tmp_path / "out.errors.jsonl")
+    assert failure["custom_id"] == "unknown-tool"
+    assert failure["response"]["body"]["error"]["param"] == "tool_choice"
+
+
 def test_a_second_job_on_the_same_output_is_refused_while_the_first_runs(model_dir, tmp_path, capsys):
     from ironlm.jobs.resume import job_lock
 

@@ -140,6 +140,70 @@ def test_response_format_json_schema_and_object(client):
             response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}})
 
 
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}, "metric": {"type": "boolean"}},
+                   "required": ["city", "metric"]}}}
+TIME_TOOL = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+
+
+def check_call(call) -> None:
+    assert call.type == "function" and call.id.startswith("call_")
+    arguments = json.loads(call.function.arguments)
+    if call.function.name == "get_weather":
+        assert set(arguments) == {"city", "metric"}
+        assert arguments["city"] in ("Paris", "Rome") and isinstance(arguments["metric"], bool)
+    else:
+        assert call.function.name == "get_time" and arguments == {}
+
+
+def test_tool_choice_required_and_named_give_valid_calls(client):
+    # A random model calls tools only because the grammar makes it: every call must name an offered function
+    # with arguments its schema allows, and loops of one call end at the repeat.
+    pytest.importorskip("llguidance")
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    r = client.chat.completions.create(model="default", messages=messages, tools=[WEATHER_TOOL, TIME_TOOL],
+                                       tool_choice="required", max_tokens=250, temperature=0.9, seed=3, n=3)
+    for choice in r.choices:
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        assert choice.message.tool_calls
+        for call in choice.message.tool_calls:
+            check_call(call)
+        assert len({(c.function.name, c.function.arguments) for c in choice.message.tool_calls}) == \
+            len(choice.message.tool_calls)
+    one = client.chat.completions.create(model="default", messages=messages, tools=[WEATHER_TOOL, TIME_TOOL],
+                                         tool_choice="required", parallel_tool_calls=False, max_tokens=100,
+                                         temperature=0.9, seed=4)
+    assert len(one.choices[0].message.tool_calls) == 1
+    check_call(one.choices[0].message.tool_calls[0])
+
+    # a named function, streamed: no content, one tool_calls delta, finish_reason "stop" as OpenAI gives it
+    chunks = list(client.chat.completions.create(
+        model="default", messages=messages, tools=[WEATHER_TOOL, TIME_TOOL], max_tokens=100, stream=True,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}}))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(d.content or "" for d in deltas) == ""
+    calls = [call for d in deltas for call in d.tool_calls or ()]
+    assert len(calls) == 1 and calls[0].index == 0 and calls[0].function.name == "get_weather"
+    check_call(calls[0])
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+
+
+def test_tool_history_and_tool_choice_none(client):
+    messages = [
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather",
+                                                              "arguments": '{"city": "Paris", "metric": true}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"celsius": 18}'}]
+    offered = client.chat.completions.create(model="default", messages=messages, tools=[WEATHER_TOOL], max_tokens=5,
+                                             temperature=0)
+    plain = client.chat.completions.create(model="default", messages=messages, tools=[WEATHER_TOOL], max_tokens=5,
+                                           temperature=0, tool_choice="none")
+    assert plain.usage.prompt_tokens < offered.usage.prompt_tokens  # no tool prompt with "none"
+    assert isinstance(plain.choices[0].message.content, str) and plain.choices[0].message.tool_calls is None
+
+
 def test_logit_bias_forces_and_bans_tokens(client, tiny_llm):
     def first_token(**extra) -> str:
         return client.completions.create(model="default", prompt="The sea", max_tokens=1, temperature=0,

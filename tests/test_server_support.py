@@ -51,6 +51,7 @@ class FakeTokenizer:
     eos_token_ids = frozenset({0})
     bos_token_id = None
     chat_template = "fake"
+    template_variables = frozenset({"messages"})
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return [b + 1 for b in text.encode("utf-8")]

@@ -1,8 +1,8 @@
 """One batch item's body -> engine requests, and the engine's results -> the endpoint's response body.
 
 The request models, their checks and the request -> SamplingParams translation are the server's own
-(ironlm.server), and response_format grammars come from the same compiler (ironlm.grammar), so a batch line
-behaves exactly as the same request sent to the server would.
+(ironlm.server), and response_format and tool-call grammars come from the same compiler (ironlm.grammar), so a
+batch line behaves exactly as the same request sent to the server would.
 """
 from dataclasses import dataclass, field
 
@@ -13,8 +13,10 @@ from ironlm.grammar import GrammarCompiler
 from ironlm.jobs.batch_file import error_line
 from ironlm.sampling import SampleResult, SamplingParams
 from ironlm.server import protocol
-from ironlm.server.translate import TokenTexts, request_sampling_params, tokenize_request
 from ironlm.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, bad_request
+from ironlm.server.translate import (TokenTexts, compile_grammar, grammar_source, request_sampling_params,
+                                     request_tools, tokenize_request)
+from ironlm.tools import ToolSet
 
 
 @dataclass
@@ -24,6 +26,7 @@ class PreparedBody:
     params: list[SamplingParams]   # one per choice; choice i answers prompts[i // n]
     n: int
     logprobs: bool = False         # the response carries each choice's logprobs
+    tools: ToolSet | None = None   # the tools a chat body offers; calls are read out of the answers
 
     @property
     def requests(self) -> list[tuple[list[int], SamplingParams]]:
@@ -53,15 +56,16 @@ def prepare_body(url: str, body: dict, tokenizer, max_model_len: int, model_name
     req.check()
     if req.stream:
         raise bad_request("'stream' is not supported in a batch; leave it out", param="stream")
-    prompts = tokenize_request(tokenizer, req)
+    tools = request_tools(tokenizer, req)
+    prompts = tokenize_request(tokenizer, req, tools)
     params = [request_sampling_params(req, len(prompts[i // req.n]), i % req.n, max_model_len, tokenizer.vocab_size)
               for i in range(len(prompts) * req.n)]
-    schema = None if req.response_format is None else req.response_format.schema()
-    if schema is not None:
-        for p, processor in zip(params, grammar.compile(schema, len(params), "response_format")):
+    source = grammar_source(req, tools)
+    if source is not None:
+        for p, processor in zip(params, compile_grammar(grammar, source, len(params), tools)):
             p.logits_processor = processor
     want_logprobs = req.logprobs if kind == "chat" else req.logprobs is not None
-    return PreparedBody(kind, prompts, params, req.n, want_logprobs)
+    return PreparedBody(kind, prompts, params, req.n, want_logprobs, tools)
 
 
 def response_body(prepared: PreparedBody, model_name: str, results: list[Completion], response_id: str,
@@ -71,9 +75,10 @@ def response_body(prepared: PreparedBody, model_name: str, results: list[Complet
     for i, result in enumerate(results):
         entries = token_texts.entries(result.logprobs) if prepared.logprobs else None
         if prepared.kind == "chat":
-            choices.append({"index": i, "message": {"role": "assistant", "content": result.text, "refusal": None},
+            message, finish_reason = protocol.chat_message(result.text, result.finish_reason, prepared.tools)
+            choices.append({"index": i, "message": message,
                             "logprobs": None if entries is None else protocol.chat_logprobs(entries),
-                            "finish_reason": result.finish_reason})
+                            "finish_reason": finish_reason})
         else:
             choices.append({"index": i, "text": result.text, "finish_reason": result.finish_reason,
                             "logprobs": None if entries is None else protocol.completion_logprobs(entries)})

@@ -17,7 +17,9 @@ from ironlm.server import protocol
 from ironlm.server.limits import Guard, Slots, to_json
 from ironlm.server.metrics import ServerMetrics
 from ironlm.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, bad_request
-from ironlm.server.translate import TokenTexts, request_sampling_params, tokenize_request
+from ironlm.server.translate import (TokenTexts, compile_grammar, grammar_source, request_sampling_params,
+                                     request_tools, tokenize_request)
+from ironlm.tools import CallStream, ToolSet
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +97,7 @@ class _Job:
         self.response_id = protocol.new_id("chatcmpl" if kind == "chat" else "cmpl")
         self.created = protocol.now()
         self.prompts: list[list[int]] = []
+        self.tools: ToolSet | None = None  # the tools a chat request offers, whose calls are read from answers
         self.request_ids: list[str] = []
         self.outputs: asyncio.Queue = asyncio.Queue()
         self.holds_slot = False
@@ -180,9 +183,9 @@ class _Server:
 
     # --- preparing a job -----------------------------------------------------------------------------------
 
-    def tokenize(self, req) -> list[list[int]]:
+    def tokenize(self, req, tools: ToolSet | None) -> list[list[int]]:
         """Prompt token ids, one list per prompt; runs in a worker thread."""
-        return tokenize_request(self.tokenizer, req)
+        return tokenize_request(self.tokenizer, req, tools)
 
     def sampling_params(self, req, prompt_len: int, choice: int) -> SamplingParams:
         return request_sampling_params(req, prompt_len, choice, self.engine.max_model_len, self.vocab_size)
@@ -191,20 +194,22 @@ class _Server:
         """Takes a slot, tokenizes, compiles the grammar and admits every choice to the engine."""
         await self.slots.acquire()
         job.holds_slot = True
-        job.prompts = await asyncio.to_thread(self.tokenize, req)
+        job.tools = request_tools(self.tokenizer, req)
+        job.prompts = await asyncio.to_thread(self.tokenize, req, job.tools)
         num_choices = len(job.prompts) * req.n
         params = [self.sampling_params(req, len(job.prompts[i // req.n]), i % req.n) for i in range(num_choices)]
-        schema = None if req.response_format is None else req.response_format.schema()
-        if schema is not None:
+        source = grammar_source(req, job.tools)
+        if source is not None:
             if self.grammar.available():
                 await asyncio.to_thread(self.grammar.prepare)
             try:
                 processors = await asyncio.wait_for(
-                    asyncio.to_thread(self.grammar.compile, schema, num_choices, "response_format"),
+                    asyncio.to_thread(compile_grammar, self.grammar, source, num_choices, job.tools),
                     self.settings.grammar_timeout_s)
             except TimeoutError:
+                param = "tools" if source[0] == "lark" else "response_format"
                 raise bad_request(f"the JSON schema did not compile within {self.settings.grammar_timeout_s} s; "
-                                  f"simplify it", param="response_format") from None
+                                  f"simplify it", param=param) from None
             for p, processor in zip(params, processors):
                 p.logits_processor = processor
         job.last_time = [None] * num_choices
@@ -252,9 +257,10 @@ class _Server:
         for i in range(num_choices):
             text = "".join(texts[i])
             if job.kind == "chat":
-                choices.append({"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
+                message, finish_reason = protocol.chat_message(text, finish[i], job.tools)
+                choices.append({"index": i, "message": message,
                                 "logprobs": protocol.chat_logprobs(entries[i]) if want_logprobs else None,
-                                "finish_reason": finish[i]})
+                                "finish_reason": finish_reason})
             else:
                 choices.append({"index": i, "text": text, "finish_reason": finish[i],
                                 "logprobs": protocol.completion_logprobs(entries[i]) if want_logprobs else None})
@@ -270,6 +276,8 @@ class _Server:
         def event(choices: list[dict]) -> bytes:
             return _sse(chunk(job.response_id, job.created, self.model_name, choices, job.include_usage))
 
+        # with tools, text that may be a call is held back and sent as tool_calls once the choice ends
+        calls = [CallStream(job.tools) for _ in range(num_choices)] if job.tools else None
         try:
             if job.kind == "chat":
                 for i in range(num_choices):
@@ -282,20 +290,30 @@ class _Server:
                     raise output
                 i = index[output.request_id]
                 job.observe(i, output)
-                if output.new_text or (want_logprobs and output.logprobs):
+                text = calls[i].feed(output.new_text) if calls else output.new_text
+                if text or (want_logprobs and output.logprobs):
                     logprobs = self.choice_logprobs(job, i, output, want_logprobs)
                     job.text_len[i] += len(output.new_text)
                     if job.kind == "chat":
-                        yield event([{"index": i, "delta": {"content": output.new_text}, "logprobs": logprobs,
+                        yield event([{"index": i, "delta": {"content": text}, "logprobs": logprobs,
                                       "finish_reason": None}])
                     else:
-                        yield event([{"index": i, "text": output.new_text, "logprobs": logprobs,
-                                      "finish_reason": None}])
+                        yield event([{"index": i, "text": text, "logprobs": logprobs, "finish_reason": None}])
                 if output.finished:
                     remaining -= 1
+                    finish_reason = output.finish_reason
+                    if calls:
+                        rest, tool_calls = calls[i].finish()
+                        if rest:
+                            yield event([{"index": i, "delta": {"content": rest}, "logprobs": None,
+                                          "finish_reason": None}])
+                        if tool_calls:
+                            deltas = [call.openai(index=k) for k, call in enumerate(tool_calls)]
+                            yield event([{"index": i, "delta": {"tool_calls": deltas}, "logprobs": None,
+                                          "finish_reason": None}])
+                        finish_reason = job.tools.finish_reason(finish_reason, bool(tool_calls))
                     if job.kind == "chat":
-                        yield event([{"index": i, "delta": {}, "logprobs": None,
-                                      "finish_reason": output.finish_reason}])
+                        yield event([{"index": i, "delta": {}, "logprobs": None, "finish_reason": finish_reason}])
                     else:
                         yield event([{"index": i, "text": "", "logprobs": None,
                                       "finish_reason": output.finish_reason}])

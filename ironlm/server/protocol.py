@@ -5,12 +5,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ironlm.tools import ToolSet
+
 MAX_N = 16                 # choices per prompt
 MAX_PROMPTS = 64           # prompts in one /v1/completions request
 MAX_SEQUENCES = 64         # prompts x n
 MAX_STOP = 16
 MAX_TOP_LOGPROBS = 20
 MAX_COMPLETION_LOGPROBS = 5
+MAX_TOOLS = 128
 
 
 class APIError(Exception):
@@ -126,15 +129,60 @@ class TextPart(_Strict):
     text: str
 
 
+class FunctionCall(_Strict):
+    name: str = Field(max_length=64)
+    arguments: str  # JSON text, as the model wrote it
+
+
+class MessageToolCall(_Strict):
+    id: str = Field(max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = Field(None, max_length=MAX_TOOLS)  # assistant: the calls it made
+    tool_call_id: str | None = Field(None, max_length=256)  # tool: the call this message answers
 
-    def text(self) -> str:
+    def text(self) -> str | None:
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
-        return self.content or ""
+        return self.content
+
+    def plain(self) -> dict:
+        """The message as the chat template and ironlm.tools take it."""
+        message = {"role": self.role, "content": self.text()}
+        if self.name:
+            message["name"] = self.name
+        if self.tool_calls:
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+
+class FunctionDefinition(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -142,23 +190,50 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1, le=1 << 31)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    # Function calling is not offered. These are read only to refuse a request that needs it, rather than answer
-    # it with plain text the client would take for a decision not to call.
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    # The deprecated forms of tools; read only to refuse them, rather than answer with plain text the client
+    # would take for a decision not to call.
     functions: list[Any] | None = None
+    function_call: Any = None
 
     def check(self) -> None:
         self.check_common()
-        if (self.tools and self.tool_choice != "none") or self.functions:
-            param = "tools" if self.tools else "functions"
-            raise bad_request("function calling ('tools', 'functions') is not supported; leave them out, or describe "
-                              "the choices in the prompt and ask for a JSON answer with 'response_format'", param=param)
+        if self.functions is not None or self.function_call is not None:
+            raise bad_request("the deprecated 'functions' and 'function_call' are not supported; send the same "
+                              "definitions as 'tools' (each {\"type\": \"function\", \"function\": {...}}) and "
+                              "'tool_choice'", param="functions" if self.functions is not None else "function_call")
+        self.check_tools()
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("'top_logprobs' needs 'logprobs' set to true", param="top_logprobs")
         for i, message in enumerate(self.messages):
             if message.role != "assistant" and message.content is None:
                 raise bad_request(f"messages[{i}] has no content", param=f"messages.{i}.content")
+            if message.role == "assistant" and message.content is None and not message.tool_calls:
+                raise bad_request(f"messages[{i}] has neither content nor tool_calls", param=f"messages.{i}.content")
+            if message.role == "tool" and message.tool_call_id is None:
+                raise bad_request(f"messages[{i}] is a tool result without 'tool_call_id'; give the id of the call "
+                                  f"it answers", param=f"messages.{i}.tool_call_id")
+            if message.tool_calls and message.role != "assistant":
+                raise bad_request(f"messages[{i}] has tool_calls but is not an assistant message",
+                                  param=f"messages.{i}.tool_calls")
+
+    def check_tools(self) -> None:
+        names = [tool.function.name for tool in self.tools or ()]
+        if len(set(names)) != len(names):
+            raise bad_request("two tools have the same function name; names must be unique", param="tools")
+        choice = self.tool_choice
+        if choice not in (None, "none") and not names:
+            raise bad_request("'tool_choice' needs 'tools'", param="tool_choice")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise bad_request(f"'tool_choice' names the function '{choice.function.name}', which is not in 'tools'",
+                              param="tool_choice")
+
+    def tool_choice_name(self) -> str | None:
+        """tool_choice as "none", "auto", "required" or the name of the function to call."""
+        choice = self.tool_choice
+        return choice.function.name if isinstance(choice, NamedToolChoice) else choice
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -237,6 +312,18 @@ def completion_chunk(response_id: str, created: int, model: str, choices: list[d
     if include_usage:
         chunk["usage"] = None
     return chunk
+
+
+def chat_message(answer: str, finish_reason: str | None, tools: ToolSet | None) -> tuple[dict, str | None]:
+    """The assistant message of a finished chat choice and its finish_reason, with the calls read out of the
+    answer when the request offered tools."""
+    message = {"role": "assistant", "content": answer, "refusal": None}
+    parsed = tools.parse(answer) if tools is not None else None
+    if not parsed or not parsed.calls:
+        return message, finish_reason
+    message["content"] = answer[:parsed.content_end].strip() or None
+    message["tool_calls"] = [call.openai() for call in parsed.calls]
+    return message, tools.finish_reason(finish_reason, True)
 
 
 def chat_logprobs(entries: list[tuple[str, float, list[tuple[str, float]]]]) -> dict:

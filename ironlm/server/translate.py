@@ -1,16 +1,30 @@
-"""OpenAI requests -> prompt token ids and SamplingParams; shared by the server and batch jobs."""
+"""OpenAI requests -> prompt token ids, SamplingParams and grammars; shared by the server and batch jobs."""
+from ironlm.grammar import GrammarCompiler
 from ironlm.sampling import SampleResult, SamplingParams
 from ironlm.server.protocol import ChatCompletionRequest, bad_request
 from ironlm.tokenizer import Tokenizer
+from ironlm.tools import Function, RepeatGuard, ToolSet, render_chat, tool_set
 
 
-def tokenize_request(tok: Tokenizer, req) -> list[list[int]]:
+def request_tools(tok: Tokenizer, req) -> ToolSet | None:
+    """The tools a chat request offers and how its answer may use them; None for none."""
+    if not isinstance(req, ChatCompletionRequest) or not req.tools:
+        return None
+    functions = []
+    for i, tool in enumerate(req.tools):
+        parameters = tool.function.parameters or {"type": "object", "properties": {}}
+        if parameters.get("type", "object") != "object":
+            raise bad_request(f"tools[{i}].function.parameters must be a JSON schema of an object, such as "
+                              f'{{"type": "object", "properties": {{...}}}}', param=f"tools.{i}.function.parameters")
+        functions.append(Function(tool.function.name, tool.function.description, parameters))
+    return tool_set(functions, req.tool_choice_name(), req.parallel_tool_calls, tok)
+
+
+def tokenize_request(tok: Tokenizer, req, tools: ToolSet | None = None) -> list[list[int]]:
     """Prompt token ids of a chat or completion request, one list per prompt."""
     vocab_size = tok.vocab_size
     if isinstance(req, ChatCompletionRequest):
-        messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-                    for m in req.messages]
-        text = tok.apply_chat_template(messages, add_generation_prompt=True)
+        text = render_chat(tok, [m.plain() for m in req.messages], tools)
         return [tok.encode(text, add_special_tokens=False)]  # the template writes BOS itself
     prompts = []
     for prompt in req.prompts():
@@ -57,6 +71,28 @@ def request_sampling_params(req, prompt_len: int, choice: int, max_model_len: in
     )
     params.validate(vocab_size)
     return params
+
+
+def grammar_source(req, tools: ToolSet | None) -> tuple[str, object] | None:
+    """What the answer must follow: ("lark", a forced call's grammar, maybe with the response_format as the other
+    choice), ("json", the response_format schema), or None for free text."""
+    schema = None if req.response_format is None else req.response_format.schema()
+    if tools is not None:
+        lark = tools.grammar(schema)
+        return None if lark is None else ("lark", lark)
+    return None if schema is None else ("json", schema)
+
+
+def compile_grammar(grammar: GrammarCompiler, source: tuple[str, object], num_choices: int,
+                    tools: ToolSet | None = None) -> list:
+    """One logits processor (a grammar state) per choice; blocks, so call it off an event loop."""
+    kind, text = source
+    if kind == "json":
+        return grammar.compile(text, num_choices, "response_format")
+    processors = grammar.compile_lark(text, num_choices, "tools")
+    if tools.style == "hermes" and tools.max_calls is None:
+        processors = [RepeatGuard(p, grammar.tokenizer) for p in processors]
+    return processors
 
 
 class TokenTexts:
