@@ -1,4 +1,5 @@
 """The offline Python API: LLM.generate and LLM.chat over the shared engine step loop."""
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import count
@@ -8,6 +9,7 @@ from ironlm.engine.llm_engine import LLMEngine
 from ironlm.engine.output import RequestOutput
 from ironlm.errors import RequestError
 from ironlm.sampling import SamplingParams
+from ironlm.tools import ToolCall, read_tools, render_chat, tool_set
 
 Prompt = str | dict
 
@@ -20,6 +22,7 @@ class GenerationResult:
     token_ids: list[int]
     finish_reason: str | None
     metrics: dict = field(default_factory=dict)
+    tool_calls: list[ToolCall] = field(default_factory=list)  # LLM.chat with tools: the calls in `text`
 
 
 class LLM:
@@ -48,11 +51,31 @@ class LLM:
 
     def chat(self, messages: list[dict] | list[list[dict]],
              params: SamplingParams | list[SamplingParams] | None = None,
-             use_tqdm: bool = False) -> list[GenerationResult]:
-        """Generates a reply to each conversation (a list of {"role", "content"} messages)."""
+             use_tqdm: bool = False, tools: list[dict] | None = None, tool_choice: str | dict | None = None,
+             parallel_tool_calls: bool = True) -> list[GenerationResult]:
+        """Generates a reply to each conversation (a list of {"role", "content"} messages).
+
+        `tools`, `tool_choice` and `parallel_tool_calls` are OpenAI's (tool_choice "required" or a named function
+        forces a call through a grammar); each result's tool_calls holds the calls read out of its text, and
+        messages may hold earlier calls (assistant "tool_calls") and their results ("tool" messages).
+        """
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        token_lists = [self.chat_prompt(conversation) for conversation in conversations]
-        return self._run(token_lists, params, use_tqdm)
+        tools = None if tools is None else tool_set(*read_tools(tools, tool_choice), parallel_tool_calls,
+                                                    self.tokenizer)
+        token_lists = [self.chat_prompt(conversation, tools) for conversation in conversations]
+        if tools is None:
+            return self._run(token_lists, params, use_tqdm)
+        params = self._params_list(params, len(token_lists))
+        for i, p in enumerate(params):
+            lark = tools.grammar(p.json_schema)
+            if lark is not None:
+                processor, = tools.guarded(self.engine.grammar.compile_lark(lark, 1, "tools"), self.tokenizer)
+                params[i] = dataclasses.replace(p, json_schema=None, logits_processor=processor)
+        results = self._run(token_lists, params, use_tqdm)
+        for result in results:
+            result.tool_calls = tools.parse(result.text).calls
+            result.finish_reason = tools.finish_reason(result.finish_reason, bool(result.tool_calls))
+        return results
 
     def stream(self, prompt_token_ids: list[int], params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Yields one RequestOutput per step for a single prompt; new_text never splits a character."""
@@ -68,9 +91,10 @@ class LLM:
         finally:
             self.engine.abort_request(request_id)
 
-    def chat_prompt(self, messages: list[dict]) -> list[int]:
-        """The token ids of a conversation rendered with the model's chat template, ready for a reply."""
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    def chat_prompt(self, messages: list[dict], tools=None) -> list[int]:
+        """The token ids of a conversation rendered with the model's chat template, ready for a reply; `tools`
+        (an ironlm.tools.ToolSet) adds the tools it offers."""
+        text = render_chat(self.tokenizer, messages, tools)
         return self.tokenizer.encode(text, add_special_tokens=False)  # the template writes BOS itself
 
     def _prompt_tokens(self, prompt: Prompt) -> list[int]:
@@ -80,13 +104,18 @@ class LLM:
             return prompt["prompt_token_ids"]
         raise RequestError('a prompt must be a string or {"prompt_token_ids": [int, ...]}', param="prompts")
 
-    def _run(self, token_lists: list[list[int]], params, use_tqdm: bool) -> list[GenerationResult]:
+    @staticmethod
+    def _params_list(params, num_prompts: int) -> list[SamplingParams]:
         if params is None:
             params = SamplingParams()
         if isinstance(params, SamplingParams):
-            params = [params] * len(token_lists)
-        if len(params) != len(token_lists):
-            raise RequestError(f"got {len(params)} SamplingParams for {len(token_lists)} prompts", param="params")
+            params = [params] * num_prompts
+        if len(params) != num_prompts:
+            raise RequestError(f"got {len(params)} SamplingParams for {num_prompts} prompts", param="params")
+        return list(params)
+
+    def _run(self, token_lists: list[list[int]], params, use_tqdm: bool) -> list[GenerationResult]:
+        params = self._params_list(params, len(token_lists))
         prompts: dict[str, list[int]] = {}
         try:
             for tokens, p in zip(token_lists, params):

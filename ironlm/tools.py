@@ -14,8 +14,11 @@ import re
 import uuid
 from dataclasses import dataclass
 
+from ironlm.errors import RequestError
 from ironlm.grammar import JSON_OPTIONS
 
+MAX_TOOLS = 128
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
 # Markers a template may put before a bare JSON call; the detokenizer drops them when they are special tokens.
 _BARE_MARKERS = ("<|python_tag|>", "[TOOL_CALLS]")
@@ -109,6 +112,12 @@ class ToolSet:
         else:
             start = calls
         return "\n".join([f"start: {start}", *rules]) + "\n"
+
+    def guarded(self, processors: list, tokenizer) -> list:
+        """The grammar's processors, ending answers that repeat a call where the grammar allows many calls."""
+        if self.style == "hermes" and self.max_calls is None:
+            return [RepeatGuard(p, tokenizer) for p in processors]
+        return processors
 
     # --- reading calls out of an answer --------------------------------------------------------------------
 
@@ -237,6 +246,45 @@ def call_style(template: str | None) -> str:
     if "<|python_tag|>" in template or '"parameters"' in template:
         return "llama"
     return "hermes"
+
+
+def read_tools(tools: list, tool_choice=None) -> tuple[list[Function], str | None]:
+    """OpenAI's `tools` and `tool_choice` as Functions and "none"/"auto"/"required"/a function name; RequestError
+    naming the field (such as "tools.2.function.name") for anything malformed."""
+    if not isinstance(tools, (list, tuple)) or len(tools) > MAX_TOOLS:
+        raise RequestError(f"tools must be a list of at most {MAX_TOOLS} tools", param="tools")
+    functions = []
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(function, dict):
+            raise RequestError(f'tools[{i}] must be {{"type": "function", "function": {{"name": ..., "parameters": '
+                               f'...}}}}', param=f"tools.{i}")
+        name, description = function.get("name"), function.get("description")
+        parameters = function.get("parameters") or {"type": "object", "properties": {}}
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise RequestError(f"tools[{i}].function.name must be 1 to 64 letters, digits, '_' or '-'",
+                               param=f"tools.{i}.function.name")
+        if description is not None and not isinstance(description, str):
+            raise RequestError(f"tools[{i}].function.description must be a string",
+                               param=f"tools.{i}.function.description")
+        if not isinstance(parameters, dict) or parameters.get("type", "object") != "object":
+            raise RequestError(f"tools[{i}].function.parameters must be a JSON schema of an object, such as "
+                               f'{{"type": "object", "properties": {{...}}}}', param=f"tools.{i}.function.parameters")
+        if any(f.name == name for f in functions):
+            raise RequestError(f"two tools are named {name}; function names must be unique", param="tools")
+        functions.append(Function(name, description, parameters))
+    if isinstance(tool_choice, dict):
+        named = tool_choice.get("function") if tool_choice.get("type") == "function" else None
+        tool_choice = named.get("name") if isinstance(named, dict) else None
+        if tool_choice not in {f.name for f in functions}:
+            raise RequestError("tool_choice must name one of the tools: "
+                               '{"type": "function", "function": {"name": ...}}', param="tool_choice")
+    elif tool_choice not in (None, "none", "auto", "required"):
+        raise RequestError('tool_choice must be "none", "auto", "required" or {"type": "function", "function": '
+                           '{"name": ...}}', param="tool_choice")
+    if tool_choice not in (None, "none") and not functions:
+        raise RequestError("tool_choice needs tools", param="tool_choice")
+    return functions, tool_choice
 
 
 def tool_set(functions: list[Function], choice: str | None, parallel: bool, tokenizer) -> ToolSet | None:

@@ -189,6 +189,29 @@ def test_tool_choice_required_and_named_give_valid_calls(client):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
 
 
+def test_python_api_chat_with_tools(tiny_llm):
+    pytest.importorskip("llguidance")
+    from ironlm import SamplingParams
+    from ironlm.errors import RequestError
+
+    conversations = [[{"role": "user", "content": f"The weather in {city}?"}] for city in ("Paris", "Rome")]
+    results = tiny_llm.chat(conversations, SamplingParams(max_tokens=100, temperature=0.9, seed=5),
+                            tools=[WEATHER_TOOL, TIME_TOOL], tool_choice={"type": "function",
+                                                                          "function": {"name": "get_weather"}})
+    for result in results:
+        call, = result.tool_calls
+        assert call.name == "get_weather" and result.finish_reason == "stop"
+        assert json.loads(call.arguments)["city"] in ("Paris", "Rome")
+    auto = tiny_llm.chat(conversations[0], SamplingParams(max_tokens=4, temperature=0), tools=[WEATHER_TOOL])[0]
+    assert len(auto.token_ids) == 4  # free text: the random model writes no call
+    with pytest.raises(RequestError) as info:
+        tiny_llm.chat(conversations[0], tools=[{"type": "function", "function": {"name": "a b"}}])
+    assert info.value.param == "tools.0.function.name"
+    with pytest.raises(RequestError) as info:
+        tiny_llm.chat(conversations[0], tools=[WEATHER_TOOL], tool_choice="always")
+    assert info.value.param == "tool_choice"
+
+
 def test_tool_history_and_tool_choice_none(client):
     messages = [
         {"role": "user", "content": "What is the weather in Paris?"},

@@ -4,8 +4,9 @@ import json
 
 import pytest
 
+from ironlm.errors import RequestError
 from ironlm.tokenizer import Tokenizer
-from ironlm.tools import CallStream, Function, ToolSet, call_style, render_chat, tool_set
+from ironlm.tools import CallStream, Function, ToolSet, call_style, read_tools, render_chat, tool_set
 
 WEATHER = Function("get_weather", "Weather in a city", {
     "type": "object", "properties": {"city": {"$ref": "#/$defs/City"}, "unit": {"enum": ["C", "F"]}},
@@ -15,6 +16,39 @@ TIME = Function("get_time", None, {"type": "object", "properties": {}})
 
 def tools(choice="auto", parallel=True, style="hermes") -> ToolSet:
     return ToolSet((WEATHER, TIME), choice, parallel, style)
+
+
+def openai_tool(name="f", **function) -> dict:
+    return {"type": "function", "function": {"name": name, **function}}
+
+
+def test_read_tools():
+    functions, choice = read_tools([openai_tool("get_time"), openai_tool("add", description="Adds", parameters={
+        "type": "object", "properties": {"a": {"type": "number"}}})], {"type": "function", "function": {"name": "add"}})
+    assert choice == "add" and [f.name for f in functions] == ["get_time", "add"]
+    assert functions[0].parameters == {"type": "object", "properties": {}} and functions[1].description == "Adds"
+
+
+@pytest.mark.parametrize("tools, choice, param", [
+    ({"type": "function"}, None, "tools"),
+    ([openai_tool()] * 129, None, "tools"),
+    ([{"type": "retrieval", "function": {"name": "f"}}], None, "tools.0"),
+    ([openai_tool(), "f"], None, "tools.1"),
+    ([openai_tool("my tool")], None, "tools.0.function.name"),
+    ([openai_tool("x" * 65)], None, "tools.0.function.name"),
+    ([openai_tool(description=5)], None, "tools.0.function.description"),
+    ([openai_tool(parameters={"type": "array"})], None, "tools.0.function.parameters"),
+    ([openai_tool(parameters=[1])], None, "tools.0.function.parameters"),
+    ([openai_tool(), openai_tool()], None, "tools"),
+    ([openai_tool()], "always", "tool_choice"),
+    ([openai_tool()], {"type": "function", "function": {"name": "g"}}, "tool_choice"),
+    ([openai_tool()], {"type": "function"}, "tool_choice"),
+    ([], "required", "tool_choice"),
+])
+def test_read_tools_names_what_is_wrong(tools, choice, param):
+    with pytest.raises(RequestError) as info:
+        read_tools(tools, choice)
+    assert info.value.param == param
 
 
 def calls_of(parsed):

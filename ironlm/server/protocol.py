@@ -5,7 +5,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ironlm.tools import ToolSet
+from ironlm.tools import MAX_TOOLS, ToolSet
 
 MAX_N = 16                 # choices per prompt
 MAX_PROMPTS = 64           # prompts in one /v1/completions request
@@ -13,7 +13,6 @@ MAX_SEQUENCES = 64         # prompts x n
 MAX_STOP = 16
 MAX_TOP_LOGPROBS = 20
 MAX_COMPLETION_LOGPROBS = 5
-MAX_TOOLS = 128
 
 
 class APIError(Exception):
@@ -204,7 +203,8 @@ class ChatCompletionRequest(_SamplingFields):
             raise bad_request("the deprecated 'functions' and 'function_call' are not supported; send the same "
                               "definitions as 'tools' (each {\"type\": \"function\", \"function\": {...}}) and "
                               "'tool_choice'", param="functions" if self.functions is not None else "function_call")
-        self.check_tools()
+        if self.tool_choice not in (None, "none") and not self.tools:  # the rest: ironlm.tools.read_tools
+            raise bad_request("'tool_choice' needs 'tools'", param="tool_choice")
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("'top_logprobs' needs 'logprobs' set to true", param="top_logprobs")
         for i, message in enumerate(self.messages):
@@ -219,21 +219,10 @@ class ChatCompletionRequest(_SamplingFields):
                 raise bad_request(f"messages[{i}] has tool_calls but is not an assistant message",
                                   param=f"messages.{i}.tool_calls")
 
-    def check_tools(self) -> None:
-        names = [tool.function.name for tool in self.tools or ()]
-        if len(set(names)) != len(names):
-            raise bad_request("two tools have the same function name; names must be unique", param="tools")
+    def tool_choice_raw(self) -> str | dict:
+        """tool_choice as OpenAI's JSON has it."""
         choice = self.tool_choice
-        if choice not in (None, "none") and not names:
-            raise bad_request("'tool_choice' needs 'tools'", param="tool_choice")
-        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
-            raise bad_request(f"'tool_choice' names the function '{choice.function.name}', which is not in 'tools'",
-                              param="tool_choice")
-
-    def tool_choice_name(self) -> str | None:
-        """tool_choice as "none", "auto", "required" or the name of the function to call."""
-        choice = self.tool_choice
-        return choice.function.name if isinstance(choice, NamedToolChoice) else choice
+        return choice.model_dump() if isinstance(choice, NamedToolChoice) else choice
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

@@ -3,21 +3,16 @@ from ironlm.grammar import GrammarCompiler
 from ironlm.sampling import SampleResult, SamplingParams
 from ironlm.server.protocol import ChatCompletionRequest, bad_request
 from ironlm.tokenizer import Tokenizer
-from ironlm.tools import Function, RepeatGuard, ToolSet, render_chat, tool_set
+from ironlm.tools import ToolSet, read_tools, render_chat, tool_set
 
 
 def request_tools(tok: Tokenizer, req) -> ToolSet | None:
     """The tools a chat request offers and how its answer may use them; None for none."""
     if not isinstance(req, ChatCompletionRequest) or not req.tools:
         return None
-    functions = []
-    for i, tool in enumerate(req.tools):
-        parameters = tool.function.parameters or {"type": "object", "properties": {}}
-        if parameters.get("type", "object") != "object":
-            raise bad_request(f"tools[{i}].function.parameters must be a JSON schema of an object, such as "
-                              f'{{"type": "object", "properties": {{...}}}}', param=f"tools.{i}.function.parameters")
-        functions.append(Function(tool.function.name, tool.function.description, parameters))
-    return tool_set(functions, req.tool_choice_name(), req.parallel_tool_calls, tok)
+    functions, choice = read_tools([tool.model_dump(exclude_none=True) for tool in req.tools],
+                                   None if req.tool_choice is None else req.tool_choice_raw())
+    return tool_set(functions, choice, req.parallel_tool_calls, tok)
 
 
 def tokenize_request(tok: Tokenizer, req, tools: ToolSet | None = None) -> list[list[int]]:
@@ -89,10 +84,7 @@ def compile_grammar(grammar: GrammarCompiler, source: tuple[str, object], num_ch
     kind, text = source
     if kind == "json":
         return grammar.compile(text, num_choices, "response_format")
-    processors = grammar.compile_lark(text, num_choices, "tools")
-    if tools.style == "hermes" and tools.max_calls is None:
-        processors = [RepeatGuard(p, grammar.tokenizer) for p in processors]
-    return processors
+    return tools.guarded(grammar.compile_lark(text, num_choices, "tools"), grammar.tokenizer)
 
 
 class TokenTexts:
