@@ -180,12 +180,17 @@ class CallStream:
         self.answer = ""
         self.num_sent = 0
         self.holding = tools.choice != "auto"  # a forced answer is calls and nothing else
+        self.text_first = False  # the answer starts with text, so it is no bare JSON call
 
     def feed(self, new_text: str) -> str:
         """Content to send now."""
         self.answer += new_text
-        if self.holding or _may_be_bare_call(self.answer.lstrip()):
+        if self.holding:
             return ""
+        if not self.text_first:
+            if _may_be_bare_call(self.answer.lstrip()):
+                return ""
+            self.text_first = True
         start = self.answer.find(HERMES_OPEN, max(0, self.num_sent - len(HERMES_OPEN)))
         if start >= 0:
             self.holding = True
@@ -213,6 +218,9 @@ class RepeatGuard:
         self.tokenizer = tokenizer
 
     def _looping(self, generated_token_ids: list[int]) -> bool:
+        # a block just closed only if the last token holds its final ">"; decoding it alone keeps steps cheap
+        if not generated_token_ids or ">" not in self.tokenizer.decode(generated_token_ids[-1:]):
+            return False
         text = self.tokenizer.decode(generated_token_ids)
         if not text.endswith(HERMES_CLOSE):
             return False
