@@ -265,3 +265,18 @@ def test_repeat_guard_ends_an_answer_that_repeats_a_call(compiler):
         allowed = set(torch.nonzero(logits > float("-inf")).flatten().tolist())
         assert allowed == (set(tok.eos_token_ids) if looping else set(range(tok.vocab_size))), text
         assert guard.forced_tokens(ids) == ([] if looping else [7])
+
+
+def test_a_template_with_tools_renders_as_in_transformers(hf_tokenizer_dir):
+    # transformers takes tools as given and calls' arguments as objects; OpenAI sends arguments as JSON text.
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(hf_tokenizer_dir)
+    tok = with_template(hf_tokenizer_dir, TEMPLATE_WITH_TOOLS)
+    toolset = tool_set([WEATHER, TIME], "auto", True, tok)
+    hf_history = [dict(m, tool_calls=[dict(c, function=dict(c["function"], arguments=json.loads(
+        c["function"]["arguments"]))) for c in m["tool_calls"]]) if m.get("tool_calls") else m for m in HISTORY]
+    expected = hf.apply_chat_template([{k: v for k, v in m.items() if v is not None} for m in hf_history],
+                                      tools=[f.openai() for f in toolset.functions], chat_template=TEMPLATE_WITH_TOOLS,
+                                      tokenize=False, add_generation_prompt=True)
+    assert render_chat(tok, HISTORY, toolset) == expected

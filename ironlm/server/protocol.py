@@ -153,7 +153,8 @@ class ChatMessage(_Strict):
 
     def plain(self) -> dict:
         """The message as the chat template and ironlm.tools take it."""
-        message = {"role": self.role, "content": self.text()}
+        text = self.text()
+        message = {"role": self.role, "content": "" if text is None and not self.tool_calls else text}
         if self.name:
             message["name"] = self.name
         if self.tool_calls:
@@ -210,8 +211,6 @@ class ChatCompletionRequest(_SamplingFields):
         for i, message in enumerate(self.messages):
             if message.role != "assistant" and message.content is None:
                 raise bad_request(f"messages[{i}] has no content", param=f"messages.{i}.content")
-            if message.role == "assistant" and message.content is None and not message.tool_calls:
-                raise bad_request(f"messages[{i}] has neither content nor tool_calls", param=f"messages.{i}.content")
             if message.role == "tool" and message.tool_call_id is None:
                 raise bad_request(f"messages[{i}] is a tool result without 'tool_call_id'; give the id of the call "
                                   f"it answers", param=f"messages.{i}.tool_call_id")
