@@ -8,7 +8,7 @@ from ironlm.config import EngineConfig
 from ironlm.engine.llm_engine import LLMEngine
 from ironlm.engine.output import RequestOutput
 from ironlm.errors import RequestError
-from ironlm.sampling import SamplingParams
+from ironlm.sampling import SampleResult, SamplingParams
 from ironlm.tools import ToolCall, read_tools, render_chat, tool_set
 
 Prompt = str | dict
@@ -23,6 +23,8 @@ class GenerationResult:
     finish_reason: str | None
     metrics: dict = field(default_factory=dict)
     tool_calls: list[ToolCall] = field(default_factory=list)  # LLM.chat with tools: the calls in `text`
+    # SamplingParams.prompt_logprobs: one per prompt token (None for the first), each with its top alternatives
+    prompt_logprobs: list[SampleResult | None] | None = None
 
 
 class LLM:
@@ -131,6 +133,7 @@ class LLM:
     def _drain(self, prompts: dict[str, list[int]], use_tqdm: bool) -> dict[str, GenerationResult]:
         pending = set(prompts)
         results: dict[str, GenerationResult] = {}
+        prompt_logprobs: dict[str, list] = {}  # they come with a request's first token
         progress = None
         if use_tqdm:
             from tqdm import tqdm
@@ -138,11 +141,13 @@ class LLM:
         try:
             while pending:
                 for out in self.engine.step():
+                    if out.prompt_logprobs is not None:
+                        prompt_logprobs[out.request_id] = out.prompt_logprobs
                     if out.finished and out.request_id in pending:
                         pending.discard(out.request_id)
                         results[out.request_id] = GenerationResult(
                             out.request_id, prompts[out.request_id], out.text, out.token_ids, out.finish_reason,
-                            out.metrics)
+                            out.metrics, prompt_logprobs=prompt_logprobs.pop(out.request_id, None))
                         if progress is not None:
                             progress.update(1)
         finally:

@@ -38,6 +38,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None  # the prompt's own tokens' logprobs (and this many alternatives): scoring
     logit_bias: dict[int, float] | None = None
     json_schema: dict | None = None  # output constrained to JSON matching it ({"type": "object"}: any object)
     skip_special_tokens: bool = True
@@ -64,8 +65,10 @@ class SamplingParams:
                 raise bad(name, "must be between -2 and 2")
         if self.seed is not None and not isinstance(self.seed, int):
             raise bad("seed", "must be an integer")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise bad("logprobs", f"must be between 0 and {MAX_LOGPROBS}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or not 0 <= value <= MAX_LOGPROBS):
+                raise bad(name, f"must be None or an integer between 0 and {MAX_LOGPROBS}")
         if self.stop is not None:
             if isinstance(self.stop, str):
                 self.stop = [self.stop]

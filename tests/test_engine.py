@@ -134,6 +134,30 @@ def test_logprobs_are_log_softmax_of_logits(llm):
     assert [t for t, _ in result.top_logprobs] == expected.topk(3).indices.tolist()
 
 
+def test_prompt_logprobs_match_transformers(llm, make_tiny_model):
+    # Prompts chunked by the 16-token budget, batched with a second prompt, and one prefix-cached before.
+    _, hf = make_tiny_model("llama")
+    prompts = [list(range(5, 45)), list(range(60, 73)), [9]]
+    llm.generate({"prompt_token_ids": prompts[0][:30]}, SamplingParams(max_tokens=1))  # fills the prefix cache
+    results = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                           SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=3))
+    for prompt, result in zip(prompts, results):
+        with torch.no_grad():
+            reference = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), dim=-1)  # (T, V)
+        entries = result.prompt_logprobs
+        assert len(entries) == len(prompt) and entries[0] is None
+        for position, entry in enumerate(entries[1:], start=1):
+            expected = reference[position - 1]
+            assert entry.token_id == prompt[position]
+            assert entry.logprob == pytest.approx(float(expected[prompt[position]]), abs=1e-4)
+            top_ids, top_values = zip(*entry.top_logprobs)
+            assert list(top_ids) == expected.topk(3).indices.tolist()
+            assert list(top_values) == pytest.approx(expected.topk(3).values.tolist(), abs=1e-4)
+    assert llm.generate({"prompt_token_ids": prompts[0]}, SamplingParams(max_tokens=1))[0].prompt_logprobs is None
+    with pytest.raises(RequestError):
+        llm.generate("x", SamplingParams(prompt_logprobs=21))
+
+
 def test_chunked_prompt_logits_read_the_cache_like_one_prefill(llm):
     # chunk=1 runs every token as a decode step over the paged cache; float32 KV: the same logits.
     tokens = list(range(5, 60))

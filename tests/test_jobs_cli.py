@@ -144,6 +144,8 @@ def test_batch_structured_output_and_logprobs(model_dir, tmp_path):
     lines.append(chat_line("chat-logprobs", "hi", max_tokens=5, temperature=0, logprobs=True, top_logprobs=2))
     lines.append({"custom_id": "logprobs", "method": "POST", "url": "/v1/completions",
                   "body": {"prompt": "The sea", "max_tokens": 5, "temperature": 0, "logprobs": 3}})
+    lines.append({"custom_id": "echo", "method": "POST", "url": "/v1/completions",
+                  "body": {"prompt": "The sea", "max_tokens": 1, "temperature": 0, "logprobs": 1, "echo": True}})
     lines.append(chat_line("bad-schema", "x", response_format={
         "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}}))
     input_path = write_jsonl(tmp_path / "in.jsonl", lines)
@@ -170,6 +172,10 @@ def test_batch_structured_output_and_logprobs(model_dir, tmp_path):
     assert "".join(logprobs["tokens"]) == completion["text"]
     assert all(len(top) == 3 and max(top.values()) == lp for top, lp in zip(logprobs["top_logprobs"],
                                                                            logprobs["token_logprobs"]))
+    echo = bodies["echo"]["choices"][0]
+    assert echo["text"].startswith("The sea") and len(echo["logprobs"]["tokens"]) == 3  # "The", " sea", and one
+    assert echo["logprobs"]["token_logprobs"][0] is None and echo["logprobs"]["token_logprobs"][1] < 0
+    assert echo["logprobs"]["token_logprobs"][2] == logprobs["token_logprobs"][0]
     failure, = read_jsonl(tmp_path / "out.errors.jsonl")
     assert failure["custom_id"] == "bad-schema"
     assert failure["response"]["body"]["error"]["param"] == "response_format"

@@ -12,6 +12,7 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 
 from test_server_support import serve
 
@@ -119,6 +120,36 @@ def test_fifty_streaming_clients_disconnect(live):
     fresh = httpx.post(server.url + "/v1/completions", timeout=60,
                        json={"model": "default", "prompt": "Hello", "max_tokens": 3, "temperature": 0})
     assert fresh.status_code == 200 and fresh.json()["usage"]["completion_tokens"] == 3
+
+
+def test_echo_scores_the_prompt_as_lm_eval_asks(client, tiny_llm):
+    # lm-evaluation-harness scores a continuation with echo=True, logprobs=1, max_tokens=1: the prompt's tokens
+    # come back with their logprobs, the first one with none.
+    prompt = "The quick brown fox jumps over the lazy dog"
+    ids = tiny_llm.tokenizer.encode(prompt)
+    plain = client.completions.create(model="default", prompt=prompt, max_tokens=1, temperature=0, logprobs=1)
+    echoed = client.completions.create(model="default", prompt=prompt, max_tokens=1, temperature=0, logprobs=1,
+                                       echo=True)
+    choice = echoed.choices[0]
+    assert choice.text == prompt + plain.choices[0].text
+    logprobs = choice.logprobs
+    assert len(logprobs.tokens) == len(ids) + 1 and "".join(logprobs.tokens) == choice.text
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    reference = torch.log_softmax(tiny_llm.engine.prompt_logits(ids).float(), dim=-1)  # (T, V)
+    for position in range(1, len(ids)):
+        assert logprobs.token_logprobs[position] == pytest.approx(float(reference[position - 1, ids[position]]),
+                                                                  abs=1e-3)
+        best = int(reference[position - 1].argmax())
+        assert list(logprobs.top_logprobs[position]) == [tiny_llm.tokenizer.decode([best])]
+    assert logprobs.token_logprobs[-1] == pytest.approx(plain.choices[0].logprobs.token_logprobs[0], abs=1e-5)
+    assert echoed.usage.prompt_tokens == len(ids)
+
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="default", prompt=prompt, max_tokens=3, temperature=0, echo=True, stream=True) if c.choices)
+    full = client.completions.create(model="default", prompt=prompt, max_tokens=3, temperature=0, echo=True)
+    assert streamed == full.choices[0].text and streamed.startswith(prompt)
+    by_ids = client.completions.create(model="default", prompt=ids, max_tokens=2, temperature=0, echo=True)
+    assert by_ids.choices[0].text.startswith(prompt)
 
 
 def test_response_format_json_schema_and_object(client):

@@ -54,8 +54,9 @@ class BlockManager:
 
     def find_prefix(self, seq: Sequence) -> list[int]:
         """Cached blocks matching the start of the sequence. The last token is never matched: it must be computed
-        to produce logits."""
-        if not self.enable_prefix_caching:
+        to produce logits. A prompt whose logprobs are asked for is computed whole, since each of its tokens needs
+        the logits before it."""
+        if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
             return []
         hits, parent = [], None
         for start in range(0, seq.num_tokens - 1 - self.block_size + 1, self.block_size):

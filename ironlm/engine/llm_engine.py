@@ -117,8 +117,10 @@ class LLMEngine:
             result = sampled.get(seq.request_id)
             if result is None:
                 continue  # a prompt chunk that did not reach the end yet
+            prompt_logprobs = None
             if seq.first_token_time is None:
                 seq.first_token_time = now
+                prompt_logprobs = self.runner.take_prompt_logprobs(seq.request_id)
             seq.token_ids.append(result.token_id)
             state: OutputState = seq.output_state
             results = [result]
@@ -131,7 +133,7 @@ class LLMEngine:
                 self.runner.release(seq.request_id)
                 self.sequences.pop(seq.request_id, None)
                 seq.finish_time = now
-            outputs.append(self._output(seq, results))
+            outputs.append(self._output(seq, results, prompt_logprobs))
         return outputs
 
     def _fast_forward(self, seq: Sequence, results: list[SampleResult]) -> str | None:
@@ -149,7 +151,7 @@ class LLMEngine:
                 return reason
         return None
 
-    def _output(self, seq: Sequence, results) -> RequestOutput:
+    def _output(self, seq: Sequence, results, prompt_logprobs=None) -> RequestOutput:
         state: OutputState = seq.output_state
         finished = seq.is_finished
         metrics = {
@@ -173,6 +175,7 @@ class LLMEngine:
             num_prompt_tokens=seq.num_prompt_tokens,
             num_cached_tokens=seq.num_cached_tokens,
             logprobs=[r for r in results if r.logprob is not None],
+            prompt_logprobs=prompt_logprobs,
             metrics=metrics,
         )
 

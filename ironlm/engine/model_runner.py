@@ -16,6 +16,8 @@ from ironlm.sampling import Sampler, SampleResult, SampleState, SeenTokens
 # sequences a step's kernels dwarf the Python around them (benchmarks/profile_decode.py on the 135M: 16 sequences
 # 1.18x faster with graphs, 64 the same), so more graphs would only take memory.
 MAX_GRAPH_BATCH = 32
+# Rows of prompt logits computed at once when a prompt's logprobs are asked for: (256, 49152) float32 is 50 MB.
+PROMPT_LOGITS_ROWS = 256
 
 
 class ModelRunner:
@@ -35,11 +37,14 @@ class ModelRunner:
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}  # seeded requests only
         self.seen: dict[str, SeenTokens] = {}  # requests with a repetition penalty only
+        # requests with prompt_logprobs: one entry per prompt token (None for the first, which nothing predicts)
+        self.prompt_logprobs: dict[str, list[SampleResult | None]] = {}
 
     @torch.inference_mode()
     def execute(self, scheduled: list[tuple[Sequence, int]]) -> dict[str, SampleResult]:
         """Computes the scheduled tokens; returns a sampled token for each sequence whose last token was computed."""
         hidden, sampling_rows, sampling_seqs = self._forward(scheduled)
+        self._score_prompts(scheduled, hidden)
         if not sampling_seqs:
             return {}
         rows = hidden if len(sampling_rows) == hidden.shape[0] else hidden[sampling_rows]  # (S, hidden)
@@ -48,6 +53,32 @@ class ModelRunner:
                               self._seen(seq)) for seq in sampling_seqs]
         results = self.sampler(logits, states, writable=True)  # fresh logits, read by nothing else
         return {seq.request_id: result for seq, result in zip(sampling_seqs, results)}
+
+    def _score_prompts(self, scheduled: list[tuple[Sequence, int]], hidden: torch.Tensor) -> None:
+        """Logprobs of the prompt tokens that this step's rows predict, for sequences that asked for them."""
+        row = 0  # hidden holds each scheduled sequence's rows in turn, num_new of them
+        for seq, num_new in scheduled:
+            k = seq.params.prompt_logprobs
+            start = seq.num_computed_tokens
+            end = min(start + num_new, seq.num_prompt_tokens - 1)  # positions whose next token is in the prompt
+            if k is not None and seq.num_output_tokens == 0:  # not again after a preemption
+                scores = self.prompt_logprobs.setdefault(seq.request_id, [None] * seq.num_prompt_tokens)
+                for lo in range(start, end, PROMPT_LOGITS_ROWS):  # (rows, V) logits a piece at a time
+                    hi = min(lo + PROMPT_LOGITS_ROWS, end)
+                    logprobs = torch.log_softmax(self.model.compute_logits(hidden[row + lo - start:row + hi - start])
+                                                 .float(), dim=-1)  # (hi - lo, V)
+                    targets = torch.tensor(seq.token_ids[lo + 1:hi + 1])
+                    chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+                    top = logprobs.topk(k) if k else None
+                    for i, position in enumerate(range(lo + 1, hi + 1)):
+                        scores[position] = SampleResult(
+                            int(targets[i]), chosen[i],
+                            list(zip(top.indices[i].tolist(), top.values[i].tolist())) if top is not None else None)
+            row += num_new
+
+    def take_prompt_logprobs(self, request_id: str) -> list[SampleResult | None] | None:
+        """The prompt's logprobs once its last token is computed; None if not asked for."""
+        return self.prompt_logprobs.pop(request_id, None)
 
     @torch.inference_mode()
     def all_logits(self, seq: Sequence, chunk: int | None = None) -> torch.Tensor:
@@ -146,3 +177,4 @@ class ModelRunner:
     def release(self, request_id: str) -> None:
         self.generators.pop(request_id, None)
         self.seen.pop(request_id, None)
+        self.prompt_logprobs.pop(request_id, None)

@@ -18,6 +18,8 @@ class RequestOutput:
     num_prompt_tokens: int
     num_cached_tokens: int = 0
     logprobs: list[SampleResult] = field(default_factory=list)  # one per new token when requested
+    # with the first token, when requested: one per prompt token, None for the first (nothing predicts it)
+    prompt_logprobs: list[SampleResult | None] | None = None
     metrics: dict = field(default_factory=dict)
 
 

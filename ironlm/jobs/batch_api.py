@@ -266,11 +266,12 @@ class BatchStore:
 
     async def _generate(self, request_id: str, prompt: list[int], params) -> Completion:
         last = None
-        logprobs = []
+        logprobs, prompt_logprobs = [], None
         async for output in self.engine.generate(request_id, prompt, params):
             last = output
             logprobs += output.logprobs
-        return Completion(last.text, len(last.token_ids), last.finish_reason, logprobs)
+            prompt_logprobs = output.prompt_logprobs or prompt_logprobs
+        return Completion(last.text, len(last.token_ids), last.finish_reason, logprobs, prompt_logprobs)
 
     def _fail(self, batch_id: str, errors: list[dict]) -> None:
         batch = self.batches[batch_id]["batch"]

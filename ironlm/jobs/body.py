@@ -14,8 +14,8 @@ from ironlm.jobs.batch_file import error_line
 from ironlm.sampling import SampleResult, SamplingParams
 from ironlm.server import protocol
 from ironlm.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, bad_request
-from ironlm.server.translate import (TokenTexts, compile_grammar, grammar_source, request_sampling_params,
-                                     request_tools, tokenize_request)
+from ironlm.server.translate import (TokenTexts, compile_grammar, echo_texts, grammar_source,
+                                     request_sampling_params, request_tools, tokenize_request)
 from ironlm.tools import ToolSet
 
 
@@ -27,6 +27,7 @@ class PreparedBody:
     n: int
     logprobs: bool = False         # the response carries each choice's logprobs
     tools: ToolSet | None = None   # the tools a chat body offers; calls are read out of the answers
+    echo_texts: list[str] | None = None  # per prompt, when a completion repeats its prompt (echo)
 
     @property
     def requests(self) -> list[tuple[list[int], SamplingParams]]:
@@ -41,6 +42,7 @@ class Completion:
     num_tokens: int
     finish_reason: str | None
     logprobs: list[SampleResult] = field(default_factory=list)  # one per token, when its params asked
+    prompt_logprobs: list[SampleResult | None] | None = None     # one per prompt token, when echo asked
 
 
 def prepare_body(url: str, body: dict, tokenizer, max_model_len: int, model_name: str,
@@ -65,7 +67,7 @@ def prepare_body(url: str, body: dict, tokenizer, max_model_len: int, model_name
         for p, processor in zip(params, compile_grammar(grammar, source, len(params), tools)):
             p.logits_processor = processor
     want_logprobs = req.logprobs if kind == "chat" else req.logprobs is not None
-    return PreparedBody(kind, prompts, params, req.n, want_logprobs, tools)
+    return PreparedBody(kind, prompts, params, req.n, want_logprobs, tools, echo_texts(tokenizer, req))
 
 
 def response_body(prepared: PreparedBody, model_name: str, results: list[Completion], response_id: str,
@@ -80,7 +82,13 @@ def response_body(prepared: PreparedBody, model_name: str, results: list[Complet
                             "logprobs": None if entries is None else protocol.chat_logprobs(entries),
                             "finish_reason": finish_reason})
         else:
-            choices.append({"index": i, "text": result.text, "finish_reason": result.finish_reason,
+            text = result.text
+            if prepared.echo_texts is not None:
+                prompt = i // prepared.n
+                text = prepared.echo_texts[prompt] + text
+                if entries is not None:
+                    entries = token_texts.prompt_entries(prepared.prompts[prompt], result.prompt_logprobs) + entries
+            choices.append({"index": i, "text": text, "finish_reason": result.finish_reason,
                             "logprobs": None if entries is None else protocol.completion_logprobs(entries)})
     num_prompt = sum(len(p) for p in prepared.prompts)
     return {"id": response_id, "object": "chat.completion" if prepared.kind == "chat" else "text_completion",

@@ -48,6 +48,7 @@ class _Running:
         self.generator = generator
         self.results: list[Completion | None] = []
         self.logprobs: list[list] = []  # per request, its tokens' SampleResults so far (when asked for)
+        self.prompt_logprobs: list = []  # per request, its prompt's SampleResults (when asked for)
         self.remaining = 0
         self.request_ids: set[str] = set()
 
@@ -105,6 +106,7 @@ class JobRunner:
                 raise RuntimeError(f"task {running.task.key!r} yielded no requests")
             running.results = [None] * len(requests)
             running.logprobs = [[] for _ in requests]
+            running.prompt_logprobs = [None] * len(requests)
             running.remaining = len(requests)
             pending.extend((running, i, request) for i, request in enumerate(requests))
 
@@ -143,12 +145,14 @@ class JobRunner:
                         continue
                     running, index = active[output.request_id]
                     running.logprobs[index] += output.logprobs
+                    if output.prompt_logprobs is not None:
+                        running.prompt_logprobs[index] = output.prompt_logprobs
                     if not output.finished:
                         continue
                     del active[output.request_id]
                     running.request_ids.discard(output.request_id)
                     running.results[index] = Completion(output.text, len(output.token_ids), output.finish_reason,
-                                                        running.logprobs[index])
+                                                        running.logprobs[index], running.prompt_logprobs[index])
                     running.remaining -= 1
                     if running.remaining == 0:
                         advance(running, running.results)

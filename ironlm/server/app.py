@@ -17,8 +17,8 @@ from ironlm.server import protocol
 from ironlm.server.limits import Guard, Slots, to_json
 from ironlm.server.metrics import ServerMetrics
 from ironlm.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, bad_request
-from ironlm.server.translate import (TokenTexts, compile_grammar, grammar_source, request_sampling_params,
-                                     request_tools, tokenize_request)
+from ironlm.server.translate import (TokenTexts, compile_grammar, echo_texts, grammar_source,
+                                     request_sampling_params, request_tools, tokenize_request)
 from ironlm.tools import CallStream, ToolSet
 
 logger = logging.getLogger(__name__)
@@ -98,6 +98,9 @@ class _Job:
         self.created = protocol.now()
         self.prompts: list[list[int]] = []
         self.tools: ToolSet | None = None  # the tools a chat request offers, whose calls are read from answers
+        self.n = 1  # choices per prompt
+        self.echo_texts: list[str] | None = None  # per prompt, when a completion repeats its prompt (echo)
+        self.echoed: list[bool] = []  # per choice: its prompt went out already
         self.request_ids: list[str] = []
         self.outputs: asyncio.Queue = asyncio.Queue()
         self.holds_slot = False
@@ -132,6 +135,16 @@ class _Job:
         metrics.generation_tokens.inc(num_new)
         if output.finished:
             metrics.latency.observe(now - self.arrival)
+
+    def echo(self, choice: int, output, token_texts: TokenTexts, want_logprobs: bool) -> tuple[str, list]:
+        """The prompt text, and its logprob entries, that an echoing completion puts before a choice's first text;
+        nothing for later outputs or without echo."""
+        if self.echo_texts is None or self.echoed[choice]:
+            return "", []
+        self.echoed[choice] = True
+        prompt = choice // self.n
+        entries = token_texts.prompt_entries(self.prompts[prompt], output.prompt_logprobs) if want_logprobs else []
+        return self.echo_texts[prompt], entries
 
     def usage(self) -> dict:
         return protocol.usage(sum(len(p) for p in self.prompts), sum(self.num_tokens))
@@ -196,7 +209,10 @@ class _Server:
         job.holds_slot = True
         job.tools = request_tools(self.tokenizer, req)
         job.prompts = await asyncio.to_thread(self.tokenize, req, job.tools)
+        job.echo_texts = echo_texts(self.tokenizer, req)
+        job.n = req.n
         num_choices = len(job.prompts) * req.n
+        job.echoed = [False] * num_choices
         params = [self.sampling_params(req, len(job.prompts[i // req.n]), i % req.n) for i in range(num_choices)]
         source = grammar_source(req, job.tools)
         if source is not None:
@@ -226,10 +242,10 @@ class _Server:
 
     # --- results -------------------------------------------------------------------------------------------
 
-    def choice_logprobs(self, job: _Job, choice: int, output, want: bool):
+    def choice_logprobs(self, job: _Job, choice: int, output, want: bool, echoed: list):
         if not want:
             return None
-        entries = self.token_texts.entries(output.logprobs)
+        entries = echoed + self.token_texts.entries(output.logprobs)
         if job.kind == "chat":
             return protocol.chat_logprobs(entries)
         return protocol.completion_logprobs(entries, job.text_len[choice])
@@ -247,9 +263,10 @@ class _Server:
                 raise output
             i = index[output.request_id]
             job.observe(i, output)
-            texts[i].append(output.new_text)
+            echoed_text, echoed = job.echo(i, output, self.token_texts, want_logprobs)
+            texts[i].append(echoed_text + output.new_text)
             if want_logprobs:
-                entries[i] += self.token_texts.entries(output.logprobs)
+                entries[i] += echoed + self.token_texts.entries(output.logprobs)
             if output.finished:
                 finish[i] = output.finish_reason
                 remaining -= 1
@@ -290,10 +307,11 @@ class _Server:
                     raise output
                 i = index[output.request_id]
                 job.observe(i, output)
-                text = calls[i].feed(output.new_text) if calls else output.new_text
-                if text or (want_logprobs and output.logprobs):
-                    logprobs = self.choice_logprobs(job, i, output, want_logprobs)
-                    job.text_len[i] += len(output.new_text)
+                echoed_text, echoed = job.echo(i, output, self.token_texts, want_logprobs)
+                text = calls[i].feed(output.new_text) if calls else echoed_text + output.new_text
+                if text or (want_logprobs and (output.logprobs or echoed)):
+                    logprobs = self.choice_logprobs(job, i, output, want_logprobs, echoed)
+                    job.text_len[i] += len(echoed_text) + len(output.new_text)
                     if job.kind == "chat":
                         yield event([{"index": i, "delta": {"content": text}, "logprobs": logprobs,
                                       "finish_reason": None}])

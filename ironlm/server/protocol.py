@@ -239,8 +239,6 @@ class CompletionRequest(_SamplingFields):
 
     def check(self) -> None:
         self.check_common()
-        if self.echo:
-            raise bad_request("'echo' is not supported", param="echo")
         if self.suffix:
             raise bad_request("'suffix' is not supported", param="suffix")
         if self.best_of is not None and self.best_of != self.n:
@@ -322,13 +320,15 @@ def chat_logprobs(entries: list[tuple[str, float, list[tuple[str, float]]]]) -> 
             "refusal": None}
 
 
-def completion_logprobs(entries: list[tuple[str, float, list[tuple[str, float]]]], text_offset: int = 0) -> dict:
+def completion_logprobs(entries: list[tuple[str, float | None, list[tuple[str, float]] | None]],
+                        text_offset: int = 0) -> dict:
+    """entries as chat_logprobs takes them; an echoed prompt's first token has None for logprob and top."""
     offsets = []
     for text, _, _ in entries:
         offsets.append(text_offset)
         text_offset += len(text)
     return {"tokens": [t for t, _, _ in entries], "token_logprobs": [lp for _, lp, _ in entries],
-            "top_logprobs": [dict(top) for _, _, top in entries], "text_offset": offsets}
+            "top_logprobs": [None if top is None else dict(top) for _, _, top in entries], "text_offset": offsets}
 
 
 def now() -> int:

@@ -1,7 +1,7 @@
 """OpenAI requests -> prompt token ids, SamplingParams and grammars; shared by the server and batch jobs."""
 from ironlm.grammar import GrammarCompiler
 from ironlm.sampling import SampleResult, SamplingParams
-from ironlm.server.protocol import ChatCompletionRequest, bad_request
+from ironlm.server.protocol import ChatCompletionRequest, CompletionRequest, bad_request
 from ironlm.tokenizer import Tokenizer
 from ironlm.tools import ToolSet, read_tools, render_chat, tool_set
 
@@ -49,6 +49,7 @@ def request_sampling_params(req, prompt_len: int, choice: int, max_model_len: in
                           f"lower max_tokens or shorten the prompt", param="max_tokens",
                           code="context_length_exceeded")
     logprobs = req.num_logprobs() if isinstance(req, ChatCompletionRequest) else req.logprobs
+    echo_logprobs = logprobs if isinstance(req, CompletionRequest) and req.echo else None
     params = SamplingParams(
         max_tokens=max_tokens,
         temperature=1.0 if req.temperature is None else req.temperature,
@@ -62,10 +63,18 @@ def request_sampling_params(req, prompt_len: int, choice: int, max_model_len: in
         stop=req.stop_list(),
         ignore_eos=req.ignore_eos,
         logprobs=logprobs,
+        prompt_logprobs=echo_logprobs,
         logit_bias=req.logit_bias_ids(),
     )
     params.validate(vocab_size)
     return params
+
+
+def echo_texts(tok: Tokenizer, req) -> list[str] | None:
+    """The prompts as a completion with echo repeats them before its text, one per prompt; None without echo."""
+    if not isinstance(req, CompletionRequest) or not req.echo:
+        return None
+    return [p if isinstance(p, str) else tok.decode(p, skip_special_tokens=False) for p in req.prompts()]
 
 
 def grammar_source(req, tools: ToolSet | None) -> tuple[str, object] | None:
@@ -103,3 +112,8 @@ class TokenTexts:
     def entries(self, results: list[SampleResult]) -> list[tuple[str, float, list[tuple[str, float]]]]:
         """(token, logprob, [(top token, its logprob)...]) per sampled token: what protocol's logprobs take."""
         return [(self(r.token_id), r.logprob, [(self(t), lp) for t, lp in (r.top_logprobs or [])]) for r in results]
+
+    def prompt_entries(self, prompt_ids: list[int], results: list[SampleResult | None]) -> list[tuple]:
+        """entries of an echoed prompt: its first token has no logprob (nothing predicts it)."""
+        return [(self(token_id), None, None) if r is None else self.entries([r])[0]
+                for token_id, r in zip(prompt_ids, results)]
