@@ -152,6 +152,16 @@ def test_echo_scores_the_prompt_as_lm_eval_asks(client, tiny_llm):
     assert by_ids.choices[0].text.startswith(prompt)
 
 
+def test_usage_counts_prompt_tokens_from_the_prefix_cache(client):
+    messages = [{"role": "system", "content": "You answer questions about parcels. " * 20},
+                {"role": "user", "content": "Where is my parcel?"}]
+    first = client.chat.completions.create(model="default", messages=messages, max_tokens=2, temperature=0)
+    second = client.chat.completions.create(model="default", messages=messages, max_tokens=2, temperature=0, n=2)
+    assert first.usage.prompt_tokens == second.usage.prompt_tokens > 100
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert first.usage.prompt_tokens - 16 <= cached < first.usage.prompt_tokens  # all but the last, partial block
+
+
 def test_response_format_json_schema_and_object(client):
     pytest.importorskip("llguidance")
     schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"],

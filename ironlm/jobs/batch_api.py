@@ -271,7 +271,8 @@ class BatchStore:
             last = output
             logprobs += output.logprobs
             prompt_logprobs = output.prompt_logprobs or prompt_logprobs
-        return Completion(last.text, len(last.token_ids), last.finish_reason, logprobs, prompt_logprobs)
+        return Completion(last.text, len(last.token_ids), last.finish_reason, logprobs, prompt_logprobs,
+                          last.num_cached_tokens)
 
     def _fail(self, batch_id: str, errors: list[dict]) -> None:
         batch = self.batches[batch_id]["batch"]

@@ -43,6 +43,7 @@ class Completion:
     finish_reason: str | None
     logprobs: list[SampleResult] = field(default_factory=list)  # one per token, when its params asked
     prompt_logprobs: list[SampleResult | None] | None = None     # one per prompt token, when echo asked
+    num_cached_tokens: int = 0                                    # prompt tokens found in the prefix cache
 
 
 def prepare_body(url: str, body: dict, tokenizer, max_model_len: int, model_name: str,
@@ -93,7 +94,8 @@ def response_body(prepared: PreparedBody, model_name: str, results: list[Complet
     num_prompt = sum(len(p) for p in prepared.prompts)
     return {"id": response_id, "object": "chat.completion" if prepared.kind == "chat" else "text_completion",
             "created": created, "model": model_name, "system_fingerprint": None, "choices": choices,
-            "usage": protocol.usage(num_prompt, sum(r.num_tokens for r in results))}
+            "usage": protocol.usage(num_prompt, sum(r.num_tokens for r in results),
+                                    sum(r.num_cached_tokens for r in results[::prepared.n]))}
 
 
 def failure_line(custom_id: str, exc: BaseException) -> dict:

@@ -152,7 +152,8 @@ class JobRunner:
                     del active[output.request_id]
                     running.request_ids.discard(output.request_id)
                     running.results[index] = Completion(output.text, len(output.token_ids), output.finish_reason,
-                                                        running.logprobs[index], running.prompt_logprobs[index])
+                                                        running.logprobs[index], running.prompt_logprobs[index],
+                                                        output.num_cached_tokens)
                     running.remaining -= 1
                     if running.remaining == 0:
                         advance(running, running.results)

@@ -108,6 +108,7 @@ class _Job:
         # per choice
         self.last_time: list[float | None] = []
         self.num_tokens: list[int] = []
+        self.num_cached: list[int] = []  # prompt tokens found in the prefix cache
         self.text_len: list[int] = []
 
     def close(self) -> None:
@@ -132,6 +133,7 @@ class _Job:
                 metrics.inter_token.observe((now - last) / num_new)
             self.last_time[choice] = now
         self.num_tokens[choice] += num_new
+        self.num_cached[choice] = output.num_cached_tokens
         metrics.generation_tokens.inc(num_new)
         if output.finished:
             metrics.latency.observe(now - self.arrival)
@@ -147,7 +149,8 @@ class _Job:
         return self.echo_texts[prompt], entries
 
     def usage(self) -> dict:
-        return protocol.usage(sum(len(p) for p in self.prompts), sum(self.num_tokens))
+        # a prompt counts once, however many choices it has: so do its cached tokens (its first choice's)
+        return protocol.usage(sum(len(p) for p in self.prompts), sum(self.num_tokens), sum(self.num_cached[::self.n]))
 
 
 class _Server:
@@ -230,6 +233,7 @@ class _Server:
                 p.logits_processor = processor
         job.last_time = [None] * num_choices
         job.num_tokens = [0] * num_choices
+        job.num_cached = [0] * num_choices
         job.text_len = [0] * num_choices
         job.request_ids = [f"{job.response_id}-{i}" for i in range(num_choices)]
         self.metrics.prompt_tokens.inc(sum(len(p) for p in job.prompts))
