@@ -59,6 +59,24 @@ def test_assistant_message_without_content_renders_empty(client):
     assert r.usage.prompt_tokens == len("<user>hi<assistant><user>x<assistant>")
 
 
+def test_tokenize_and_detokenize(live):
+    url = live[0].url
+    r = httpx.post(url + "/tokenize", json={"model": "default", "prompt": "hi"}, timeout=30)
+    assert r.status_code == 200 and r.json() == {"count": 2, "max_model_len": 128, "tokens": [105, 106]}
+    r = httpx.post(url + "/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}, timeout=30)
+    assert r.json()["tokens"] == [b + 1 for b in b"<user>hi<assistant>"]
+    r = httpx.post(url + "/detokenize", json={"tokens": [105, 106]}, timeout=30)
+    assert r.status_code == 200 and r.json() == {"prompt": "hi"}
+    assert_error(httpx.post(url + "/detokenize", json={"tokens": [5, 99999]}, timeout=30), 400, param="tokens")
+    assert_error(httpx.post(url + "/tokenize", json={}, timeout=30), 400, param="prompt")
+    assert_error(httpx.post(url + "/tokenize", json={"prompt": "x", "messages": [{"role": "user", "content": "x"}]},
+                            timeout=30), 400, param="prompt")
+    assert_error(httpx.post(url + "/tokenize", json={"model": "gpt-4", "prompt": "x"}, timeout=30), 404,
+                 code="model_not_found")
+    assert_error(httpx.post(url + "/tokenize", json={"messages": [{"role": "tool", "content": "x"}]}, timeout=30),
+                 400, param="messages.0.tool_call_id")
+
+
 def test_chat_streaming_with_usage_and_n(client):
     stream = client.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "hi"}],
                                             max_tokens=4, n=2, stream=True, stream_options={"include_usage": True})

@@ -265,6 +265,9 @@ def test_tool_history_and_tool_choice_none(client):
     plain = client.chat.completions.create(model="default", messages=messages, tools=[WEATHER_TOOL], max_tokens=5,
                                            temperature=0, tool_choice="none")
     assert plain.usage.prompt_tokens < offered.usage.prompt_tokens  # no tool prompt with "none"
+    counted = httpx.post(str(client.base_url).removesuffix("v1/") + "tokenize",
+                         json={"messages": messages, "tools": [WEATHER_TOOL]}, timeout=30).json()
+    assert counted["count"] == len(counted["tokens"]) == offered.usage.prompt_tokens
     assert isinstance(plain.choices[0].message.content, str) and plain.choices[0].message.tool_calls is None
 
 

@@ -349,6 +349,23 @@ class _Server:
             job.close()
         yield b"data: [DONE]\n\n"
 
+    # --- token counting ------------------------------------------------------------------------------------
+
+    def tokenize_only(self, req: protocol.TokenizeRequest) -> list[int]:
+        """The token ids a prompt, or chat messages, would take; runs in a worker thread."""
+        if req.prompt is not None:
+            return self.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        chat = ChatCompletionRequest(model=self.model_name, messages=req.messages, tools=req.tools)
+        chat.check()
+        return tokenize_request(self.tokenizer, chat, request_tools(self.tokenizer, chat))[0]
+
+    def detokenize(self, req: protocol.DetokenizeRequest) -> str:
+        for token_id in req.tokens:
+            if not 0 <= token_id < self.vocab_size:
+                raise bad_request(f"token id {token_id} is outside the vocabulary (0..{self.vocab_size - 1})",
+                                  param="tokens")
+        return self.tokenizer.decode(req.tokens, skip_special_tokens=False)
+
     # --- the two generation endpoints --------------------------------------------------------------------
 
     async def generate(self, request: Request, kind: str) -> Response:
@@ -452,6 +469,24 @@ def create_app(async_engine: AsyncEngine, settings: ServerSettings | None = None
     async def metrics():
         body, content_type = server.metrics.render()
         return Response(body, media_type=content_type)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        req = protocol.parse_request(protocol.TokenizeRequest, await request.body())
+        if req.model is not None:
+            server.check_model(req.model)
+        try:
+            tokens = await asyncio.to_thread(server.tokenize_only, req)
+        except Exception as exc:
+            raise _api_error(exc) from None
+        return {"count": len(tokens), "max_model_len": async_engine.max_model_len, "tokens": tokens}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        req = protocol.parse_request(protocol.DetokenizeRequest, await request.body())
+        if req.model is not None:
+            server.check_model(req.model)
+        return {"prompt": server.detokenize(req)}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):

@@ -263,6 +263,28 @@ class CompletionRequest(_SamplingFields):
         return prompts
 
 
+class TokenizeRequest(_Strict):
+    """/tokenize (as vLLM's): a prompt, or chat messages (with tools) rendered as a chat request would be."""
+
+    model: str | None = Field(None, max_length=512)
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
+    add_special_tokens: bool = True  # for a prompt: BOS where the model adds one
+
+    def check(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise bad_request("give either 'prompt' or 'messages'", param="prompt")
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = Field(None, max_length=512)
+    tokens: list[int]
+
+    def check(self) -> None:
+        pass  # the vocabulary check needs the model: the server does it
+
+
 def parse_request(model: type[BaseModel], body: bytes):
     """Validate a JSON body into `model`; any problem is a 400 in OpenAI's shape."""
     try:
