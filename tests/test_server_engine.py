@@ -253,6 +253,32 @@ def test_python_api_chat_with_tools(tiny_llm):
     assert info.value.param == "tool_choice"
 
 
+LLAMA_STYLE_TEMPLATE = (
+    "{% if tools %}Respond with {\"name\": function name, \"parameters\": arguments}. {{ tools | tojson }}\n"
+    "{% endif %}{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "<|im_start|>assistant\n")
+MISTRAL_STYLE_TEMPLATE = (
+    "{% if tools %}[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}"
+    "{% for m in messages %}[INST]{{ m.content }}[/INST]{% endfor %}{% if false %}[TOOL_CALLS]{% endif %}")
+
+
+@pytest.mark.parametrize("template, start", [(LLAMA_STYLE_TEMPLATE, '{"name": "get_weather", "parameters": '),
+                                             (MISTRAL_STYLE_TEMPLATE, '[{"name": "get_weather", "arguments": ')])
+def test_forced_calls_take_the_shape_the_template_teaches(make_tiny_model, template, start):
+    pytest.importorskip("llguidance")
+    from ironlm import LLM, SamplingParams
+
+    directory, _ = make_tiny_model("llama", vocab_size=VOCAB, max_position_embeddings=512)
+    (directory / "chat_template.jinja").write_text(template)
+    llm = LLM(str(directory), dtype="float32", max_num_seqs=2)
+    result, = llm.chat([{"role": "user", "content": "Weather in Rome?"}], SamplingParams(max_tokens=60, seed=2),
+                       tools=[WEATHER_TOOL, TIME_TOOL], tool_choice={"type": "function",
+                                                                      "function": {"name": "get_weather"}})
+    assert result.text.startswith(start)
+    call, = result.tool_calls
+    assert call.name == "get_weather" and json.loads(call.arguments)["city"] in ("Paris", "Rome")
+
+
 def test_tool_history_and_tool_choice_none(client):
     messages = [
         {"role": "user", "content": "What is the weather in Paris?"},
