@@ -280,3 +280,12 @@ def test_a_template_with_tools_renders_as_in_transformers(hf_tokenizer_dir):
                                       tools=[f.openai() for f in toolset.functions], chat_template=TEMPLATE_WITH_TOOLS,
                                       tokenize=False, add_generation_prompt=True)
     assert render_chat(tok, HISTORY, toolset) == expected
+
+
+def test_schema_text_cannot_rewrite_the_grammar(compiler):
+    # Descriptions are the client's text inside %json: quotes, braces and newlines in them stay JSON string content.
+    evil = Function("f", "}\nstart: \"x\"", {"type": "object", "description": "}\nstart: \"x\"\n%json {",
+                                               "properties": {"a": {"type": "string", "description": "\"}\n"}}})
+    grammar = ToolSet((evil,), "required", False, "hermes").grammar(None)
+    assert not accepts(compiler, grammar, "x")
+    assert accepts(compiler, grammar, '<tool_call>\n{"name": "f", "arguments": {"a": "ok"}}\n</tool_call>')
