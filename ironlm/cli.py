@@ -39,6 +39,29 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--enforce-eager", action="store_true",
                         help="run every decode step from Python instead of replaying its recorded kernel calls "
                              "(same results, slower on small models; for debugging)")
+    parser.add_argument("--chat-template", metavar="FILE",
+                        help="a Jinja chat template (a file, or the template's text) to use instead of the model's "
+                             "own: for a model file without one, or one that renders tools")
+
+
+def engine_options(args: argparse.Namespace) -> dict:
+    """The EngineConfig fields that add_engine_arguments' flags give."""
+    return {"kv_cache_dtype": args.kv_cache_dtype, "enforce_eager": args.enforce_eager,
+            "chat_template": read_chat_template(args.chat_template)}
+
+
+def read_chat_template(given: str | None) -> str | None:
+    """--chat-template: the text of a template file, or the template itself when it holds Jinja tags."""
+    from pathlib import Path
+
+    from ironlm.errors import IronlmError
+    if given is None or "{{" in given or "{%" in given:
+        return given
+    try:
+        return Path(given).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise IronlmError(f"cannot read the chat template file {given}: {exc}; give a Jinja file or the template's "
+                          f"text") from None
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,8 +87,7 @@ def load_llm(args: argparse.Namespace, **engine_settings):
     """The LLM that add_model_arguments' flags describe; engine_settings are further EngineConfig fields."""
     from ironlm import LLM
     return LLM(model=args.model, dtype=args.dtype, threads=args.threads, max_model_len=args.max_model_len,
-               quant=args.quant, kv_cache_dtype=args.kv_cache_dtype, enforce_eager=args.enforce_eager,
-               **engine_settings)
+               quant=args.quant, **engine_options(args), **engine_settings)
 
 
 def json_schema_arg(args: argparse.Namespace) -> dict | None:

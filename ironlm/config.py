@@ -27,6 +27,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # tokens per engine step (prefill chunks + decodes)
     enable_prefix_caching: bool = True
     enforce_eager: bool = False       # run every step from Python; False replays decode steps as kernel graphs
+    chat_template: str | None = None  # Jinja text that replaces the model's own chat template
 
     def validate(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:
@@ -43,6 +44,8 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise IronlmError(f"{name} must be a positive integer, got {value!r}")
+        if self.chat_template is not None and not isinstance(self.chat_template, str):
+            raise IronlmError("chat_template must be the template's Jinja text (a string)")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise IronlmError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "

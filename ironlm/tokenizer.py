@@ -46,6 +46,13 @@ class Tokenizer:
         self.add_bos = self.bos_token_id is not None and added[:1] == [self.bos_token_id]
         self._add_eos = eos_token_id is not None and len(added) > self.add_bos and added[-1] == eos_token_id
 
+    def with_chat_template(self, chat_template: str, name: str) -> "Tokenizer":
+        """This tokenizer with another chat template (its end-of-turn token also ends generation);
+        ModelLoadError if the template does not compile."""
+        return Tokenizer(self._backend, bos_token=self.bos_token, eos_token=self.eos_token, pad_token=self.pad_token,
+                         unk_token=self.unk_token, eos_token_ids=self.eos_token_ids, chat_template=chat_template,
+                         name=name)
+
     def _id(self, token: str | None) -> int | None:
         return None if token is None else self._backend.token_to_id(token)
 

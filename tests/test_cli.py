@@ -52,6 +52,14 @@ def test_bad_json_schema_is_one_line_exit_2(given, message):
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("template, message", [
+    ("missing.jinja", "cannot read the chat template file missing.jinja"),
+    ("{% for m in messages %}", "chat template of --chat-template has a syntax error")])
+def test_bad_chat_template_is_one_line_exit_2(template, message):
+    result = ironlm("generate", "--chat-template", template, "hi")
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
 def test_chat_with_piped_stdin_answers_each_line():
     result = ironlm("chat", "--temperature", "0", "--max-tokens", "24", stdin="Hello!\nWhat is 2 + 2?\n/exit\n")
     assert result.returncode == 0, result.stderr

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from ironlm import LLM, SamplingParams
-from ironlm.errors import RequestError
+from ironlm.errors import ModelLoadError, RequestError
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +156,16 @@ def test_prompt_logprobs_match_transformers(llm, make_tiny_model):
     assert llm.generate({"prompt_token_ids": prompts[0]}, SamplingParams(max_tokens=1))[0].prompt_logprobs is None
     with pytest.raises(RequestError):
         llm.generate("x", SamplingParams(prompt_logprobs=21))
+
+
+def test_chat_template_replaces_the_models(tiny_dir, hf_tokenizer_dir):
+    template = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}<|im_start|>"
+    llm = LLM(str(tiny_dir), dtype="float32", chat_template=template, num_kv_blocks=64)
+    assert llm.chat_prompt([{"role": "user", "content": "hi"}]) == llm.tokenizer.encode("[user] hi\n<|im_start|>",
+                                                                                          add_special_tokens=False)
+    assert llm.tokenizer.chat_template == template
+    with pytest.raises(ModelLoadError, match="--chat-template has a syntax error"):
+        LLM(str(tiny_dir), dtype="float32", chat_template="{% if %}")
 
 
 def test_chunked_prompt_logits_read_the_cache_like_one_prefill(llm):

@@ -84,6 +84,8 @@ def test_changed_input_or_parameters_are_refused_without_force(model_dir, tmp_pa
     assert "input changed" in capsys.readouterr().err
     assert batch(model_dir, input_path, output, "--max-model-len", "256") == 2
     assert "max_model_len: 512 -> 256" in capsys.readouterr().err
+    assert batch(model_dir, input_path, output, "--chat-template", "{{ messages[0].content }}") == 2
+    assert "chat_template_sha256" in capsys.readouterr().err  # every prompt would change
     assert len(read_jsonl(output)) == 3
     assert batch(model_dir, input_path, output, "--force") == 0  # keeps the 3, does the new one
     assert sorted(r["custom_id"] for r in read_jsonl(output)) == ["n0", "n1", "n2", "n3"]

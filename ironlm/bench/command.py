@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
     from ironlm import LLM
     from ironlm.bench import harness, probes, report
     from ironlm.bench.shapes import build_shape_model
+    from ironlm.cli import engine_options
     from ironlm.hardware import cpu_info, default_threads
     from ironlm.info_command import machine_facts
 
@@ -86,8 +87,8 @@ def run(args: argparse.Namespace) -> int:
 
     probe = get_probe(threads)
     harness.reset_peak_rss()  # the probe's buffers are not the model's memory
-    llm = LLM(model=model, dtype=args.dtype, threads=threads, quant=args.quant, kv_cache_dtype=args.kv_cache_dtype,
-              enforce_eager=args.enforce_eager, max_num_seqs=max(64, max(args.batches)))
+    llm = LLM(model=model, dtype=args.dtype, threads=threads, quant=args.quant, **engine_options(args),
+              max_num_seqs=max(64, max(args.batches)))
     result = harness.bench_model(llm, probe, args.prompt_lengths, args.batches, args.decode_prompt_tokens,
                                  args.new_tokens, args.warmup, args.repeats, args.seed)
     peak_rss = harness.peak_rss_bytes()
@@ -114,8 +115,7 @@ def run(args: argparse.Namespace) -> int:
     if args.sweep == "threads":
         top = args.sweep_max_threads or info.logical_cpus
         out["sweep_threads"] = harness.sweep_threads(
-            lambda t: LLM(model=model, dtype=args.dtype, threads=t, quant=args.quant, kv_cache_dtype=args.kv_cache_dtype,
-                          enforce_eager=args.enforce_eager),
+            lambda t: LLM(model=model, dtype=args.dtype, threads=t, quant=args.quant, **engine_options(args)),
             list(range(1, top + 1)), get_probe,
             args.decode_prompt_tokens, args.new_tokens, args.sweep_prefill_tokens, args.warmup, args.repeats)
     if args.json:

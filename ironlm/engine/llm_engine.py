@@ -31,6 +31,8 @@ class LLMEngine:
         self.config = config
         self.checkpoint = load_checkpoint(config.model if config.model is not None else default_model_path())
         self.tokenizer = self.checkpoint.tokenizer
+        if config.chat_template is not None:
+            self.tokenizer = self.tokenizer.with_chat_template(config.chat_template, "--chat-template")
         self.model_name = self.checkpoint.name
         self.dtype_name = config.dtype or default_dtype()
         self.dtype = TORCH_DTYPES[self.dtype_name]

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ironlm.cli import add_engine_arguments
+from ironlm.cli import add_engine_arguments, engine_options
 from ironlm.errors import IronlmError
 
 EXIT_OK, EXIT_REFUSED, EXIT_SOME_FAILED, EXIT_INTERRUPTED = 0, 2, 3, 130
@@ -101,10 +101,10 @@ def _batch(args: argparse.Namespace, output: Path, errors: Path, shard: "Shard")
         for line in format_problems(input_path, check):
             print(line, file=sys.stderr)
         raise IronlmError(f"{input_path} has {check.num_problems} bad line(s); fix them and run again")
+    params = {"model_name": llm.model_name, "dtype": llm.engine.dtype_name, "quant": args.quant,
+              "kv_cache_dtype": llm.engine.kv_dtype_name, "max_model_len": llm.engine.max_model_len}
     manifest = {"kind": "batch", "input_sha256": check.sha256, "model_sha256": _model_hash(llm),
-                "params": shard.record({"model_name": llm.model_name, "dtype": llm.engine.dtype_name,
-                                        "quant": args.quant, "kv_cache_dtype": llm.engine.kv_dtype_name,
-                                        "max_model_len": llm.engine.max_model_len})}
+                "params": shard.record(_with_template(params, llm))}
     engine = llm.engine
     token_texts = TokenTexts(llm.tokenizer)
     num_items = check.num_items if shard.count == 1 else sum(
@@ -179,7 +179,7 @@ def _summarize(args: argparse.Namespace, output: Path, errors: Path, shard: "Sha
     if json_schema is not None:  # only then: outputs of earlier versions keep resuming
         params["json_schema"] = json_schema
     manifest = {"kind": "summarize", "input_sha256": scan.sha256, "model_sha256": _model_hash(llm),
-                "params": shard.record(params)}
+                "params": shard.record(_with_template(params, llm))}
     documents = [doc for doc in scan.documents if shard.takes(doc.custom_id)]
     by_id = {doc.custom_id: doc for doc in documents}
     return _run_job(f"summarize{shard.label}", llm, output, errors, manifest, args, len(documents),
@@ -244,8 +244,17 @@ def _load(args):
         kwargs["max_model_len"] = args.max_model_len
     if args.max_num_seqs > 512:
         kwargs["max_num_batched_tokens"] = args.max_num_seqs
-    return LLM(model=args.model, dtype=args.dtype, threads=args.threads, quant=args.quant,
-               kv_cache_dtype=args.kv_cache_dtype, enforce_eager=args.enforce_eager, **kwargs)
+    return LLM(model=args.model, dtype=args.dtype, threads=args.threads, quant=args.quant, **engine_options(args),
+               **kwargs)
+
+
+def _with_template(params: dict, llm) -> dict:
+    """A --chat-template changes every prompt, so the manifest records its hash (only then: outputs made without
+    one keep resuming)."""
+    template = llm.config.chat_template
+    if template is None:
+        return params
+    return {**params, "chat_template_sha256": hashlib.sha256(template.encode("utf-8")).hexdigest()}
 
 
 def _model_hash(llm) -> str:
