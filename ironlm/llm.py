@@ -54,17 +54,18 @@ class LLM:
     def chat(self, messages: list[dict] | list[list[dict]],
              params: SamplingParams | list[SamplingParams] | None = None,
              use_tqdm: bool = False, tools: list[dict] | None = None, tool_choice: str | dict | None = None,
-             parallel_tool_calls: bool = True) -> list[GenerationResult]:
+             parallel_tool_calls: bool = True, chat_template_kwargs: dict | None = None) -> list[GenerationResult]:
         """Generates a reply to each conversation (a list of {"role", "content"} messages).
 
         `tools`, `tool_choice` and `parallel_tool_calls` are OpenAI's (tool_choice "required" or a named function
         forces a call through a grammar); each result's tool_calls holds the calls read out of its text, and
         messages may hold earlier calls (assistant "tool_calls") and their results ("tool" messages).
+        `chat_template_kwargs` are more template variables, such as {"enable_thinking": False} for Qwen3.
         """
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         tools = None if tools is None else tool_set(*read_tools(tools, tool_choice), parallel_tool_calls,
                                                     self.tokenizer)
-        token_lists = [self.chat_prompt(conversation, tools) for conversation in conversations]
+        token_lists = [self.chat_prompt(conversation, tools, chat_template_kwargs) for conversation in conversations]
         if tools is None:
             return self._run(token_lists, params, use_tqdm)
         params = self._params_list(params, len(token_lists))
@@ -93,10 +94,10 @@ class LLM:
         finally:
             self.engine.abort_request(request_id)
 
-    def chat_prompt(self, messages: list[dict], tools=None) -> list[int]:
+    def chat_prompt(self, messages: list[dict], tools=None, chat_template_kwargs: dict | None = None) -> list[int]:
         """The token ids of a conversation rendered with the model's chat template, ready for a reply; `tools`
-        (an ironlm.tools.ToolSet) adds the tools it offers."""
-        text = render_chat(self.tokenizer, messages, tools)
+        (an ironlm.tools.ToolSet) adds the tools it offers, chat_template_kwargs more template variables."""
+        text = render_chat(self.tokenizer, messages, tools, chat_template_kwargs)
         return self.tokenizer.encode(text, add_special_tokens=False)  # the template writes BOS itself
 
     def _prompt_tokens(self, prompt: Prompt) -> list[int]:

@@ -23,6 +23,9 @@ HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
 # Markers a template may put before a bare JSON call; the detokenizer drops them when they are special tokens.
 _BARE_MARKERS = ("<|python_tag|>", "[TOOL_CALLS]")
 _FENCE = re.compile(r"```(?:json)?\s*(.*?)\s*```", re.S)
+# Template inputs that chat_template_kwargs may not replace
+_RESERVED = frozenset({"messages", "tools", "documents", "add_generation_prompt", "chat_template", "bos_token",
+                       "eos_token", "unk_token", "pad_token"})
 
 
 @dataclass(frozen=True)
@@ -306,23 +309,30 @@ def tool_set(functions: list[Function], choice: str | None, parallel: bool, toke
 
 # --- the prompt --------------------------------------------------------------------------------------------
 
-def render_chat(tokenizer, messages: list[dict], tools: ToolSet | None) -> str:
+def render_chat(tokenizer, messages: list[dict], tools: ToolSet | None, variables: dict | None = None) -> str:
     """The prompt text of a conversation that may offer tools and hold earlier calls and their results.
 
     messages are OpenAI's: an assistant message may carry "tool_calls" (arguments as JSON text), a "tool"
     message answers one of them. A template that renders tools itself gets them as transformers passes them
     (a `tools` list, each call's arguments as an object). Any other template gets ironlm's tool prompt in the
     system message, calls written back as <tool_call> blocks and results as user turns, since many templates
-    refuse roles they do not know.
+    refuse roles they do not know. `variables` are further template variables (chat_template_kwargs, such as
+    Qwen3's enable_thinking); RequestError for a name the template's own inputs use.
     """
+    variables = dict(variables or {})
+    for name in variables:
+        if not isinstance(name, str) or not name.isidentifier() or name.startswith("_") or name in _RESERVED:
+            raise RequestError(f"chat_template_kwargs cannot set {name!r}: it must be a name the template reads, "
+                               f"other than {', '.join(sorted(_RESERVED))}", param="chat_template_kwargs")
     if "tools" in tokenizer.template_variables:
         messages = [_native_message(m) for m in messages]
-        extra = {"tools": [f.openai() for f in tools.functions]} if tools else {}
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, **extra)
+        if tools:
+            variables["tools"] = [f.openai() for f in tools.functions]
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, **variables)
     messages = _calls_as_text(messages)
     if tools:
         messages = _with_tool_prompt(messages, tools)
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, **variables)
 
 
 def _native_message(message: dict) -> dict:

@@ -166,6 +166,17 @@ def test_chat_template_replaces_the_models(tiny_dir, hf_tokenizer_dir):
     assert llm.tokenizer.chat_template == template
     with pytest.raises(ModelLoadError, match="--chat-template has a syntax error"):
         LLM(str(tiny_dir), dtype="float32", chat_template="{% if %}")
+    # chat_template_kwargs reach the template as variables (Qwen3's enable_thinking), but not its own inputs
+    thinking = LLM(str(tiny_dir), dtype="float32", num_kv_blocks=64, chat_template=(
+        "{{ messages[0].content }}{% if enable_thinking is defined and not enable_thinking %} /no_think{% endif %}"))
+    hi = [{"role": "user", "content": "hi"}]
+    assert thinking.tokenizer.decode(thinking.chat_prompt(hi, chat_template_kwargs={"enable_thinking": False})) == \
+        "hi /no_think"
+    assert thinking.tokenizer.decode(thinking.chat_prompt(hi)) == "hi"
+    for name in ("messages", "add_generation_prompt", "chat_template", "_private", "not a name"):
+        with pytest.raises(RequestError) as info:
+            thinking.chat(hi, chat_template_kwargs={name: 1})
+        assert info.value.param == "chat_template_kwargs"
 
 
 def test_chunked_prompt_logits_read_the_cache_like_one_prefill(llm):

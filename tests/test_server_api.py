@@ -199,6 +199,10 @@ def test_openai_error_classes(client):
      400, "tools.0.function.parameters"),
     ({"model": "default", "messages": [{"role": "user", "content": "x"}, {"role": "tool", "content": "4"}]},
      400, "messages.1.tool_call_id"),
+    ({"model": "default", "messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": {"messages": []}},
+     400, "chat_template_kwargs"),
+    ({"model": "default", "messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": ["x"]},
+     400, "chat_template_kwargs"),
     ({"model": "default", "messages": [{"role": "user", "content": "x", "tool_calls": [
         {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]},
      400, "messages.0.tool_calls"),

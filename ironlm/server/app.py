@@ -355,7 +355,8 @@ class _Server:
         """The token ids a prompt, or chat messages, would take; runs in a worker thread."""
         if req.prompt is not None:
             return self.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
-        chat = ChatCompletionRequest(model=self.model_name, messages=req.messages, tools=req.tools)
+        chat = ChatCompletionRequest(model=self.model_name, messages=req.messages, tools=req.tools,
+                                     chat_template_kwargs=req.chat_template_kwargs)
         chat.check()
         return tokenize_request(self.tokenizer, chat, request_tools(self.tokenizer, chat))[0]
 

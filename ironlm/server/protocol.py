@@ -193,6 +193,7 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM's: more template variables ({"enable_thinking": false})
     # The deprecated forms of tools; read only to refuse them, rather than answer with plain text the client
     # would take for a decision not to call.
     functions: list[Any] | None = None
@@ -270,6 +271,7 @@ class TokenizeRequest(_Strict):
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
+    chat_template_kwargs: dict[str, Any] | None = None
     add_special_tokens: bool = True  # for a prompt: BOS where the model adds one
 
     def check(self) -> None:

@@ -19,7 +19,7 @@ def tokenize_request(tok: Tokenizer, req, tools: ToolSet | None = None) -> list[
     """Prompt token ids of a chat or completion request, one list per prompt."""
     vocab_size = tok.vocab_size
     if isinstance(req, ChatCompletionRequest):
-        text = render_chat(tok, [m.plain() for m in req.messages], tools)
+        text = render_chat(tok, [m.plain() for m in req.messages], tools, req.chat_template_kwargs)
         return [tok.encode(text, add_special_tokens=False)]  # the template writes BOS itself
     prompts = []
     for prompt in req.prompts():
