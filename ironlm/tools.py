@@ -18,6 +18,7 @@ from ironlm.errors import RequestError
 from ironlm.grammar import JSON_OPTIONS
 
 MAX_TOOLS = 128
+MAX_PARALLEL_CALLS = 8  # calls in one answer
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
 # Markers a template may put before a bare JSON call; the detokenizer drops them when they are special tokens.
@@ -73,9 +74,9 @@ class ToolSet:
         return frozenset(f.name for f in self.functions)
 
     @property
-    def max_calls(self) -> int | None:
-        """At most one call unless parallel calls are allowed; a named function is called once."""
-        return None if self.parallel and self.choice in ("auto", "required") else 1
+    def max_calls(self) -> int:
+        """Calls one answer may hold: one unless parallel calls are allowed; a named function is called once."""
+        return MAX_PARALLEL_CALLS if self.parallel and self.choice in ("auto", "required") else 1
 
     def finish_reason(self, engine_reason: str | None, called: bool) -> str | None:
         # OpenAI says "tool_calls" when the model chose to call, and "stop" when tool_choice named the function.
@@ -101,12 +102,13 @@ class ToolSet:
             # names are [A-Za-z0-9_-], so they need no escaping in JSON or Lark strings
             rules.append(f'call_{i}: "{{\\"name\\": \\"{function.name}\\", \\"{key}\\": " args_{i} "}}"')
             rules.append(f"args_{i}: %json {_with_options(_closed(function.parameters))}")
-        many = self.max_calls is None
+        # more calls after the first: bounded, so that a model looping on calls still stops
+        more = "" if self.max_calls == 1 else f"{{0,{self.max_calls - 1}}}"
         if self.style == "hermes":
             rules.append(f'call: "{HERMES_OPEN}\\n" call_json "\\n{HERMES_CLOSE}"')
-            calls = 'call ("\\n" call)*' if many else "call"
+            calls = f'call ("\\n" call){more}' if more else "call"
         elif self.style == "mistral":
-            calls = '"[" call_json (", " call_json)* "]"' if many else '"[" call_json "]"'
+            calls = f'"[" call_json (", " call_json){more} "]"' if more else '"[" call_json "]"'
         else:  # Llama's bare object holds one call
             calls = "call_json"
         if self.choice == "auto":
@@ -118,7 +120,7 @@ class ToolSet:
 
     def guarded(self, processors: list, tokenizer) -> list:
         """The grammar's processors, ending answers that repeat a call where the grammar allows many calls."""
-        if self.style == "hermes" and self.max_calls is None:
+        if self.style == "hermes" and self.max_calls > 1:
             return [RepeatGuard(p, tokenizer) for p in processors]
         return processors
 

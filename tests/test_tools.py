@@ -164,6 +164,8 @@ def test_forced_call_grammar_takes_valid_calls_only(compiler):
     assert accepts(compiler, required, call)
     assert accepts(compiler, required, call + "\n" + time_call)
     assert not accepts(compiler, tools("required", parallel=False).grammar(None), call + "\n" + time_call)
+    assert accepts(compiler, required, "\n".join([time_call] * 8))  # MAX_PARALLEL_CALLS, and no more
+    assert not accepts(compiler, required, "\n".join([time_call] * 9))
     assert not accepts(compiler, required, "Sure!")
     assert not accepts(compiler, required, call.replace('"unit": "C"', '"unit": "K"'))       # enum
     assert not accepts(compiler, required, call.replace('"unit"', '"colour"'))                # no extra argument
