@@ -96,7 +96,19 @@ def model_facts(path: str | None) -> dict:
         "bytes_by_dtype": dict(bytes_by_dtype.most_common()),
         "weight_bytes": sum(bytes_by_dtype.values()),
         "file_bytes": ckpt.path.stat().st_size if ckpt.path.is_file() else None,
+        "chat_template": ckpt.tokenizer.chat_template is not None,
+        "tools": _tool_support(ckpt.tokenizer),
     }
+
+
+def _tool_support(tokenizer) -> str | None:
+    from ironlm.tools import template_tools
+
+    if tokenizer.chat_template is None:
+        return None
+    native, style = template_tools(tokenizer)
+    return (f"the chat template renders them; calls in the {style} shape" if native
+            else f"ironlm's tool prompt; calls in the {style} shape")
 
 
 def _gib(n: int | None) -> str:
@@ -159,6 +171,10 @@ def print_facts(machine: dict, model: dict | None, console: Console | None = Non
     t.add_row("Storage", ", ".join(f"{d}: {n} tensors, {model['bytes_by_dtype'][d] / 2**20:,.1f} MiB"
                                    for d, n in model["tensors_by_dtype"].items()))
     t.add_row("Weight bytes", f"{model['weight_bytes']:,} ({model['weight_bytes'] / 2**20:,.1f} MiB)")
+    t.add_row("Chat template", "yes" if model["chat_template"] else
+              "none: send plain prompts (/v1/completions), or give one with --chat-template")
+    if model["tools"]:
+        t.add_row("Tools", model["tools"])
     console.print(t)
 
 

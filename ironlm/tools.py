@@ -304,9 +304,14 @@ def tool_set(functions: list[Function], choice: str | None, parallel: bool, toke
     """The ToolSet of a request; None when it offers no tools or tool_choice is "none"."""
     if not functions or choice == "none":
         return None
+    return ToolSet(tuple(functions), choice or "auto", parallel, template_tools(tokenizer)[1])
+
+
+def template_tools(tokenizer) -> tuple[bool, str]:
+    """(whether the chat template renders tools itself, the call shape answers take): without tools in the
+    template, ironlm's tool prompt asks for the hermes shape."""
     native = "tools" in tokenizer.template_variables
-    return ToolSet(tuple(functions), choice or "auto", parallel, call_style(tokenizer.chat_template) if native
-                   else "hermes")
+    return native, call_style(tokenizer.chat_template) if native else "hermes"
 
 
 # --- the prompt --------------------------------------------------------------------------------------------

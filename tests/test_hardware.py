@@ -141,6 +141,10 @@ def test_info_table_with_model(tmp_path, capsys):
     assert model["tensors_by_dtype"] == {"BF16": 2 * 9 + 3}
     assert model["weight_bytes"] == 2 * num_params(config)
     assert (model["num_hidden_layers"], model["num_key_value_heads"], model["head_dim"]) == (2, 2, 16)
+    assert model["chat_template"] is (model["tools"] is not None)
+    assert info_command.run(parser.parse_args(["--json"])) == 0  # the embedded SmolLM2: no tools in its template
+    default = json.loads(capsys.readouterr().out)["model"]
+    assert default["chat_template"] and default["tools"] == "ironlm's tool prompt; calls in the hermes shape"
     assert info_command.run(parser.parse_args(["-m", str(model_dir)])) == 0
     text = capsys.readouterr().out
     assert "AVX2" in text and "Parameters" in text and f"{num_params(config):,}" in text
