@@ -59,22 +59,22 @@ class ModelRunner:
         row = 0  # hidden holds each scheduled sequence's rows in turn, num_new of them
         for seq, num_new in scheduled:
             k = seq.params.prompt_logprobs
-            start = seq.num_computed_tokens
-            end = min(start + num_new, seq.num_prompt_tokens - 1)  # positions whose next token is in the prompt
-            if k is not None and seq.num_output_tokens == 0:  # not again after a preemption
-                scores = self.prompt_logprobs.setdefault(seq.request_id, [None] * seq.num_prompt_tokens)
-                for lo in range(start, end, PROMPT_LOGITS_ROWS):  # (rows, V) logits a piece at a time
-                    hi = min(lo + PROMPT_LOGITS_ROWS, end)
-                    logprobs = torch.log_softmax(self.model.compute_logits(hidden[row + lo - start:row + hi - start])
-                                                 .float(), dim=-1)  # (hi - lo, V)
-                    targets = torch.tensor(seq.token_ids[lo + 1:hi + 1])
-                    chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
-                    top = logprobs.topk(k) if k else None
-                    for i, position in enumerate(range(lo + 1, hi + 1)):
-                        scores[position] = SampleResult(
-                            int(targets[i]), chosen[i],
-                            list(zip(top.indices[i].tolist(), top.values[i].tolist())) if top is not None else None)
+            start, first_row = seq.num_computed_tokens, row
             row += num_new
+            if k is None or seq.num_output_tokens:  # not asked for, or scored before a preemption
+                continue
+            scores = self.prompt_logprobs.setdefault(seq.request_id, [None] * seq.num_prompt_tokens)
+            end = min(start + num_new, seq.num_prompt_tokens - 1)  # positions whose next token is in the prompt
+            for lo in range(start, end, PROMPT_LOGITS_ROWS):  # (rows, V) logits a piece at a time
+                hi = min(lo + PROMPT_LOGITS_ROWS, end)
+                rows = hidden[first_row + lo - start:first_row + hi - start]  # (hi - lo, hidden)
+                logprobs = torch.log_softmax(self.model.compute_logits(rows).float(), dim=-1)  # (hi - lo, V)
+                targets = seq.token_ids[lo + 1:hi + 1]
+                chosen = logprobs.gather(1, torch.tensor(targets)[:, None])[:, 0].tolist()
+                top_values, top_ids = logprobs.topk(k) if k else (None, None)  # (hi - lo, k) each
+                for i, token_id in enumerate(targets):
+                    top = list(zip(top_ids[i].tolist(), top_values[i].tolist())) if k else None
+                    scores[lo + 1 + i] = SampleResult(token_id, chosen[i], top)
 
     def take_prompt_logprobs(self, request_id: str) -> list[SampleResult | None] | None:
         """The prompt's logprobs once its last token is computed; None if not asked for."""

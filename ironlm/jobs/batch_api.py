@@ -265,14 +265,10 @@ class BatchStore:
         self.save(batch_id, throttle_s=2.0)
 
     async def _generate(self, request_id: str, prompt: list[int], params) -> Completion:
-        last = None
-        logprobs, prompt_logprobs = [], None
+        completion = Completion()
         async for output in self.engine.generate(request_id, prompt, params):
-            last = output
-            logprobs += output.logprobs
-            prompt_logprobs = output.prompt_logprobs or prompt_logprobs
-        return Completion(last.text, len(last.token_ids), last.finish_reason, logprobs, prompt_logprobs,
-                          last.num_cached_tokens)
+            completion.add(output)
+        return completion
 
     def _fail(self, batch_id: str, errors: list[dict]) -> None:
         batch = self.batches[batch_id]["batch"]

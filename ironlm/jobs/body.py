@@ -36,14 +36,22 @@ class PreparedBody:
 
 @dataclass
 class Completion:
-    """What one finished engine request gave."""
+    """What one engine request gave, built up from its outputs with `add`."""
 
-    text: str
-    num_tokens: int
-    finish_reason: str | None
+    text: str = ""
+    num_tokens: int = 0
+    finish_reason: str | None = None
     logprobs: list[SampleResult] = field(default_factory=list)  # one per token, when its params asked
     prompt_logprobs: list[SampleResult | None] | None = None     # one per prompt token, when echo asked
     num_cached_tokens: int = 0                                    # prompt tokens found in the prefix cache
+
+    def add(self, output) -> None:
+        """Takes one RequestOutput of the request; the last one (finished) completes it."""
+        self.logprobs += output.logprobs
+        if output.prompt_logprobs is not None:  # they come with the first token
+            self.prompt_logprobs = output.prompt_logprobs
+        self.text, self.num_tokens, self.finish_reason = output.text, len(output.token_ids), output.finish_reason
+        self.num_cached_tokens = output.num_cached_tokens
 
 
 def prepare_body(url: str, body: dict, tokenizer, max_model_len: int, model_name: str,

@@ -46,9 +46,7 @@ class _Running:
     def __init__(self, task: Task, generator: TaskGenerator):
         self.task = task
         self.generator = generator
-        self.results: list[Completion | None] = []
-        self.logprobs: list[list] = []  # per request, its tokens' SampleResults so far (when asked for)
-        self.prompt_logprobs: list = []  # per request, its prompt's SampleResults (when asked for)
+        self.results: list[Completion] = []  # per request, built up as its outputs come
         self.remaining = 0
         self.request_ids: set[str] = set()
 
@@ -104,9 +102,7 @@ class JobRunner:
                 return
             if not requests:
                 raise RuntimeError(f"task {running.task.key!r} yielded no requests")
-            running.results = [None] * len(requests)
-            running.logprobs = [[] for _ in requests]
-            running.prompt_logprobs = [None] * len(requests)
+            running.results = [Completion() for _ in requests]
             running.remaining = len(requests)
             pending.extend((running, i, request) for i, request in enumerate(requests))
 
@@ -144,16 +140,11 @@ class JobRunner:
                     if output.request_id not in active:
                         continue
                     running, index = active[output.request_id]
-                    running.logprobs[index] += output.logprobs
-                    if output.prompt_logprobs is not None:
-                        running.prompt_logprobs[index] = output.prompt_logprobs
+                    running.results[index].add(output)
                     if not output.finished:
                         continue
                     del active[output.request_id]
                     running.request_ids.discard(output.request_id)
-                    running.results[index] = Completion(output.text, len(output.token_ids), output.finish_reason,
-                                                        running.logprobs[index], running.prompt_logprobs[index],
-                                                        output.num_cached_tokens)
                     running.remaining -= 1
                     if running.remaining == 0:
                         advance(running, running.results)

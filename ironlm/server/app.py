@@ -17,8 +17,9 @@ from ironlm.server import protocol
 from ironlm.server.limits import Guard, Slots, to_json
 from ironlm.server.metrics import ServerMetrics
 from ironlm.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, bad_request
-from ironlm.server.translate import (TokenTexts, compile_grammar, echo_texts, grammar_source,
-                                     request_sampling_params, request_tools, tokenize_request)
+from ironlm.server.translate import (TokenTexts, compile_grammar, count_request_tokens, detokenize_request,
+                                     echo_texts, grammar_source, request_sampling_params, request_tools,
+                                     tokenize_request)
 from ironlm.tools import CallStream, ToolSet
 
 logger = logging.getLogger(__name__)
@@ -349,24 +350,6 @@ class _Server:
             job.close()
         yield b"data: [DONE]\n\n"
 
-    # --- token counting ------------------------------------------------------------------------------------
-
-    def tokenize_only(self, req: protocol.TokenizeRequest) -> list[int]:
-        """The token ids a prompt, or chat messages, would take; runs in a worker thread."""
-        if req.prompt is not None:
-            return self.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
-        chat = ChatCompletionRequest(model=self.model_name, messages=req.messages, tools=req.tools,
-                                     chat_template_kwargs=req.chat_template_kwargs)
-        chat.check()
-        return tokenize_request(self.tokenizer, chat, request_tools(self.tokenizer, chat))[0]
-
-    def detokenize(self, req: protocol.DetokenizeRequest) -> str:
-        for token_id in req.tokens:
-            if not 0 <= token_id < self.vocab_size:
-                raise bad_request(f"token id {token_id} is outside the vocabulary (0..{self.vocab_size - 1})",
-                                  param="tokens")
-        return self.tokenizer.decode(req.tokens, skip_special_tokens=False)
-
     # --- the two generation endpoints --------------------------------------------------------------------
 
     async def generate(self, request: Request, kind: str) -> Response:
@@ -477,7 +460,7 @@ def create_app(async_engine: AsyncEngine, settings: ServerSettings | None = None
         if req.model is not None:
             server.check_model(req.model)
         try:
-            tokens = await asyncio.to_thread(server.tokenize_only, req)
+            tokens = await asyncio.to_thread(count_request_tokens, server.tokenizer, req)
         except Exception as exc:
             raise _api_error(exc) from None
         return {"count": len(tokens), "max_model_len": async_engine.max_model_len, "tokens": tokens}
@@ -487,7 +470,7 @@ def create_app(async_engine: AsyncEngine, settings: ServerSettings | None = None
         req = protocol.parse_request(protocol.DetokenizeRequest, await request.body())
         if req.model is not None:
             server.check_model(req.model)
-        return {"prompt": server.detokenize(req)}
+        return {"prompt": detokenize_request(server.tokenizer, req)}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):

@@ -165,7 +165,7 @@ class ChatMessage(_Strict):
 
 
 class FunctionDefinition(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    name: str  # its form, the parameters' and the choice's checks: ironlm.tools.read_tools, shared with LLM.chat
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None

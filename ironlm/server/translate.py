@@ -1,7 +1,8 @@
 """OpenAI requests -> prompt token ids, SamplingParams and grammars; shared by the server and batch jobs."""
 from ironlm.grammar import GrammarCompiler
 from ironlm.sampling import SampleResult, SamplingParams
-from ironlm.server.protocol import ChatCompletionRequest, CompletionRequest, bad_request
+from ironlm.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                    TokenizeRequest, bad_request)
 from ironlm.tokenizer import Tokenizer
 from ironlm.tools import ToolSet, read_tools, render_chat, tool_set
 
@@ -32,6 +33,24 @@ def tokenize_request(tok: Tokenizer, req, tools: ToolSet | None = None) -> list[
                                   f"(0..{vocab_size - 1})", param="prompt")
         prompts.append(list(prompt))
     return prompts
+
+
+def count_request_tokens(tok: Tokenizer, req: TokenizeRequest) -> list[int]:
+    """/tokenize: the token ids a prompt takes, or chat messages (with tools) as a chat request renders them."""
+    if req.prompt is not None:
+        return tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+    chat = ChatCompletionRequest(model="default", messages=req.messages, tools=req.tools,
+                                 chat_template_kwargs=req.chat_template_kwargs)
+    chat.check()
+    return tokenize_request(tok, chat, request_tools(tok, chat))[0]
+
+
+def detokenize_request(tok: Tokenizer, req: DetokenizeRequest) -> str:
+    for token_id in req.tokens:
+        if not 0 <= token_id < tok.vocab_size:
+            raise bad_request(f"token id {token_id} is outside the vocabulary (0..{tok.vocab_size - 1})",
+                              param="tokens")
+    return tok.decode(req.tokens, skip_special_tokens=False)
 
 
 def request_sampling_params(req, prompt_len: int, choice: int, max_model_len: int, vocab_size: int) -> SamplingParams:
