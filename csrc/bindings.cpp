@@ -263,6 +263,13 @@ NB_MODULE(_kernels, m) {
     m.def("set_num_threads", [](int n) { set_num_threads(n); }, nb::arg("n"), "Resize the kernel thread pool.");
     m.def("num_threads", []() { return num_threads(); });
     m.def("gemm_kernel_name", &gemm_kernel_name, nb::arg("fmt"));
+    m.def("set_bf16_gemm", [](const std::string& name) {
+        Bf16Gemm mode;
+        if (!parse_bf16_gemm(name, &mode)) throw std::invalid_argument("set_bf16_gemm: use auto, dot or widen, not " + name);
+        set_bf16_gemm(mode);
+    }, nb::arg("mode"), "How bf16 weights are multiplied where AVX512-BF16 is in use: auto, dot or widen.");
+    m.def("bf16_gemm_rounds", &bf16_gemm_rounds, nb::arg("m"),
+          "Whether the bf16 GEMM of the current level rounds m rows of activations to bf16.");
     // Raw-address kernels: call them through ironlm.quant.QuantLinear and ironlm.kernels.
     nb::class_<KernelGraph>(m, "KernelGraph", "Kernel calls recorded from one thread, replayed in order from C++.")
         .def(nb::init<>())

@@ -108,6 +108,19 @@ def test_roofline_arithmetic():
     assert harness.prefill_roofline(8, 30.0, 1_500_000_000, 1000.0, 10**9) == (pytest.approx(160.0), "memory")
 
 
+@pytest.mark.parametrize("peaks, dtype, expected", [
+    ({"fp32": 359.0, "bf16": 174.0, "int8": 1541.0}, "bfloat16", (359.0, "fp32")),  # slow vdpbf16ps: widened
+    ({"fp32": 180.0, "bf16": 350.0, "int8": 700.0}, "bfloat16", (350.0, "bf16")),
+    ({"fp32": 180.0, "bf16": None, "int8": None}, "bfloat16", (180.0, "fp32")),
+    ({"fp32": 180.0, "bf16": 350.0, "int8": 700.0}, "int8", (700.0, "int8")),
+    ({"fp32": 180.0, "bf16": 350.0, "int8": 700.0}, "float32", (180.0, "fp32")),
+])
+def test_compute_peak_per_dtype(peaks, dtype, expected):
+    probe = probes.ProbeResult(threads=2, bandwidth_read_gb_s=30.0, bandwidth_copy_gb_s=20.0, read_isa="avx2",
+                               peak_gflop_s=peaks, peak_kernels={}, bandwidth_bytes=1 << 20, measured_at="now")
+    assert harness.compute_peak(probe, dtype) == expected
+
+
 def test_weight_bytes_embedding_rule():
     entries = {"model.embed_tokens.weight": ((1000, 10), 20_000), "model.layers.0.mlp.down_proj.weight": ((10, 40), 800),
                "lm_head.weight": ((1000, 10), 20_000)}

@@ -6,22 +6,18 @@ import pytest
 import torch
 
 from ironlm import _kernels
-from ironlm.quant import QuantLinear
+from ironlm.quant import QuantLinear, bf16_rounds_activations
 from ironlm.quant.formats import FORMATS, dequantize, kernel_activations, reference_linear
 from isa_support import RUNNABLE
 
 
 
-def uses_bf16_dot(isa: str) -> bool:
-    return isa in ("avx512_bf16", "amx")
-
-
-def check(layer: QuantLinear, x: torch.Tensor, isa: str, bias=None):
+def check(layer: QuantLinear, x: torch.Tensor, bias=None):
     y = layer(x)
     assert y.dtype == x.dtype and y.shape == (x.shape[0], layer.out_features)
     plain = layer.plain()
     # Tight: the reference fed the activations exactly as the kernel rounds them.
-    exact_x = kernel_activations(x, layer.fmt, uses_bf16_dot(isa))
+    exact_x = kernel_activations(x, layer.fmt, bf16_rounds_activations(x.shape[0]))
     ref = reference_linear(exact_x, plain, bias)
     tol = 1e-2 if x.dtype == torch.bfloat16 else 2e-5  # bf16 output rounding
     scale = ref.abs().max().item() + 1e-6
@@ -55,7 +51,7 @@ def test_gemm_matches_reference(isa, fmt, shape):
     bias = torch.randn(n, generator=g) if m % 2 else None
     layer = QuantLinear.from_dense(w, bias, fmt)
     x = torch.randn(m, k, generator=g)
-    check(layer, x, isa, bias)
+    check(layer, x, bias)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -66,8 +62,8 @@ def test_gemm_bf16_activations_and_strided_rows(isa, fmt):
     big = torch.randn(6, k + 20, generator=g)
     x = big[:, 5 : 5 + k]  # rows with a stride wider than K
     assert x.stride(0) == k + 20
-    check(layer, x, isa)
-    check(layer, x.bfloat16(), isa)
+    check(layer, x)
+    check(layer, x.bfloat16())
 
 
 def test_large_values_and_zero_blocks(isa):
@@ -77,7 +73,7 @@ def test_large_values_and_zero_blocks(isa):
     x = torch.randn(4, 96, generator=g)
     x[:, 32:64] = 0
     for fmt in FORMATS:
-        check(QuantLinear.from_dense(w, None, fmt), x, isa)
+        check(QuantLinear.from_dense(w, None, fmt), x)
 
 
 def test_levels_agree_on_integer_formats():
@@ -108,6 +104,35 @@ def test_ironlm_isa_env_lowers_the_level():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     level, why = out.strip().split("|")
     assert level == "avx2" and "IRONLM_ISA" in why
+
+
+@pytest.mark.skipif("avx512_bf16" not in RUNNABLE, reason="needs a CPU with AVX512-BF16")
+@pytest.mark.parametrize("mode", ["dot", "widen"])
+def test_bf16_gemm_modes_on_the_bf16_level(mode):
+    """Where AVX512-BF16 runs, bf16 weights go through vdpbf16ps (activations rounded to bf16) or are widened to
+    fp32 for FMA, by the CPU's measured rates; each way matches its reference, and the kernel name says which."""
+    g = torch.Generator().manual_seed(13)
+    layer = QuantLinear.from_dense(torch.randn(50, 200, generator=g), torch.randn(50, generator=g), "bf16")
+    x = torch.randn(37, 200, generator=g)
+    before = _kernels.active_isa()[0]
+    try:
+        _kernels.set_isa("avx512_bf16")
+        _kernels.set_bf16_gemm(mode)
+        assert bf16_rounds_activations(37) == (mode == "dot")
+        assert ("vdpbf16ps" if mode == "dot" else "fp32 fma") in layer.kernel
+        check(layer, x, layer.bias)
+        check(layer, x[:1], layer.bias)
+        _kernels.set_bf16_gemm("auto")
+        assert "measured at" in layer.kernel
+        check(layer, x, layer.bias)
+    finally:
+        _kernels.set_bf16_gemm("auto")
+        _kernels.set_isa(before)
+
+
+def test_set_bf16_gemm_rejects_unknown_mode():
+    with pytest.raises(ValueError, match="auto, dot or widen"):
+        _kernels.set_bf16_gemm("fast")
 
 
 def test_set_isa_rejects_unknown_level():
@@ -142,7 +167,7 @@ def test_every_row_count_up_to_64(isa, fmt):
     for m in range(1, 65):
         # Each row's result does not depend on how many rows come with it.
         torch.testing.assert_close(layer(x[:m]), full[:m], rtol=0, atol=0)
-    check(layer, x, isa)
+    check(layer, x)
 
 
 def test_kernels_work_in_a_forked_child():

@@ -148,10 +148,11 @@ def _repack_gguf(raw: np.ndarray, ggml_type: str, shape: tuple[int, int]) -> tor
     return packed
 
 
-def bf16_rounds_activations() -> bool:
-    """Whether the bf16 GEMM of the current ISA level rounds activations to bf16 (vdpbf16ps, AMX tiles). Below
-    AVX512-BF16 it widens the weights and multiplies float32 activations, so bf16-stored weights lose nothing."""
-    return _kernels.active_isa()[0] in ("avx512_bf16", "amx")
+def bf16_rounds_activations(rows: int = 1 << 20) -> bool:
+    """Whether the bf16 GEMM of the current ISA level rounds `rows` rows of activations to bf16: vdpbf16ps where
+    the CPU runs it fast enough (else bf16 weights are widened to fp32, as below AVX512-BF16), and AMX tiles from
+    32 rows. The default, many rows, answers whether any call may round."""
+    return _kernels.bf16_gemm_rounds(rows)
 
 
 def kernel_report() -> dict[str, str]:
