@@ -263,11 +263,14 @@ NB_MODULE(_kernels, m) {
     m.def("set_num_threads", [](int n) { set_num_threads(n); }, nb::arg("n"), "Resize the kernel thread pool.");
     m.def("num_threads", []() { return num_threads(); });
     m.def("gemm_kernel_name", &gemm_kernel_name, nb::arg("fmt"));
-    m.def("set_bf16_gemm", [](const std::string& name) {
-        Bf16Gemm mode;
-        if (!parse_bf16_gemm(name, &mode)) throw std::invalid_argument("set_bf16_gemm: use auto, dot or widen, not " + name);
-        set_bf16_gemm(mode);
-    }, nb::arg("mode"), "How bf16 weights are multiplied where AVX512-BF16 is in use: auto, dot or widen.");
+    m.def("set_bf16_dot", [](const std::string& name) {
+        Bf16Dot mode;
+        if (!parse_bf16_dot(name, &mode)) throw std::invalid_argument("set_bf16_dot: use auto, on or off, not " + name);
+        set_bf16_dot(mode);
+    }, nb::arg("mode"), "Whether bf16 products use vdpbf16ps where AVX512-BF16 is in use: auto, on or off.");
+    m.def("bf16_dot", []() {
+        return std::make_pair(bf16_dot_in_use(), bf16_dot_ratio());
+    }, "(in use, measured vdpbf16ps / fp32 FMA rate): whether bf16 products run on vdpbf16ps now.");
     m.def("bf16_gemm_rounds", &bf16_gemm_rounds, nb::arg("m"),
           "Whether the bf16 GEMM of the current level rounds m rows of activations to bf16.");
     // Raw-address kernels: call them through ironlm.quant.QuantLinear and ironlm.kernels.

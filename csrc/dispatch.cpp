@@ -1,7 +1,10 @@
 #include "dispatch.h"
+#include "probe.h"
 
 #include <atomic>
+#include <chrono>
 #include <cpuid.h>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <unistd.h>
@@ -125,6 +128,73 @@ bool set_isa(Isa isa) {
     if (isa > best_isa(cpu_features())) return false;
     current_level().store(static_cast<int>(isa), std::memory_order_relaxed);
     return true;
+}
+
+namespace {
+
+double measure_bf16_dot_ratio() {
+    // Best of three short runs of each (about 0.2 ms in all), taken in turns, so a preemption or a frequency
+    // change hits one run only. The probes' loops: 12 independent chains of one instruction each.
+    using Clock = std::chrono::steady_clock;
+    constexpr int64_t kIters = 4096;
+    double best_dot = 0.0, best_fma = 0.0;
+    float sink = 0.0f;
+    for (int round = 0; round < 3; ++round) {
+        const auto t0 = Clock::now();
+        const double dot_ops = probe::bf16_dot_avx512(kIters, &sink);
+        const auto t1 = Clock::now();
+        const double fma_ops = probe::fp32_fma_avx512(kIters, &sink);
+        const auto t2 = Clock::now();
+        const double dot_s = std::chrono::duration<double>(t1 - t0).count();
+        const double fma_s = std::chrono::duration<double>(t2 - t1).count();
+        if (dot_s > 0 && dot_ops / dot_s > best_dot) best_dot = dot_ops / dot_s;
+        if (fma_s > 0 && fma_ops / fma_s > best_fma) best_fma = fma_ops / fma_s;
+    }
+    return best_fma > 0 ? best_dot / best_fma : 0.0;
+}
+
+Bf16Dot bf16_dot_from_env() {
+    Bf16Dot mode = Bf16Dot::automatic;
+    const char* env = std::getenv("IRONLM_BF16_DOT");
+    if (env && *env && !parse_bf16_dot(env, &mode))
+        std::fprintf(stderr, "ironlm: IRONLM_BF16_DOT=%s is not auto, on or off; using auto\n", env);
+    return mode;
+}
+
+std::atomic<int>& bf16_dot_setting() {
+    static std::atomic<int> mode{static_cast<int>(bf16_dot_from_env())};
+    return mode;
+}
+
+}  // namespace
+
+bool parse_bf16_dot(const std::string& name, Bf16Dot* out) {
+    if (name == "auto") *out = Bf16Dot::automatic;
+    else if (name == "on") *out = Bf16Dot::on;
+    else if (name == "off") *out = Bf16Dot::off;
+    else return false;
+    return true;
+}
+
+void set_bf16_dot(Bf16Dot mode) { bf16_dot_setting().store(static_cast<int>(mode), std::memory_order_relaxed); }
+
+Bf16Dot bf16_dot_mode() { return static_cast<Bf16Dot>(bf16_dot_setting().load(std::memory_order_relaxed)); }
+
+double bf16_dot_ratio() {
+    if (best_isa(cpu_features()) < Isa::avx512_bf16) return 0.0;  // the probe's instructions would fault
+    static const double ratio = measure_bf16_dot_ratio();  // immutable after first call
+    return ratio;
+}
+
+bool bf16_dot_in_use() {
+    const Isa isa = current_isa();
+    if (isa != Isa::avx512_bf16 && isa != Isa::amx) return false;
+    switch (bf16_dot_mode()) {
+        case Bf16Dot::on: return true;
+        case Bf16Dot::off: return false;
+        case Bf16Dot::automatic: break;
+    }
+    return bf16_dot_ratio() >= kBf16DotMinRatio;
 }
 
 }  // namespace ironlm

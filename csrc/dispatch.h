@@ -27,4 +27,18 @@ Isa current_isa();
 bool set_isa(Isa isa);
 bool parse_isa(const std::string& name, Isa* out);
 
+// On levels with AVX512-BF16, bf16 products (bf16 weights, prefill attention of a bf16 model) run on vdpbf16ps
+// with activations rounded to bf16, or widened to fp32 for FMA. Automatic keeps vdpbf16ps unless it measures
+// under kBf16DotMinRatio of the fp32 FMA rate on this CPU (about half on Intel's Sapphire Rapids-class Xeons);
+// IRONLM_BF16_DOT=auto|on|off sets the starting mode, set_bf16_dot changes it (tests).
+enum class Bf16Dot : int { automatic = 0, on = 1, off = 2 };
+constexpr double kBf16DotMinRatio = 0.75;
+bool parse_bf16_dot(const std::string& name, Bf16Dot* out);
+void set_bf16_dot(Bf16Dot mode);
+Bf16Dot bf16_dot_mode();
+// vdpbf16ps multiply-adds per second over fp32 FMA ones on one core, timed once (0 without AVX512-BF16).
+double bf16_dot_ratio();
+// Whether the current level runs bf16 products on vdpbf16ps.
+bool bf16_dot_in_use();
+
 }  // namespace ironlm

@@ -23,7 +23,8 @@ const OpsTable& ops() {
         case Isa::avx2: return ops_avx2();
         case Isa::avx512:
         case Isa::avx512_vnni: return ops_avx512();
-        default: return ops_avx512_bf16();  // avx512_bf16 and amx
+        default:  // avx512_bf16 and amx; their table differs only where vdpbf16ps is used
+            return bf16_dot_in_use() ? ops_avx512_bf16() : ops_avx512();
     }
 }
 

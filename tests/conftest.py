@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from isa_support import RUNNABLE
+from isa_support import CASES
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -69,12 +69,16 @@ def make_tiny_model(tmp_path_factory, hf_tokenizer_dir):
     return make
 
 
-@pytest.fixture(params=RUNNABLE)
+@pytest.fixture(params=CASES, ids=lambda case: case[0] if case[1] == "auto" else f"{case[0]}-dot-{case[1]}")
 def isa(request):
-    """Force the kernels to one ISA level this machine can run, for the test's duration."""
+    """Force the kernels to one ISA level this machine can run (and, with AVX512-BF16, vdpbf16ps on or off) for
+    the test's duration."""
     from ironlm import _kernels
 
+    level, dot = request.param
     before = _kernels.active_isa()[0]
-    _kernels.set_isa(request.param)
-    yield request.param
+    _kernels.set_isa(level)
+    _kernels.set_bf16_dot(dot)
+    yield level
+    _kernels.set_bf16_dot("auto")
     _kernels.set_isa(before)

@@ -107,8 +107,8 @@ def test_ironlm_isa_env_lowers_the_level():
 
 
 @pytest.mark.skipif("avx512_bf16" not in RUNNABLE, reason="needs a CPU with AVX512-BF16")
-@pytest.mark.parametrize("mode", ["dot", "widen"])
-def test_bf16_gemm_modes_on_the_bf16_level(mode):
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_bf16_dot_modes_on_the_bf16_level(mode):
     """Where AVX512-BF16 runs, bf16 weights go through vdpbf16ps (activations rounded to bf16) or are widened to
     fp32 for FMA, by the CPU's measured rates; each way matches its reference, and the kernel name says which."""
     g = torch.Generator().manual_seed(13)
@@ -117,22 +117,23 @@ def test_bf16_gemm_modes_on_the_bf16_level(mode):
     before = _kernels.active_isa()[0]
     try:
         _kernels.set_isa("avx512_bf16")
-        _kernels.set_bf16_gemm(mode)
-        assert bf16_rounds_activations(37) == (mode == "dot")
-        assert ("vdpbf16ps" if mode == "dot" else "fp32 fma") in layer.kernel
+        _kernels.set_bf16_dot(mode)
+        assert _kernels.bf16_dot()[0] == bf16_rounds_activations(37) == (mode == "on")
+        assert ("vdpbf16ps" if mode == "on" else "fp32 fma") in layer.kernel
         check(layer, x, layer.bias)
         check(layer, x[:1], layer.bias)
-        _kernels.set_bf16_gemm("auto")
-        assert "measured at" in layer.kernel
+        _kernels.set_bf16_dot("auto")
+        in_use, ratio = _kernels.bf16_dot()
+        assert ratio > 0 and in_use == (ratio >= 0.75) and f"measured at {ratio:.2f}x" in layer.kernel
         check(layer, x, layer.bias)
     finally:
-        _kernels.set_bf16_gemm("auto")
+        _kernels.set_bf16_dot("auto")
         _kernels.set_isa(before)
 
 
-def test_set_bf16_gemm_rejects_unknown_mode():
-    with pytest.raises(ValueError, match="auto, dot or widen"):
-        _kernels.set_bf16_gemm("fast")
+def test_set_bf16_dot_rejects_unknown_mode():
+    with pytest.raises(ValueError, match="auto, on or off"):
+        _kernels.set_bf16_dot("fast")
 
 
 def test_set_isa_rejects_unknown_level():
