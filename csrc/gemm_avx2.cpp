@@ -19,6 +19,7 @@ constexpr int kT = 1;
 constexpr int kTSmall = 1;      // decode, integer formats: 1 tile measured faster than 2 (2-18 %)
 constexpr int kTSmallBf16 = 2;  // and bf16: 2 tiles (1 was a third slower)
 constexpr int kSmallRows = 1;
+constexpr int kWideRows = 0;  // no int_micro_wide: 16 ymm registers
 constexpr int32_t kQ8Offset = 0;
 
 inline VI wload(const uint8_t* p) {
@@ -43,6 +44,7 @@ inline VF load_h16(const uint8_t* p) {
     return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
             _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16)))};
 }
+inline VF fload(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
 inline void fstore(float* p, VF v) {
     _mm256_storeu_ps(p, v.lo);
     _mm256_storeu_ps(p + 8, v.hi);

@@ -24,12 +24,16 @@ inline VF load_h16(const uint8_t* p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 inline void fstore(float* p, VF v) { _mm512_storeu_ps(p, v); }
+inline VF fload(const float* p) { return _mm512_load_ps(p); }
 
 #ifdef __AVX512VNNI__
+// int4, many rows: 16 rows of x against one tile (gemm_impl.h int_micro_wide).
+constexpr int kWideRows = 16;
 constexpr int32_t kQ8Offset = 128;  // int8 weights are stored as q + 128 and fed unsigned to vpdpbusd
 inline VI dot_q4(VI acc, VI w, int32_t x4) { return _mm512_dpbusd_epi32(acc, w, _mm512_set1_epi32(x4)); }
 inline VI dot_q8(VI acc, VI w, int32_t x4) { return _mm512_dpbusd_epi32(acc, w, _mm512_set1_epi32(x4)); }
 #else
+constexpr int kWideRows = 0;
 constexpr int32_t kQ8Offset = 0;  // the sign trick below recovers signed weights exactly
 inline VI dot_q4(VI acc, VI w, int32_t x4) {
     // w <= 15, |x| <= 127: pair sums fit int16.

@@ -8,6 +8,7 @@
 //   kT: 16-row weight tiles per micro-tile, kTSmall of them (kTSmallBf16 for bf16) when x has at most
 //   kSmallRows rows;
 //   kQ8Offset: what int8 weights are stored offset by, as seen by dot_q8;
+//   kWideRows: rows of x per int_micro_wide call for int4 (0: none), which needs fload as well;
 //   wload, nib_lo, nib_hi, iset1, fzero, fset1, fmul, fmadd, cvt, load_h16, fstore, dot_q4, dot_q8,
 //   quantize_block, and either bf16_dot (with IRONLM_BF16_DOT defined) or bf16_even/bf16_odd;
 //   with IRONLM_Q4_SUM16 defined, q4_pairs and q4_widen instead of dot_q4 for the int4 formats.
@@ -57,6 +58,12 @@ struct Prepared {
     int8_t* xq;      // (m, k_padded)
     float* xs;       // (m, k_padded / 32) block scales
     int32_t* xsum;   // (m, k_padded / 32) sums of the quantized block
+    float* xmin;     // (m, k_padded / 32) xs * xsum, what a block's minimum is multiplied by (int4)
+    // For int_micro_wide, the same for the rows of whole groups of kWideRows, interleaved by block: a group's
+    // rows of one block lie together, so the kernel reads all of them from one pointer at fixed offsets.
+    int8_t* gq;      // (groups, k_padded / 32, kWideRows, 32)
+    float* gs;       // (groups, k_padded / 32, kWideRows) block scales
+    float* gmin;     // (groups, k_padded / 32, kWideRows) xs * xsum
     uint16_t* xb;    // (m, k_padded) bf16
     float* xf;       // (m, k_padded) float
 };
@@ -80,7 +87,17 @@ void prepare_rows(void* ctx, int64_t begin, int64_t end) {
             }
             for (int i = n; i < kBlock; ++i) row[i] = 0.0f;
             if (p.xq) {
-                quantize_block(row, p.xq + r * kp + b * kBlock, p.xs + r * kb + b, p.xsum + r * kb + b);
+                const int64_t i = r * kb + b;
+                quantize_block(row, p.xq + i * kBlock, p.xs + i, p.xsum + i);
+                p.xmin[i] = p.xs[i] * static_cast<float>(p.xsum[i]);
+                if constexpr (kWideRows > 0) {
+                    if (p.gq && r < a.m / kWideRows * kWideRows) {
+                        const int64_t j = ((r / kWideRows) * kb + b) * kWideRows + r % kWideRows;
+                        __builtin_memcpy(p.gq + j * kBlock, p.xq + i * kBlock, kBlock);
+                        p.gs[j] = p.xs[i];
+                        p.gmin[j] = p.xmin[i];
+                    }
+                }
             } else if (p.xb) {
                 for (int i = 0; i < kBlock; ++i) p.xb[r * kp + b * kBlock + i] = f32_to_bf16(row[i]);
             } else {
@@ -88,6 +105,11 @@ void prepare_rows(void* ctx, int64_t begin, int64_t end) {
             }
         }
     }
+}
+
+void prepare_row_runs(void* ctx, int64_t begin, int64_t end) {
+    const Prepared& p = *static_cast<const Prepared*>(ctx);
+    prepare_rows(ctx, begin * 16, end * 16 < p.a->m ? end * 16 : p.a->m);
 }
 
 void store_tile(const GemmArgs& a, int64_t r, int64_t tile, VF acc) {
@@ -178,8 +200,7 @@ void int_micro(const Prepared& p, int64_t r0, int64_t tile0, Ahead ahead) {
         if (FMT == static_cast<int>(WeightFormat::int4)) {
             for (int t = 0; t < T; ++t) d[t] = load_h16(wt[t] + qbytes + 32);  // the block minimums
             for (int r = 0; r < R; ++r) {
-                const int64_t i = (r0 + r) * kb + b;
-                const VF s = fset1(p.xs[i] * static_cast<float>(p.xsum[i]));
+                const VF s = fset1(p.xmin[(r0 + r) * kb + b]);
                 for (int t = 0; t < T; ++t) acc[r][t] = fmadd(d[t], s, acc[r][t]);
             }
         }
@@ -187,6 +208,43 @@ void int_micro(const Prepared& p, int64_t r0, int64_t tile0, Ahead ahead) {
     }
     for (int r = 0; r < R; ++r)
         for (int t = 0; t < T; ++t) store_tile(a, r0 + r, tile0 + t, acc[r][t]);
+}
+
+// kWideRows (R) rows of x times one tile of 16 output rows, over all of K, for int4 with block minimums. Per block
+// of 32, each row costs 8 dot products and 4 float operations (convert, scale, accumulate, minimum) while the
+// nibble unpacking and the scale loads are shared by all R rows. The R integer accumulators fill half the
+// registers, so the float sums live in L1: their loads and stores go to ports the dot products leave idle.
+// Measured 1.17-1.31x int_micro for int4 at 16-512 rows; int4_sym and int8 measured 0.87-1.11x on two threads,
+// so they stay on int_micro (BENCHMARKS.md, session 15).
+template <int R>
+void int_micro_wide(const Prepared& p, int64_t r0, int64_t tile) {
+    constexpr int kFmt = static_cast<int>(WeightFormat::int4);
+    const GemmArgs& a = *p.a;
+    const int64_t kb = a.k_padded / kBlock, tb = tile_block_bytes(kFmt);
+    alignas(64) float acc[R][kTileRows] = {};
+    const uint8_t* w = a.w + tile * kb * tb;
+    const int64_t i0 = r0 * kb;  // r0 starts a group (p.gq): its blocks follow at steps of R
+    for (int64_t b = 0; b < kb; ++b, w += tb) {
+        for (int64_t off = 0; off < tb; off += 64) prefetch(w + kPrefetchBytes + off);  // runs on into the next tile
+        const int8_t* xb = p.gq + (i0 + b * R) * kBlock;  // (R, 32)
+        const float* xs = p.gs + i0 + b * R;
+        const float* xmin = p.gmin + i0 + b * R;
+        VI ai[R];
+        for (int r = 0; r < R; ++r) ai[r] = iset1(0);
+        _Pragma("GCC unroll 4")  // rolled, the 16 accumulators were copied and spilled between iterations
+        for (int v = 0; v < 4; ++v) {
+            const VI wv = wload(w + v * 64);
+            const VI lo = nib_lo(wv), hi = nib_hi(wv);
+            for (int r = 0; r < R; ++r) {
+                ai[r] = dot_q4(ai[r], lo, load_i32(xb + r * kBlock + 4 * v));
+                ai[r] = dot_q4(ai[r], hi, load_i32(xb + r * kBlock + 16 + 4 * v));
+            }
+        }
+        const VF d = load_h16(w + 4 * 64), m = load_h16(w + 4 * 64 + 32);  // block scales and minimums
+        for (int r = 0; r < R; ++r)
+            fstore(acc[r], fmadd(m, fset1(xmin[r]), fmadd(cvt(ai[r]), fmul(d, fset1(xs[r])), fload(acc[r]))));
+    }
+    for (int r = 0; r < R; ++r) store_tile(a, r0 + r, tile, fload(acc[r]));
 }
 
 template <int R, int T>
@@ -238,6 +296,12 @@ void row_tail(const Prepared& p, int64_t r0, int64_t rest, int64_t tile0, Ahead 
 
 template <int FMT, int T>
 void rows_for_tiles(const Prepared& p, int64_t r_begin, int64_t r_end, int64_t tile0) {
+    // int4 where the level has kWideRows: whole groups of that many rows one tile at a time, the rest below.
+    if constexpr (kWideRows > 0 && FMT == static_cast<int>(WeightFormat::int4)) {
+        for (; r_begin + kWideRows <= r_end; r_begin += kWideRows)
+            for (int t = 0; t < T; ++t) int_micro_wide<kWideRows>(p, r_begin, tile0 + t);
+        if (r_begin == r_end) return;
+    }
     // bf16 needs no integer accumulators, so it affords more rows per micro-tile.
     constexpr int kRows = FMT == static_cast<int>(WeightFormat::bf16) ? kMaxRBf16 : kMaxR;
     // With several passes of rows over the same tiles, the first pass fetches the next micro-tile's weights
@@ -287,10 +351,20 @@ void gemm_impl(const GemmArgs& a) {
     const bool is_bf16 = a.fmt == static_cast<int>(WeightFormat::bf16);
     void* scratch;
     if (!is_bf16) {
-        scratch = scratch_alloc(a.m * (kp + 8 * kb) + 64);
+        int64_t grouped = 0;  // rows in whole groups, copied for int_micro_wide (int4 only)
+        if constexpr (kWideRows > 0)
+            if (a.fmt == static_cast<int>(WeightFormat::int4)) grouped = a.m / kWideRows * kWideRows;
+        const int64_t xq_bytes = ((a.m * kp + 63) / 64) * 64;
+        scratch = scratch_alloc(xq_bytes + a.m * 12 * kb + grouped * (kp + 8 * kb));
         p.xq = static_cast<int8_t*>(scratch);
-        p.xs = reinterpret_cast<float*>(p.xq + ((a.m * kp + 63) / 64) * 64);
+        p.xs = reinterpret_cast<float*>(p.xq + xq_bytes);
         p.xsum = reinterpret_cast<int32_t*>(p.xs + a.m * kb);
+        p.xmin = reinterpret_cast<float*>(p.xsum + a.m * kb);
+        if (grouped > 0) {
+            p.gq = reinterpret_cast<int8_t*>(p.xmin + a.m * kb);
+            p.gs = reinterpret_cast<float*>(p.gq + grouped * kp);
+            p.gmin = p.gs + grouped * kb;
+        }
     } else {
 #ifdef IRONLM_BF16_DOT
         scratch = scratch_alloc(a.m * kp * 2);
@@ -300,8 +374,10 @@ void gemm_impl(const GemmArgs& a) {
         p.xf = static_cast<float*>(scratch);
 #endif
     }
-    // Preparing activations is cheap for decode; split it only when there are many rows.
-    if (a.m >= 16) parallel_for(a.m, prepare_rows, &p);
+    // Preparing activations is cheap for decode; split it only when there are many rows, and with a grouped copy
+    // in runs of 16 rows, whose block scales there share a cache line.
+    if (a.m >= 16 && p.gq) parallel_for((a.m + 15) / 16, prepare_row_runs, &p);
+    else if (a.m >= 16) parallel_for(a.m, prepare_rows, &p);
     else prepare_rows(&p, 0, a.m);
     switch (static_cast<WeightFormat>(a.fmt)) {
         case WeightFormat::int8: run_units<static_cast<int>(WeightFormat::int8)>(p); break;
