@@ -107,9 +107,12 @@ void prepare_rows(void* ctx, int64_t begin, int64_t end) {
     }
 }
 
+constexpr int64_t kPrepareRun = kWideRows > 0 ? kWideRows : 1;  // rows per unit of prepare_row_runs
+
 void prepare_row_runs(void* ctx, int64_t begin, int64_t end) {
     const Prepared& p = *static_cast<const Prepared*>(ctx);
-    prepare_rows(ctx, begin * 16, end * 16 < p.a->m ? end * 16 : p.a->m);
+    const int64_t r_end = end * kPrepareRun;
+    prepare_rows(ctx, begin * kPrepareRun, r_end < p.a->m ? r_end : p.a->m);
 }
 
 void store_tile(const GemmArgs& a, int64_t r, int64_t tile, VF acc) {
@@ -375,8 +378,8 @@ void gemm_impl(const GemmArgs& a) {
 #endif
     }
     // Preparing activations is cheap for decode; split it only when there are many rows, and with a grouped copy
-    // in runs of 16 rows, whose block scales there share a cache line.
-    if (a.m >= 16 && p.gq) parallel_for((a.m + 15) / 16, prepare_row_runs, &p);
+    // in whole groups, whose rows share the cache lines of their block scales there.
+    if (a.m >= 16 && p.gq) parallel_for((a.m + kPrepareRun - 1) / kPrepareRun, prepare_row_runs, &p);
     else if (a.m >= 16) parallel_for(a.m, prepare_rows, &p);
     else prepare_rows(&p, 0, a.m);
     switch (static_cast<WeightFormat>(a.fmt)) {
