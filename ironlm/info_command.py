@@ -34,6 +34,7 @@ def machine_facts() -> dict:
     """Everything `ironlm info` reports about the machine, JSON-ready; absent facts are None."""
     from ironlm.config import kv_cache_dtype_for
     from ironlm.hardware import available_cores, cpu_info, default_dtype, default_threads
+    from ironlm.quant import kernel_report
 
     info = cpu_info()
     amx = {k: info.features.get(k) for k in ("amx_tile", "amx_int8", "amx_bf16")}
@@ -52,6 +53,7 @@ def machine_facts() -> dict:
         "numa_nodes_spanned": info.numa_nodes_spanned,
         "active_isa": info.active_isa,
         "isa_reason": info.isa_reason,
+        "gemm_kernels": kernel_report(),  # weight format -> the instructions its GEMM uses here
         "default_threads": default_threads(),
         "default_dtype": default_dtype(info),
         "default_kv_cache_dtype": kv_cache_dtype_for("auto", None),
@@ -150,6 +152,9 @@ def print_facts(machine: dict, model: dict | None, console: Console | None = Non
     t.add_row("Memory", _gib(machine["memory_bytes"]))
     t.add_row("NUMA nodes", _numa(machine))
     t.add_row("Kernel ISA", f"{machine['active_isa'] or 'none'} ({machine['isa_reason']})")
+    kernels = machine["gemm_kernels"]
+    t.add_row("GEMM, bf16 weights", kernels["bf16"])
+    t.add_row("GEMM, int8/int4", kernels["int4"])
     t.add_row("Default threads", f"{machine['default_threads']} (IRONLM_THREADS or --threads to change)")
     t.add_row("Default dtype", machine["default_dtype"])
     t.add_row("Default KV cache", f"{machine['default_kv_cache_dtype']} (float32 with --dtype float32)")

@@ -122,6 +122,17 @@ def test_info_json_machine_only(capsys):
     assert machine["default_dtype"] in ("float32", "bfloat16")
     assert machine["default_kv_cache_dtype"] == "bfloat16"
     assert machine["default_threads"] >= 1
+    # Which instructions each weight format's GEMM uses, with the measured vdpbf16ps rate where it decides.
+    from ironlm import _kernels
+    from ironlm.quant import FORMATS
+
+    kernels = machine["gemm_kernels"]
+    assert set(kernels) == set(FORMATS)
+    in_use, ratio = _kernels.bf16_dot()
+    if machine["active_isa"] in ("avx512_bf16", "amx"):
+        assert f"measured at {ratio:.2f}x" in kernels["bf16"] and ("vdpbf16ps," in kernels["bf16"]) == in_use
+    else:
+        assert "measured" not in kernels["bf16"]
 
 
 def test_info_table_with_model(tmp_path, capsys):
