@@ -27,7 +27,7 @@ inline void fstore(float* p, VF v) { _mm512_storeu_ps(p, v); }
 inline VF fload(const float* p) { return _mm512_load_ps(p); }
 
 #ifdef __AVX512VNNI__
-// int4, many rows: 16 rows of x against one tile (gemm_impl.h int_micro_wide).
+// Many rows: 16 rows of x against one tile (gemm_impl.h int_micro_wide).
 constexpr int kWideRows = 16;
 constexpr int32_t kQ8Offset = 128;  // int8 weights are stored as q + 128 and fed unsigned to vpdpbusd
 inline VI dot_q4(VI acc, VI w, int32_t x4) { return _mm512_dpbusd_epi32(acc, w, _mm512_set1_epi32(x4)); }

@@ -8,7 +8,7 @@
 //   kT: 16-row weight tiles per micro-tile, kTSmall of them (kTSmallBf16 for bf16) when x has at most
 //   kSmallRows rows;
 //   kQ8Offset: what int8 weights are stored offset by, as seen by dot_q8;
-//   kWideRows: rows of x per int_micro_wide call for int4 (0: none), which needs fload as well;
+//   kWideRows: rows of x per int_micro_wide call (0: none), which needs fload as well;
 //   wload, nib_lo, nib_hi, iset1, fzero, fset1, fmul, fmadd, cvt, load_h16, fstore, dot_q4, dot_q8,
 //   quantize_block, and either bf16_dot (with IRONLM_BF16_DOT defined) or bf16_even/bf16_odd;
 //   with IRONLM_Q4_SUM16 defined, q4_pairs and q4_widen instead of dot_q4 for the int4 formats.
@@ -51,6 +51,12 @@ inline float bf16_to_f32(uint16_t h) {
     return f;
 }
 
+// What the integer formats' weights are stored offset by, as the dot products see them; a block's products are
+// corrected by -offset * (sum of its quantized activations).
+constexpr int32_t weight_offset(int fmt) {
+    return fmt == static_cast<int>(WeightFormat::int8) ? kQ8Offset : fmt == static_cast<int>(WeightFormat::int4_sym) ? 8 : 0;
+}
+
 // Activations prepared once per call: int8 blocks for the integer formats, bf16 or float rows for bf16.
 struct Prepared {
     const GemmArgs* a;
@@ -64,6 +70,7 @@ struct Prepared {
     int8_t* gq;      // (groups, k_padded / 32, kWideRows, 32)
     float* gs;       // (groups, k_padded / 32, kWideRows) block scales
     float* gmin;     // (groups, k_padded / 32, kWideRows) xs * xsum
+    int32_t* goff;   // (groups, k_padded / 32, kWideRows) -offset * xsum, what the dot products start from
     uint16_t* xb;    // (m, k_padded) bf16
     float* xf;       // (m, k_padded) float
 };
@@ -96,6 +103,7 @@ void prepare_rows(void* ctx, int64_t begin, int64_t end) {
                         __builtin_memcpy(p.gq + j * kBlock, p.xq + i * kBlock, kBlock);
                         p.gs[j] = p.xs[i];
                         p.gmin[j] = p.xmin[i];
+                        p.goff[j] = -weight_offset(a.fmt) * p.xsum[i];
                     }
                 }
             } else if (p.xb) {
@@ -134,8 +142,7 @@ void int_micro(const Prepared& p, int64_t r0, int64_t tile0, Ahead ahead) {
     const int64_t kp = a.k_padded, kb = kp / kBlock;
     const int64_t tb = tile_block_bytes(FMT);
     constexpr int64_t qbytes = FMT == static_cast<int>(WeightFormat::int8) ? 8 * 64 : 4 * 64;
-    constexpr int32_t offset = FMT == static_cast<int>(WeightFormat::int8) ? kQ8Offset
-                               : FMT == static_cast<int>(WeightFormat::int4_sym) ? 8 : 0;
+    constexpr int32_t offset = weight_offset(FMT);
     VF acc[R][T];
     for (int r = 0; r < R; ++r)
         for (int t = 0; t < T; ++t) acc[r][t] = fzero();
@@ -213,17 +220,16 @@ void int_micro(const Prepared& p, int64_t r0, int64_t tile0, Ahead ahead) {
         for (int t = 0; t < T; ++t) store_tile(a, r0 + r, tile0 + t, acc[r][t]);
 }
 
-// kWideRows (R) rows of x times one tile of 16 output rows, over all of K, for int4 with block minimums. Per block
-// of 32, each row costs 8 dot products and 4 float operations (convert, scale, accumulate, minimum) while the
-// nibble unpacking and the scale loads are shared by all R rows. The R integer accumulators fill half the
-// registers, so the float sums live in L1: their loads and stores go to ports the dot products leave idle.
-// Measured 1.17-1.31x int_micro for int4 at 16-512 rows; int4_sym and int8 measured 0.87-1.11x on two threads,
-// so they stay on int_micro (BENCHMARKS.md, session 15).
-template <int R>
+// kWideRows (R) rows of x times one tile of 16 output rows, over all of K. Per block of 32, each row costs 8 dot
+// products and 3 float operations (convert, scale, accumulate; int4 adds its minimum) while the weight loads, the
+// nibble unpacking and the scale loads are shared by all R rows, and the offset correction is a broadcast load.
+// The R integer accumulators fill half the registers, so the float sums live in L1: their loads and stores go to
+// ports the dot products leave idle.
+template <int FMT, int R>
 void int_micro_wide(const Prepared& p, int64_t r0, int64_t tile) {
-    constexpr int kFmt = static_cast<int>(WeightFormat::int4);
     const GemmArgs& a = *p.a;
-    const int64_t kb = a.k_padded / kBlock, tb = tile_block_bytes(kFmt);
+    const int64_t kb = a.k_padded / kBlock, tb = tile_block_bytes(FMT);
+    constexpr int64_t qbytes = FMT == static_cast<int>(WeightFormat::int8) ? 8 * 64 : 4 * 64;
     alignas(64) float acc[R][kTileRows] = {};
     const uint8_t* w = a.w + tile * kb * tb;
     const int64_t i0 = r0 * kb;  // r0 starts a group (p.gq): its blocks follow at steps of R
@@ -231,21 +237,34 @@ void int_micro_wide(const Prepared& p, int64_t r0, int64_t tile) {
         for (int64_t off = 0; off < tb; off += 64) prefetch(w + kPrefetchBytes + off);  // runs on into the next tile
         const int8_t* xb = p.gq + (i0 + b * R) * kBlock;  // (R, 32)
         const float* xs = p.gs + i0 + b * R;
-        const float* xmin = p.gmin + i0 + b * R;
         VI ai[R];
-        for (int r = 0; r < R; ++r) ai[r] = iset1(0);
-        _Pragma("GCC unroll 4")  // rolled, the 16 accumulators were copied and spilled between iterations
-        for (int v = 0; v < 4; ++v) {
-            const VI wv = wload(w + v * 64);
-            const VI lo = nib_lo(wv), hi = nib_hi(wv);
-            for (int r = 0; r < R; ++r) {
-                ai[r] = dot_q4(ai[r], lo, load_i32(xb + r * kBlock + 4 * v));
-                ai[r] = dot_q4(ai[r], hi, load_i32(xb + r * kBlock + 16 + 4 * v));
+        for (int r = 0; r < R; ++r) ai[r] = iset1(weight_offset(FMT) ? p.goff[i0 + b * R + r] : 0);  // a broadcast load
+        if constexpr (FMT == static_cast<int>(WeightFormat::int8)) {
+            _Pragma("GCC unroll 8")
+            for (int g = 0; g < 8; ++g) {
+                const VI wv = wload(w + g * 64);
+                for (int r = 0; r < R; ++r) ai[r] = dot_q8(ai[r], wv, load_i32(xb + r * kBlock + 4 * g));
+            }
+        } else {
+            _Pragma("GCC unroll 4")  // rolled, the 16 accumulators were copied and spilled between iterations
+            for (int v = 0; v < 4; ++v) {
+                const VI wv = wload(w + v * 64);
+                const VI lo = nib_lo(wv), hi = nib_hi(wv);
+                for (int r = 0; r < R; ++r) {
+                    ai[r] = dot_q4(ai[r], lo, load_i32(xb + r * kBlock + 4 * v));
+                    ai[r] = dot_q4(ai[r], hi, load_i32(xb + r * kBlock + 16 + 4 * v));
+                }
             }
         }
-        const VF d = load_h16(w + 4 * 64), m = load_h16(w + 4 * 64 + 32);  // block scales and minimums
-        for (int r = 0; r < R; ++r)
-            fstore(acc[r], fmadd(m, fset1(xmin[r]), fmadd(cvt(ai[r]), fmul(d, fset1(xs[r])), fload(acc[r]))));
+        const VF d = load_h16(w + qbytes);  // block scales
+        if constexpr (FMT == static_cast<int>(WeightFormat::int4)) {
+            const VF m = load_h16(w + qbytes + 32);  // block minimums
+            const float* xmin = p.gmin + i0 + b * R;
+            for (int r = 0; r < R; ++r)
+                fstore(acc[r], fmadd(m, fset1(xmin[r]), fmadd(cvt(ai[r]), fmul(d, fset1(xs[r])), fload(acc[r]))));
+        } else {
+            for (int r = 0; r < R; ++r) fstore(acc[r], fmadd(cvt(ai[r]), fmul(d, fset1(xs[r])), fload(acc[r])));
+        }
     }
     for (int r = 0; r < R; ++r) store_tile(a, r0 + r, tile, fload(acc[r]));
 }
@@ -299,10 +318,10 @@ void row_tail(const Prepared& p, int64_t r0, int64_t rest, int64_t tile0, Ahead 
 
 template <int FMT, int T>
 void rows_for_tiles(const Prepared& p, int64_t r_begin, int64_t r_end, int64_t tile0) {
-    // int4 where the level has kWideRows: whole groups of that many rows one tile at a time, the rest below.
-    if constexpr (kWideRows > 0 && FMT == static_cast<int>(WeightFormat::int4)) {
+    // Integer formats where the level has kWideRows: whole groups of that many rows one tile at a time, the rest below.
+    if constexpr (kWideRows > 0 && FMT != static_cast<int>(WeightFormat::bf16)) {
         for (; r_begin + kWideRows <= r_end; r_begin += kWideRows)
-            for (int t = 0; t < T; ++t) int_micro_wide<kWideRows>(p, r_begin, tile0 + t);
+            for (int t = 0; t < T; ++t) int_micro_wide<FMT, kWideRows>(p, r_begin, tile0 + t);
         if (r_begin == r_end) return;
     }
     // bf16 needs no integer accumulators, so it affords more rows per micro-tile.
@@ -354,11 +373,10 @@ void gemm_impl(const GemmArgs& a) {
     const bool is_bf16 = a.fmt == static_cast<int>(WeightFormat::bf16);
     void* scratch;
     if (!is_bf16) {
-        int64_t grouped = 0;  // rows in whole groups, copied for int_micro_wide (int4 only)
-        if constexpr (kWideRows > 0)
-            if (a.fmt == static_cast<int>(WeightFormat::int4)) grouped = a.m / kWideRows * kWideRows;
+        int64_t grouped = 0;  // rows in whole groups, copied for int_micro_wide
+        if constexpr (kWideRows > 0) grouped = a.m / kWideRows * kWideRows;
         const int64_t xq_bytes = ((a.m * kp + 63) / 64) * 64;
-        scratch = scratch_alloc(xq_bytes + a.m * 12 * kb + grouped * (kp + 8 * kb));
+        scratch = scratch_alloc(xq_bytes + a.m * 12 * kb + grouped * (kp + 12 * kb));
         p.xq = static_cast<int8_t*>(scratch);
         p.xs = reinterpret_cast<float*>(p.xq + xq_bytes);
         p.xsum = reinterpret_cast<int32_t*>(p.xs + a.m * kb);
@@ -367,6 +385,7 @@ void gemm_impl(const GemmArgs& a) {
             p.gq = reinterpret_cast<int8_t*>(p.xmin + a.m * kb);
             p.gs = reinterpret_cast<float*>(p.gq + grouped * kp);
             p.gmin = p.gs + grouped * kb;
+            p.goff = reinterpret_cast<int32_t*>(p.gmin + grouped * kb);
         }
     } else {
 #ifdef IRONLM_BF16_DOT
