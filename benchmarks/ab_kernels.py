@@ -26,6 +26,7 @@ import time
 import torch
 
 from ironlm import _kernels as new_kernels
+from ironlm import hardware
 from ironlm.quant import QuantLinear
 from ironlm.quant.formats import FORMAT_IDS
 
@@ -74,16 +75,19 @@ def ab_gemm(builds: dict, args) -> None:
     for rows in (int(r) for r in args.rows.split(",")):
         for shape in args.shapes.split(","):
             n, k = (int(v) for v in shape.split("x"))
-            # Several copies of the weight, so decode shapes stream from memory as in a model, not from cache.
-            copies = max(1, min(16, (64 << 20) // (n * k // 2)))
-            layers = [QuantLinear.from_dense(torch.randn(n, k), None, args.fmt) for _ in range(copies)]
+            # Copies of the weight filling twice the last-level cache, so decode shapes stream from memory as in
+            # a model, not from cache.
+            layer = QuantLinear.from_dense(torch.randn(n, k), None, args.fmt)
+            beyond = max(64 << 20, 2 * (hardware.last_level_cache_bytes() or 0))
+            copies = max(1, beyond // layer.packed.numel() // layer.packed.element_size())
+            packed = [layer.packed] + [layer.packed.clone() for _ in range(copies - 1)]
             x = torch.randn(rows, k)
             outs = {name: torch.empty(rows, n) for name in builds}
 
             def run(name, module):
                 y = outs[name]
-                for layer in layers:
-                    module.gemm(fmt_id, layer.packed.data_ptr(), n, layer.k_padded, rows, k, x.data_ptr(), k, False,
+                for w in packed:
+                    module.gemm(fmt_id, w.data_ptr(), n, layer.k_padded, rows, k, x.data_ptr(), k, False,
                                 y.data_ptr(), n, False, 0)
 
             best = best_of(builds, run, args.rounds)

@@ -153,6 +153,20 @@ def _memory_total() -> int | None:
     return None
 
 
+def last_level_cache_bytes(root: str = "/sys/devices/system/cpu/cpu0/cache") -> int | None:
+    """Size of the first CPU's highest-level cache (the L3 on most x86), from sysfs; None when unknown."""
+    best: tuple[int, int] | None = None  # (level, bytes)
+    for index in sorted(Path(root).glob("index*")):
+        level, size = (_read(index / "level") or "").strip(), (_read(index / "size") or "").strip()
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        if not level.isdigit() or not size:
+            continue
+        digits, unit = (size[:-1], units.get(size[-1])) if size[-1] in units else (size, 1)
+        if digits.isdigit() and unit and (best is None or int(level) > best[0]):
+            best = (int(level), int(digits) * unit)
+    return best[1] if best else None
+
+
 def numa_nodes(root: str = "/sys/devices/system/node") -> int | None:
     try:
         nodes = [p for p in Path(root).iterdir() if p.name.startswith("node") and p.name[4:].isdigit()]

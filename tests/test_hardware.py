@@ -67,6 +67,16 @@ def test_missing_files_fall_back(tmp_path):
     assert hardware.cgroup_memory_limit([tmp_path]) is None or Path("/sys/fs/cgroup/memory").exists()
 
 
+def test_last_level_cache_is_the_highest_level(tmp_path):
+    for name, level, size in [("index0", "1", "48K"), ("index2", "2", "2048K"), ("index3", "3", "266240K"),
+                              ("index4", "x", "9M")]:  # a malformed entry is skipped
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "level").write_text(level + "\n")
+        (tmp_path / name / "size").write_text(size + "\n")
+    assert hardware.last_level_cache_bytes(str(tmp_path)) == 260 << 20
+    assert hardware.last_level_cache_bytes(str(tmp_path / "missing")) is None
+
+
 def test_numa_nodes_spanned_by_this_process(tmp_path):
     from ironlm import info_command
 
