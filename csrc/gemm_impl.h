@@ -224,7 +224,8 @@ void int_micro(const Prepared& p, int64_t r0, int64_t tile0, Ahead ahead) {
 // products and 3 float operations (convert, scale, accumulate; int4 adds its minimum) while the weight loads, the
 // nibble unpacking and the scale loads are shared by all R rows, and the offset correction is a broadcast load.
 // The R integer accumulators fill half the registers, so the float sums live in L1: their loads and stores go to
-// ports the dot products leave idle.
+// ports the dot products leave idle. Against int_micro, at 16-512 rows: int4 1.17-1.31x (session 15), int4_sym
+// 1.10-1.29x and int8 1.09-1.42x (session 16, with the offset correction precomputed; BENCHMARKS.md).
 template <int FMT, int R>
 void int_micro_wide(const Prepared& p, int64_t r0, int64_t tile) {
     const GemmArgs& a = *p.a;
