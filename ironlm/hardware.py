@@ -155,10 +155,10 @@ def _memory_total() -> int | None:
 
 def last_level_cache_bytes(root: str = "/sys/devices/system/cpu/cpu0/cache") -> int | None:
     """Size of the first CPU's highest-level cache (the L3 on most x86), from sysfs; None when unknown."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     best: tuple[int, int] | None = None  # (level, bytes)
     for index in sorted(Path(root).glob("index*")):
         level, size = (_read(index / "level") or "").strip(), (_read(index / "size") or "").strip()
-        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
         if not level.isdigit() or not size:
             continue
         digits, unit = (size[:-1], units.get(size[-1])) if size[-1] in units else (size, 1)
