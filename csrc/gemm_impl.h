@@ -61,6 +61,7 @@ constexpr int32_t weight_offset(int fmt) {
 struct Prepared {
     const GemmArgs* a;
     int64_t num_tiles;
+    // Indexed by row, but written only for rows outside whole groups of kWideRows (int_micro's rows):
     int8_t* xq;      // (m, k_padded)
     float* xs;       // (m, k_padded / 32) block scales
     int32_t* xsum;   // (m, k_padded / 32) sums of the quantized block
@@ -74,6 +75,14 @@ struct Prepared {
     uint16_t* xb;    // (m, k_padded) bf16
     float* xf;       // (m, k_padded) float
 };
+
+constexpr int64_t kPrepareRun = kWideRows > 0 ? kWideRows : 1;  // rows per group, and per unit of prepare_row_runs
+
+// Whether row r of x lies in a whole group of kWideRows, which int_micro_wide reads from p.gq.
+inline bool in_group(const Prepared& p, int64_t r) {
+    if constexpr (kWideRows > 0) return p.gq && r < p.a->m / kWideRows * kWideRows;
+    return false;
+}
 
 void prepare_rows(void* ctx, int64_t begin, int64_t end) {
     const Prepared& p = *static_cast<const Prepared*>(ctx);
@@ -93,19 +102,16 @@ void prepare_rows(void* ctx, int64_t begin, int64_t end) {
                 for (int i = 0; i < n; ++i) row[i] = src[i];
             }
             for (int i = n; i < kBlock; ++i) row[i] = 0.0f;
-            if (p.xq) {
+            if (p.xq && in_group(p, r)) {  // rows in whole groups go to the group arrays only
+                const int64_t j = ((r / kPrepareRun) * kb + b) * kPrepareRun + r % kPrepareRun;
+                int32_t sum;
+                quantize_block(row, p.gq + j * kBlock, p.gs + j, &sum);
+                p.gmin[j] = p.gs[j] * static_cast<float>(sum);
+                p.goff[j] = -weight_offset(a.fmt) * sum;
+            } else if (p.xq) {
                 const int64_t i = r * kb + b;
                 quantize_block(row, p.xq + i * kBlock, p.xs + i, p.xsum + i);
                 p.xmin[i] = p.xs[i] * static_cast<float>(p.xsum[i]);
-                if constexpr (kWideRows > 0) {
-                    if (p.gq && r < a.m / kWideRows * kWideRows) {
-                        const int64_t j = ((r / kWideRows) * kb + b) * kWideRows + r % kWideRows;
-                        __builtin_memcpy(p.gq + j * kBlock, p.xq + i * kBlock, kBlock);
-                        p.gs[j] = p.xs[i];
-                        p.gmin[j] = p.xmin[i];
-                        p.goff[j] = -weight_offset(a.fmt) * p.xsum[i];
-                    }
-                }
             } else if (p.xb) {
                 for (int i = 0; i < kBlock; ++i) p.xb[r * kp + b * kBlock + i] = f32_to_bf16(row[i]);
             } else {
@@ -114,8 +120,6 @@ void prepare_rows(void* ctx, int64_t begin, int64_t end) {
         }
     }
 }
-
-constexpr int64_t kPrepareRun = kWideRows > 0 ? kWideRows : 1;  // rows per unit of prepare_row_runs
 
 void prepare_row_runs(void* ctx, int64_t begin, int64_t end) {
     const Prepared& p = *static_cast<const Prepared*>(ctx);
