@@ -12,14 +12,20 @@ constexpr int64_t kMinStretch = 64;    // tokens: shorter stretches cost more in
 // in bytes, not tokens: an int8 row is half a bf16 one, and 64 tokens of it left the int8 cache waiting on DRAM.
 constexpr int64_t kPrefetchBytes = 8192;
 
-inline void prefetch_span(const void* p, int64_t bytes) {
-    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(static_cast<const char*>(p) + off, 0, 3);
+// Into L2 where prefetch_into_l2() says so (AMD), else into L1.
+inline void prefetch_line(const char* p, bool l2) {
+    if (l2) __builtin_prefetch(p, 0, 1);
+    else __builtin_prefetch(p, 0, 3);
+}
+
+inline void prefetch_span(const void* p, int64_t bytes, bool l2) {
+    for (int64_t off = 0; off < bytes; off += 64) prefetch_line(static_cast<const char*>(p) + off, l2);
 }
 
 // One row of Bytes (a constant, the row padded to whole chunks): no loop to run for every token read.
 template <int64_t Bytes>
-inline void prefetch_row(const void* p) {
-    for (int64_t off = 0; off < Bytes; off += 64) __builtin_prefetch(static_cast<const char*>(p) + off, 0, 3);
+inline void prefetch_row(const void* p, bool l2) {
+    for (int64_t off = 0; off < Bytes; off += 64) prefetch_line(static_cast<const char*>(p) + off, l2);
 }
 
 // rows[i] = offset of token t0 + i's row for kv head 0 in the cache, for i < n, in units of row_size (head_dim
@@ -171,10 +177,10 @@ constexpr int slab_chunks(int g, int nc2) {
 // One pass: G query heads (qf: G rows of NC2 chunks of 2 * kLanes floats, scaled, zero past head_dim) that read kv head
 // kvh, over n_tok tokens at `rows`; next_kvh is the kv head of the task's next pass (-1: none, or this one).
 // G and NC2 are constants so that queries and accumulators stay in registers. scores: G rows of `stride`
-// floats. Head g's result goes to out[g].
+// floats. Head g's result goes to out[g]; l2: prefetch into L2 (prefetch_into_l2).
 template <typename KV, int NC2, int G, bool Full>
 void attend_pass(const AttentionArgs& a, const int64_t* rows, int64_t n_tok, int64_t kvh, int64_t next_kvh,
-                 const float* qf, float* scores, int64_t stride, float* const* out) {
+                 const float* qf, float* scores, int64_t stride, float* const* out, bool l2) {
     // int8 rows carry a scale each: a token's score is scaled after its dot product, and its V row's scale goes
     // into its softmax weight once the sum is taken. rows[n_tok + t] is token t's scale index for kv head 0.
     constexpr bool kScaled = sizeof(KV) == 1;
@@ -190,8 +196,8 @@ void attend_pass(const AttentionArgs& a, const int64_t* rows, int64_t n_tok, int
     const int last = Full ? 2 * kLanes : static_cast<int>(a.head_dim - (NC2 - 1) * 2 * kLanes);
     // The loops below prefetch `ahead` tokens ahead; the first rows of K and V are requested here.
     for (int64_t t = 0; t < n_tok && t < ahead; ++t) {
-        prefetch_span(k_base + rows[t], row_bytes);
-        prefetch_span(v_base + rows[t], row_bytes);
+        prefetch_span(k_base + rows[t], row_bytes, l2);
+        prefetch_span(v_base + rows[t], row_bytes, l2);
     }
     Pair q[G][NC2];
     for (int g = 0; g < G; ++g)
@@ -203,7 +209,7 @@ void attend_pass(const AttentionArgs& a, const int64_t* rows, int64_t n_tok, int
         const int n = n_tok - t0 < kLanes ? static_cast<int>(n_tok - t0) : kLanes;
         for (int j = 0; j < n; ++j) {
             const int64_t t = t0 + j;
-            if (t + ahead < n_tok) prefetch_row<kRowBytes>(k_base + rows[t + ahead]);
+            if (t + ahead < n_tok) prefetch_row<kRowBytes>(k_base + rows[t + ahead], l2);
             // Chunk by chunk, each head's sums of the even and the odd lanes apart: 2 G sums and one chunk in
             // registers, and two dependency chains a head, whatever G and head_dim.
             vf da[G], db[G];
@@ -254,10 +260,10 @@ void attend_pass(const AttentionArgs& a, const int64_t* rows, int64_t n_tok, int
         for (int g = 0; g < G; ++g)
             for (int s = 0; s < S; ++s) acc[g][s] = Pair{};
         for (int64_t t = 0; t < n_tok; ++t) {
-            if (c0 == 0 && t + ahead < n_tok) prefetch_row<kRowBytes>(v_base + rows[t + ahead]);
+            if (c0 == 0 && t + ahead < n_tok) prefetch_row<kRowBytes>(v_base + rows[t + ahead], l2);
             if (c0 + S >= NC2 && next_kvh >= 0 && t >= handover) {
-                prefetch_row<kRowBytes>(k_base + next + rows[t - handover]);
-                prefetch_row<kRowBytes>(v_base + next + rows[t - handover]);
+                prefetch_row<kRowBytes>(k_base + next + rows[t - handover], l2);
+                prefetch_row<kRowBytes>(v_base + next + rows[t - handover], l2);
             }
             for (int s = 0; s < S && c0 + s < NC2; ++s) {
                 const int c = c0 + s;
@@ -289,23 +295,23 @@ constexpr int heads_per_pass(int nc2) {
 
 template <typename KV, int NC2, int G>
 void pass_dispatch_g(int g, const AttentionArgs& a, const int64_t* rows, int64_t n_tok, int64_t kvh, int64_t next_kvh,
-                     const float* qf, float* scores, int64_t stride, float* const* out) {
+                     const float* qf, float* scores, int64_t stride, float* const* out, bool l2) {
     if constexpr (G > 1) {
-        if (g < G) return pass_dispatch_g<KV, NC2, G - 1>(g, a, rows, n_tok, kvh, next_kvh, qf, scores, stride, out);
+        if (g < G) return pass_dispatch_g<KV, NC2, G - 1>(g, a, rows, n_tok, kvh, next_kvh, qf, scores, stride, out, l2);
     }
     if (a.head_dim == NC2 * 2 * kLanes)
-        attend_pass<KV, NC2, G, true>(a, rows, n_tok, kvh, next_kvh, qf, scores, stride, out);
+        attend_pass<KV, NC2, G, true>(a, rows, n_tok, kvh, next_kvh, qf, scores, stride, out, l2);
     else
-        attend_pass<KV, NC2, G, false>(a, rows, n_tok, kvh, next_kvh, qf, scores, stride, out);
+        attend_pass<KV, NC2, G, false>(a, rows, n_tok, kvh, next_kvh, qf, scores, stride, out, l2);
 }
 
 template <typename KV, int NC2>
 void pass_dispatch(int nc2, int g, const AttentionArgs& a, const int64_t* rows, int64_t n_tok, int64_t kvh,
-                   int64_t next_kvh, const float* qf, float* scores, int64_t stride, float* const* out) {
+                   int64_t next_kvh, const float* qf, float* scores, int64_t stride, float* const* out, bool l2) {
     if constexpr (NC2 < kMaxChunks) {
-        if (nc2 > NC2) return pass_dispatch<KV, NC2 + 1>(nc2, g, a, rows, n_tok, kvh, next_kvh, qf, scores, stride, out);
+        if (nc2 > NC2) return pass_dispatch<KV, NC2 + 1>(nc2, g, a, rows, n_tok, kvh, next_kvh, qf, scores, stride, out, l2);
     }
-    pass_dispatch_g<KV, NC2, heads_per_pass(NC2)>(g, a, rows, n_tok, kvh, next_kvh, qf, scores, stride, out);
+    pass_dispatch_g<KV, NC2, heads_per_pass(NC2)>(g, a, rows, n_tok, kvh, next_kvh, qf, scores, stride, out, l2);
 }
 
 // head_dim rounded up to whole chunks: the length of a partial output.
@@ -320,6 +326,7 @@ struct Stretches {
     int64_t* start;   // (tasks)
     int64_t* len;     // (tasks)
     Partials part;
+    bool l2;          // prefetch into L2 (prefetch_into_l2)
 };
 
 void attention_tasks(void* ctx, int64_t begin, int64_t end) {
@@ -362,13 +369,13 @@ void attention_tasks(void* ctx, int64_t begin, int64_t end) {
                 const int64_t next_kvh = g0 + per_pass < group || kvh + 1 == a.kv_heads ? -1 : kvh + 1;
                 if (a.kv_type == DType::bf16)
                     pass_dispatch<uint16_t, 1>(nc2, static_cast<int>(per_pass), a, rows, n_tok, kvh, next_kvh, qf, scores, stride,
-                                               out);
+                                               out, s.l2);
                 else if (a.kv_type == DType::i8)
                     pass_dispatch<int8_t, 1>(nc2, static_cast<int>(per_pass), a, rows, n_tok, kvh, next_kvh, qf, scores, stride,
-                                             out);
+                                             out, s.l2);
                 else
                     pass_dispatch<float, 1>(nc2, static_cast<int>(per_pass), a, rows, n_tok, kvh, next_kvh, qf, scores, stride,
-                                            out);
+                                            out, s.l2);
             }
         }
         scratch_free(scores);
@@ -435,7 +442,7 @@ void attention(const AttentionArgs& a) {
     void* scratch = scratch_alloc(tasks * 3 * 8 + tasks * a.heads * (dp + 2) * 4);
     int64_t* per_task = static_cast<int64_t*>(scratch);
     Stretches s{&a, first, per_task, per_task + tasks, per_task + 2 * tasks,
-                Partials{reinterpret_cast<float*>(per_task + 3 * tasks), dp + 2}};
+                Partials{reinterpret_cast<float*>(per_task + 3 * tasks), dp + 2}, prefetch_into_l2()};
     for (int64_t b = 0; b < a.batch; ++b) {
         const int64_t len = a.context_lens[b], per = stretch_tokens(len, wanted, cap);
         for (int64_t t = first[b], start = 0; t < first[b + 1]; ++t, start += per) {

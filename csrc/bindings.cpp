@@ -271,6 +271,8 @@ NB_MODULE(_kernels, m) {
     m.def("bf16_dot", []() {
         return std::make_pair(bf16_dot_in_use(), bf16_dot_ratio());
     }, "(in use, measured vdpbf16ps / fp32 FMA rate): whether bf16 products run on vdpbf16ps now.");
+    m.def("prefetch_into_l2", &prefetch_into_l2,
+          "Whether decode GEMMs and attention prefetch into L2 rather than L1 (AMD, or IRONLM_PREFETCH=l1|l2).");
     m.def("bf16_gemm_rounds", &bf16_gemm_rounds, nb::arg("m"),
           "Whether the bf16 GEMM of the current level rounds m rows of activations to bf16.");
     // Raw-address kernels: call them through ironlm.quant.QuantLinear and ironlm.kernels.

@@ -186,6 +186,27 @@ double bf16_dot_ratio() {
     return ratio;
 }
 
+namespace {
+
+bool decide_prefetch_into_l2() {
+    const char* env = std::getenv("IRONLM_PREFETCH");
+    if (env && *env) {
+        if (std::strcmp(env, "l1") == 0) return false;
+        if (std::strcmp(env, "l2") == 0) return true;
+        std::fprintf(stderr, "ironlm: IRONLM_PREFETCH=%s is not l1 or l2; using the CPU's default\n", env);
+    }
+    unsigned int max_leaf, vendor[3];
+    __cpuid(0, max_leaf, vendor[0], vendor[2], vendor[1]);  // the name comes in EBX, EDX, ECX
+    return std::memcmp(vendor, "AuthenticAMD", 12) == 0;
+}
+
+}  // namespace
+
+bool prefetch_into_l2() {
+    static const bool l2 = decide_prefetch_into_l2();  // immutable after first call
+    return l2;
+}
+
 bool bf16_dot_in_use() {
     const Isa isa = current_isa();
     if (isa != Isa::avx512_bf16 && isa != Isa::amx) return false;

@@ -41,4 +41,10 @@ double bf16_dot_ratio();
 // Whether the current level runs bf16 products on vdpbf16ps.
 bool bf16_dot_in_use();
 
+// Where memory-bound kernels prefetch (the AVX-512 GEMMs of few rows, decode attention): into L2 on AMD CPUs,
+// where prefetching into L1 held the core's miss buffers, so that on Zen 4 1-row int8 GEMMs read their weights
+// 1.1-1.8x and decode attention its K/V 1.3-1.6x slower (BENCHMARKS.md); else into L1, as measured on Intel.
+// IRONLM_PREFETCH=l1|l2 overrides it; decided once.
+bool prefetch_into_l2();
+
 }  // namespace ironlm

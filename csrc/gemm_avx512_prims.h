@@ -10,6 +10,7 @@ constexpr int kT = 2;
 constexpr int kTSmall = 4;  // decode: up to 2 rows x 4 tiles
 constexpr int kTSmallBf16 = kTSmall;
 constexpr int kSmallRows = 2;
+constexpr bool kL2PrefetchLevel = true;  // few-row micro-tiles prefetch into L2 where prefetch_into_l2() says so
 
 inline VI wload(const uint8_t* p) { return _mm512_loadu_si512(p); }
 inline VI nib_lo(VI v) { return _mm512_and_si512(v, _mm512_set1_epi8(0x0f)); }

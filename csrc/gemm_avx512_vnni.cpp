@@ -1,4 +1,5 @@
 // The avx512_vnni kernel level: gemm_impl.h compiled with this level's flags only (see CMakeLists.txt).
+#include "dispatch.h"
 #include "kernels.h"
 #include "threadpool.h"
 

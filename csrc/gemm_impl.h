@@ -8,6 +8,7 @@
 //   kT: 16-row weight tiles per micro-tile, kTSmall of them (kTSmallBf16 for bf16) when x has at most
 //   kSmallRows rows;
 //   kQ8Offset: what int8 weights are stored offset by, as seen by dot_q8;
+//   kL2PrefetchLevel: whether few-row micro-tiles may prefetch into L2 (prefetch_into_l2, dispatch.h);
 //   kWideRows: rows of x per int_micro_wide call (0: none), which needs fload as well;
 //   wload, nib_lo, nib_hi, iset1, fzero, fset1, fmul, fmadd, cvt, load_h16, fstore, dot_q4, dot_q8,
 //   quantize_block, and either bf16_dot (with IRONLM_BF16_DOT defined) or bf16_even/bf16_odd;
@@ -18,6 +19,7 @@
 constexpr int64_t kPrefetchBytes = 2048;
 
 inline void prefetch(const uint8_t* p) { __builtin_prefetch(p, 0, 3); }
+inline void prefetch_l2(const uint8_t* p) { __builtin_prefetch(p, 0, 1); }
 
 // What a micro-tile prefetches: kPrefetchBytes along its own streams (near), the next micro-tile (unit), or
 // nothing (its weights are already in cache).
@@ -74,6 +76,10 @@ struct Prepared {
     int32_t* goff;   // (groups, k_padded / 32, kWideRows) -offset * xsum, what the dot products start from
     uint16_t* xb;    // (m, k_padded) bf16
     float* xf;       // (m, k_padded) float
+    // Micro-tiles that stream their weights from memory (int_micro; bf16_micro of up to kSmallRows rows)
+    // prefetch into L2 rather than L1 (prefetch_into_l2); the 16-row and many-row ones compute from L1 and
+    // measured slower so.
+    bool l2;
 };
 
 constexpr int64_t kPrepareRun = kWideRows > 0 ? kWideRows : 1;  // rows per group, and per unit of prepare_row_runs
@@ -202,8 +208,10 @@ void int_micro(const Prepared& p, int64_t r0, int64_t tile0, Ahead ahead) {
             // Near a tile's end, run ahead into the same tile of the next micro-tile (T tiles on), so the
             // next call finds its streams already started instead of waiting on DRAM.
             const int64_t jump = b * tb + kPrefetchBytes >= stream ? (T - 1) * stream : 0;
-            for (int t = 0; t < T; ++t)
-                for (int64_t off = 0; off < tb; off += 64) prefetch(wt[t] + kPrefetchBytes + jump + off);
+            for (int t = 0; t < T; ++t) {
+                const uint8_t* pf = wt[t] + kPrefetchBytes + jump;
+                for (int64_t off = 0; off < tb; off += 64) p.l2 ? prefetch_l2(pf + off) : prefetch(pf + off);
+            }
         }
         VF d[T];
         for (int t = 0; t < T; ++t) d[t] = load_h16(wt[t] + qbytes);
@@ -289,7 +297,8 @@ void bf16_micro(const Prepared& p, int64_t r0, int64_t tile0) {
         const int64_t near = q * 64 + kPrefetchBytes;
         const int64_t pf = near >= stream ? near + (T - 1) * stream : near;
         for (int t = 0; t < T; ++t) {
-            prefetch(wt[t] + pf);
+            if (R <= kSmallRows && p.l2) prefetch_l2(wt[t] + pf);
+            else prefetch(wt[t] + pf);
             const VI w = wload(wt[t] + q * 64);
 #ifdef IRONLM_BF16_DOT
             for (int r = 0; r < R; ++r) acc[r][t] = bf16_dot(acc[r][t], w, load_i32(p.xb + (r0 + r) * kp + 2 * q));
@@ -373,6 +382,7 @@ void run_units(const Prepared& p) {
 void gemm_impl(const GemmArgs& a) {
     Prepared p{};
     p.a = &a;
+    p.l2 = kL2PrefetchLevel && prefetch_into_l2();
     p.num_tiles = (a.n + kTileRows - 1) / kTileRows;
     const int64_t kp = a.k_padded, kb = kp / kBlock;
     const bool is_bf16 = a.fmt == static_cast<int>(WeightFormat::bf16);

@@ -1,4 +1,5 @@
 // Fused ops and decode attention at the avx512 level: ops_impl.h compiled with this level's flags.
+#include "dispatch.h"
 #include "ops.h"
 #include "threadpool.h"
 

@@ -1,5 +1,6 @@
 // Fused ops and attention at the avx512_bf16 level (and amx): ops_impl.h with this level's flags, which
 // give prefill attention its vdpbf16ps path.
+#include "dispatch.h"
 #include "ops.h"
 #include "threadpool.h"
 

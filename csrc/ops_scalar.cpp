@@ -1,4 +1,5 @@
 // Fused ops and decode attention at the scalar level: ops_impl.h compiled with this level's flags.
+#include "dispatch.h"
 #include "ops.h"
 #include "threadpool.h"
 
@@ -10,12 +11,6 @@ namespace {
 }  // namespace
 
 const OpsTable& ops_scalar() { return kTable; }
-
-}  // namespace ironlm
-
-#include "dispatch.h"
-
-namespace ironlm {
 
 const OpsTable& ops() {
     switch (current_isa()) {

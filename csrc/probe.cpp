@@ -23,7 +23,7 @@ namespace nb = nanobind;
 
 namespace ironlm::probe {
 
-uint64_t read_scalar(const uint8_t* p, size_t n) {
+uint64_t read_scalar(const uint8_t* p, size_t n, bool) {
     uint64_t sum = 0;
     size_t i = 0;
     for (; i + 8 <= n; i += 8) {
@@ -83,7 +83,7 @@ void check_args(size_t size_bytes, int threads, int repeats) {
     if (size_bytes < size_t(64) * threads) throw std::invalid_argument("probe: size_bytes too small for the threads");
 }
 
-using ReadFn = uint64_t (*)(const uint8_t*, size_t);
+using ReadFn = uint64_t (*)(const uint8_t*, size_t, bool);
 
 ReadFn read_kernel(const std::string& isa) {
     if (isa == "scalar") return read_scalar;
@@ -98,7 +98,9 @@ ReadFn read_kernel(const std::string& isa) {
     throw std::invalid_argument("probe: unknown read isa '" + isa + "' (scalar, avx2, avx512)");
 }
 
-// Best read bandwidth in GB/s (1e9 bytes/s) over `repeats` passes over a buffer of size_bytes.
+// Best read bandwidth in GB/s (1e9 bytes/s) over `repeats` passes over a buffer of size_bytes, the passes
+// prefetching into L1 and into L2 in turns: the kernels use whichever reads faster (dispatch.h), and the roofline
+// holds them to the faster of the two.
 double read_bandwidth(size_t size_bytes, int threads, int repeats, const std::string& isa) {
     check_args(size_bytes, threads, repeats);
     const ReadFn fn = read_kernel(isa);
@@ -114,7 +116,7 @@ double read_bandwidth(size_t size_bytes, int threads, int repeats, const std::st
     for (int r = 0; r < repeats; ++r) {
         const double s = run_parallel(threads, [&](int t) {
             auto [b, e] = slice(size_bytes, threads, t);
-            sums[t * 8] += fn(buf.data + b, e - b);
+            sums[t * 8] += fn(buf.data + b, e - b, r % 2 == 1);
         });
         best = std::min(best, s);
     }

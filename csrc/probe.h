@@ -10,10 +10,11 @@ namespace ironlm::probe {
 constexpr int kReadStreams = 4;
 constexpr size_t kReadPrefetchBytes = 2048;
 
-// Read every byte of [p, p + n) with vector loads; returns a checksum so the loads are not removed.
-uint64_t read_scalar(const uint8_t* p, size_t n);
-uint64_t read_avx2(const uint8_t* p, size_t n);
-uint64_t read_avx512(const uint8_t* p, size_t n);
+// Read every byte of [p, p + n) with vector loads; returns a checksum so the loads are not removed. l2: the
+// vector kernels prefetch into L2 instead of L1 (which reads faster depends on the CPU; dispatch.h).
+uint64_t read_scalar(const uint8_t* p, size_t n, bool l2);
+uint64_t read_avx2(const uint8_t* p, size_t n, bool l2);
+uint64_t read_avx512(const uint8_t* p, size_t n, bool l2);
 
 // Run `iters` rounds of independent multiply-adds; return the arithmetic operations done (2 per multiply-add).
 double fp32_fma_avx2(int64_t iters, float* sink);

@@ -5,7 +5,7 @@
 
 namespace ironlm::probe {
 
-uint64_t read_avx2(const uint8_t* p, size_t n) {
+uint64_t read_avx2(const uint8_t* p, size_t n, bool l2) {
     // Four prefetched streams, as in read_avx512.
     const size_t q = (n / kReadStreams) & ~size_t(63);
     __m256i a[kReadStreams];
@@ -14,7 +14,8 @@ uint64_t read_avx2(const uint8_t* p, size_t n) {
         _Pragma("GCC unroll 4")
         for (int s = 0; s < kReadStreams; ++s) {
             const uint8_t* row = p + s * q + i;
-            __builtin_prefetch(row + kReadPrefetchBytes, 0, 3);
+            if (l2) __builtin_prefetch(row + kReadPrefetchBytes, 0, 1);
+            else __builtin_prefetch(row + kReadPrefetchBytes, 0, 3);
             a[s] = _mm256_add_epi64(a[s], _mm256_load_si256(reinterpret_cast<const __m256i*>(row)));
             a[s] = _mm256_add_epi64(a[s], _mm256_load_si256(reinterpret_cast<const __m256i*>(row + 32)));
         }

@@ -8,7 +8,7 @@ namespace ironlm::probe {
 
 constexpr int kChains = 12;  // independent accumulators: latency x ports
 
-uint64_t read_avx512(const uint8_t* p, size_t n) {
+uint64_t read_avx512(const uint8_t* p, size_t n, bool l2) {
     // Four streams with software prefetch, as the GEMM kernels read their weight tiles: a single
     // hardware-prefetched stream leaves a core's bandwidth on the table.
     const size_t q = (n / kReadStreams) & ~size_t(63);
@@ -17,7 +17,8 @@ uint64_t read_avx512(const uint8_t* p, size_t n) {
     for (size_t i = 0; i < q; i += 64) {
         _Pragma("GCC unroll 4")
         for (int s = 0; s < kReadStreams; ++s) {
-            __builtin_prefetch(p + s * q + i + kReadPrefetchBytes, 0, 3);
+            if (l2) __builtin_prefetch(p + s * q + i + kReadPrefetchBytes, 0, 1);
+            else __builtin_prefetch(p + s * q + i + kReadPrefetchBytes, 0, 3);
             a[s] = _mm512_add_epi64(a[s], _mm512_load_si512(p + s * q + i));
         }
     }

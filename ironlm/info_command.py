@@ -1,6 +1,7 @@
 """`ironlm info [-m MODEL]`: what this machine offers, what ironlm will use, and (with a model) what the model is."""
 import argparse
 import json
+import os
 from collections import Counter
 
 from rich.console import Console
@@ -30,6 +31,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the facts as JSON")
 
 
+def decode_prefetch() -> str:
+    """Where the memory-bound kernels (decode GEMMs, decode attention) prefetch, and why."""
+    from ironlm import _kernels
+
+    l2 = _kernels.prefetch_into_l2()
+    if os.environ.get("IRONLM_PREFETCH") in ("l1", "l2"):
+        why = "set by IRONLM_PREFETCH"
+    else:
+        why = "the default on AMD CPUs" if l2 else "the default on CPUs other than AMD's"
+    return f"into {'L2' if l2 else 'L1'} ({why}; IRONLM_PREFETCH=l1|l2 to change)"
+
+
 def machine_facts() -> dict:
     """Everything `ironlm info` reports about the machine, JSON-ready; absent facts are None."""
     from ironlm.config import kv_cache_dtype_for
@@ -54,6 +67,7 @@ def machine_facts() -> dict:
         "active_isa": info.active_isa,
         "isa_reason": info.isa_reason,
         "gemm_kernels": kernel_report(),  # weight format -> the instructions its GEMM uses here
+        "decode_prefetch": decode_prefetch(),
         "default_threads": default_threads(),
         "default_dtype": default_dtype(info),
         "default_kv_cache_dtype": kv_cache_dtype_for("auto", None),
@@ -155,6 +169,7 @@ def print_facts(machine: dict, model: dict | None, console: Console | None = Non
     kernels = machine["gemm_kernels"]
     t.add_row("GEMM, bf16 weights", kernels["bf16"])
     t.add_row("GEMM, int8/int4", kernels["int4"])
+    t.add_row("Decode prefetch", machine["decode_prefetch"])
     t.add_row("Default threads", f"{machine['default_threads']} (IRONLM_THREADS or --threads to change)")
     t.add_row("Default dtype", machine["default_dtype"])
     t.add_row("Default KV cache", f"{machine['default_kv_cache_dtype']} (float32 with --dtype float32)")

@@ -106,6 +106,39 @@ def test_ironlm_isa_env_lowers_the_level():
     assert level == "avx2" and "IRONLM_ISA" in why
 
 
+PREFETCH_CODE = """
+import hashlib, torch
+from ironlm import _kernels
+from ironlm.quant import QuantLinear
+torch.manual_seed(0)
+out = []
+for fmt in ("int8", "int4_sym", "int4", "bf16"):  # decode rows, through the prefetching micro-tiles
+    layer = QuantLinear.from_dense(torch.randn(100, 300), None, fmt)
+    out += [layer(torch.randn(rows, 300)).flatten() for rows in (1, 2, 3)]
+print(_kernels.prefetch_into_l2(), hashlib.sha256(torch.cat(out).numpy().tobytes()).hexdigest())
+"""
+
+
+@pytest.mark.parametrize("setting", ["l1", "l2", "bogus"])
+def test_prefetch_setting(setting):
+    """IRONLM_PREFETCH=l1|l2 picks where the decode kernels prefetch (otherwise L2 on AMD CPUs only, with a
+    warning for a value it does not know); the results are the same either way."""
+    import subprocess
+    import sys
+
+    results = {}
+    for name in (setting, "l1"):
+        run = subprocess.run([sys.executable, "-c", PREFETCH_CODE], env=dict(os.environ, IRONLM_PREFETCH=name),
+                             capture_output=True, text=True, check=True)
+        results[name] = run.stdout.split()
+        if name == "bogus":
+            assert "IRONLM_PREFETCH=bogus is not l1 or l2" in run.stderr
+    amd = "AuthenticAMD" in open("/proc/cpuinfo").read()
+    assert results[setting][0] == str({"l1": False, "l2": True, "bogus": amd}[setting])
+    assert results["l1"][0] == "False"
+    assert results[setting][1] == results["l1"][1]  # the same outputs, bit for bit
+
+
 @pytest.mark.skipif("avx512_bf16" not in RUNNABLE, reason="needs a CPU with AVX512-BF16")
 @pytest.mark.parametrize("mode", ["on", "off"])
 def test_bf16_dot_modes_on_the_bf16_level(mode):
