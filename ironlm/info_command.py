@@ -40,7 +40,13 @@ def decode_prefetch() -> str:
         why = "set by IRONLM_PREFETCH"
     else:
         why = "the default on AMD CPUs" if l2 else "the default on CPUs other than AMD's"
-    return f"into {'L2' if l2 else 'L1'} ({why}; IRONLM_PREFETCH=l1|l2 to change)"
+    if not l2:
+        where = "into L1"
+    elif _kernels.active_isa()[0] in ("scalar", "avx2"):
+        where = "into L2 for decode attention; this level's GEMMs keep L1"  # gemm_avx2.cpp: L2 measured slower
+    else:
+        where = "into L2"
+    return f"{where} ({why}; IRONLM_PREFETCH=l1|l2 to change)"
 
 
 def machine_facts() -> dict:
