@@ -12,12 +12,6 @@ constexpr int64_t kMinStretch = 64;    // tokens: shorter stretches cost more in
 // in bytes, not tokens: an int8 row is half a bf16 one, and 64 tokens of it left the int8 cache waiting on DRAM.
 constexpr int64_t kPrefetchBytes = 8192;
 
-// Into L2 where prefetch_into_l2() says so (AMD), else into L1.
-inline void prefetch_line(const char* p, bool l2) {
-    if (l2) __builtin_prefetch(p, 0, 1);
-    else __builtin_prefetch(p, 0, 3);
-}
-
 inline void prefetch_span(const void* p, int64_t bytes, bool l2) {
     for (int64_t off = 0; off < bytes; off += 64) prefetch_line(static_cast<const char*>(p) + off, l2);
 }

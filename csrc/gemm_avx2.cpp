@@ -1,6 +1,7 @@
 // The AVX2 kernel level (AVX2 + FMA + F16C): gemm_impl.h over 16 lanes held as two 256-bit halves.
 #include "dispatch.h"
 #include "kernels.h"
+#include "prefetch.h"
 #include "threadpool.h"
 
 #include <immintrin.h>

@@ -1,6 +1,7 @@
 // The avx512_bf16 kernel level: gemm_impl.h compiled with this level's flags only (see CMakeLists.txt).
 #include "dispatch.h"
 #include "kernels.h"
+#include "prefetch.h"
 #include "threadpool.h"
 
 #include <immintrin.h>

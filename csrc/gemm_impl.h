@@ -18,8 +18,6 @@
 // leave single-core bandwidth on the table.
 constexpr int64_t kPrefetchBytes = 2048;
 
-inline void prefetch(const uint8_t* p) { __builtin_prefetch(p, 0, 3); }
-inline void prefetch_l2(const uint8_t* p) { __builtin_prefetch(p, 0, 1); }
 
 // What a micro-tile prefetches: kPrefetchBytes along its own streams (near), the next micro-tile (unit), or
 // nothing (its weights are already in cache).
@@ -203,15 +201,13 @@ void int_micro(const Prepared& p, int64_t r0, int64_t tile0, Ahead ahead) {
         }
         if (ahead == Ahead::unit) {  // the same block of each tile of the next micro-tile, into L2
             for (int t = 0; t < T; ++t)
-                for (int64_t off = 0; off < tb; off += 64) __builtin_prefetch(wt[t] + T * stream + off, 0, 1);
+                for (int64_t off = 0; off < tb; off += 64) prefetch_line(wt[t] + T * stream + off, true);
         } else if (ahead == Ahead::near) {
             // Near a tile's end, run ahead into the same tile of the next micro-tile (T tiles on), so the
             // next call finds its streams already started instead of waiting on DRAM.
             const int64_t jump = b * tb + kPrefetchBytes >= stream ? (T - 1) * stream : 0;
-            for (int t = 0; t < T; ++t) {
-                const uint8_t* pf = wt[t] + kPrefetchBytes + jump;
-                for (int64_t off = 0; off < tb; off += 64) p.l2 ? prefetch_l2(pf + off) : prefetch(pf + off);
-            }
+            for (int t = 0; t < T; ++t)
+                for (int64_t off = 0; off < tb; off += 64) prefetch_line(wt[t] + kPrefetchBytes + jump + off, p.l2);
         }
         VF d[T];
         for (int t = 0; t < T; ++t) d[t] = load_h16(wt[t] + qbytes);
@@ -247,7 +243,7 @@ void int_micro_wide(const Prepared& p, int64_t r0, int64_t tile) {
     const uint8_t* w = a.w + tile * kb * tb;
     const int64_t i0 = r0 * kb;  // r0 starts a group (p.gq): its blocks follow at steps of R
     for (int64_t b = 0; b < kb; ++b, w += tb) {
-        for (int64_t off = 0; off < tb; off += 64) prefetch(w + kPrefetchBytes + off);  // runs on into the next tile
+        for (int64_t off = 0; off < tb; off += 64) prefetch_line(w + kPrefetchBytes + off, false);  // runs on into the next tile
         const int8_t* xb = p.gq + (i0 + b * R) * kBlock;  // (R, 32)
         const float* xs = p.gs + i0 + b * R;
         VI ai[R];
@@ -297,8 +293,7 @@ void bf16_micro(const Prepared& p, int64_t r0, int64_t tile0) {
         const int64_t near = q * 64 + kPrefetchBytes;
         const int64_t pf = near >= stream ? near + (T - 1) * stream : near;
         for (int t = 0; t < T; ++t) {
-            if (R <= kSmallRows && p.l2) prefetch_l2(wt[t] + pf);
-            else prefetch(wt[t] + pf);
+            prefetch_line(wt[t] + pf, R <= kSmallRows && p.l2);
             const VI w = wload(wt[t] + q * 64);
 #ifdef IRONLM_BF16_DOT
             for (int r = 0; r < R; ++r) acc[r][t] = bf16_dot(acc[r][t], w, load_i32(p.xb + (r0 + r) * kp + 2 * q));

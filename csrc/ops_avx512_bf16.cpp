@@ -2,6 +2,7 @@
 // give prefill attention its vdpbf16ps path.
 #include "dispatch.h"
 #include "ops.h"
+#include "prefetch.h"
 #include "threadpool.h"
 
 #include <immintrin.h>

@@ -1,6 +1,7 @@
 // Fused ops and decode attention at the scalar level: ops_impl.h compiled with this level's flags.
 #include "dispatch.h"
 #include "ops.h"
+#include "prefetch.h"
 #include "threadpool.h"
 
 #include <immintrin.h>  // lanes_at_least in sample_impl.h

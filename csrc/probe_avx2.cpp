@@ -1,6 +1,7 @@
 // AVX2 + FMA probe kernels (compiled with -mavx2 -mfma; called only when the CPU and OS support them).
 #include <immintrin.h>
 
+#include "prefetch.h"
 #include "probe.h"
 
 namespace ironlm::probe {
@@ -14,8 +15,7 @@ uint64_t read_avx2(const uint8_t* p, size_t n, bool l2) {
         _Pragma("GCC unroll 4")
         for (int s = 0; s < kReadStreams; ++s) {
             const uint8_t* row = p + s * q + i;
-            if (l2) __builtin_prefetch(row + kReadPrefetchBytes, 0, 1);
-            else __builtin_prefetch(row + kReadPrefetchBytes, 0, 3);
+            prefetch_line(row + kReadPrefetchBytes, l2);
             a[s] = _mm256_add_epi64(a[s], _mm256_load_si256(reinterpret_cast<const __m256i*>(row)));
             a[s] = _mm256_add_epi64(a[s], _mm256_load_si256(reinterpret_cast<const __m256i*>(row + 32)));
         }

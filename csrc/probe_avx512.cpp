@@ -2,6 +2,7 @@
 // each function is called only when the CPU and OS support the instructions it uses).
 #include <immintrin.h>
 
+#include "prefetch.h"
 #include "probe.h"
 
 namespace ironlm::probe {
@@ -17,8 +18,7 @@ uint64_t read_avx512(const uint8_t* p, size_t n, bool l2) {
     for (size_t i = 0; i < q; i += 64) {
         _Pragma("GCC unroll 4")
         for (int s = 0; s < kReadStreams; ++s) {
-            if (l2) __builtin_prefetch(p + s * q + i + kReadPrefetchBytes, 0, 1);
-            else __builtin_prefetch(p + s * q + i + kReadPrefetchBytes, 0, 3);
+            prefetch_line(p + s * q + i + kReadPrefetchBytes, l2);
             a[s] = _mm512_add_epi64(a[s], _mm512_load_si512(p + s * q + i));
         }
     }
