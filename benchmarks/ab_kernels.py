@@ -79,7 +79,7 @@ def ab_gemm(builds: dict, args) -> None:
             # a model, not from cache.
             layer = QuantLinear.from_dense(torch.randn(n, k), None, args.fmt)
             beyond = max(64 << 20, 2 * (hardware.last_level_cache_bytes() or 0))
-            copies = max(1, beyond // layer.packed.numel() // layer.packed.element_size())
+            copies = 1 if args.cache_resident else max(1, beyond // layer.packed.numel() // layer.packed.element_size())
             packed = [layer.packed] + [layer.packed.clone() for _ in range(copies - 1)]
             x = torch.randn(rows, k)
             outs = {name: torch.empty(rows, n) for name in builds}
@@ -190,8 +190,9 @@ def main() -> None:
     parser.add_argument("--rows", default="1,16,512")
     parser.add_argument("--shapes", default="2048x2048,6144x2048,2048x8192", help="N x K weights, comma-separated")
     parser.add_argument("--cache-resident", action="store_true",
-                        help="decode-attention: the sequences of a batch share one layer's blocks, so K and V are "
-                             "read from cache and the kernel's own work shows")
+                        help="gemm: one copy of the weights, which stay in cache; decode-attention: the sequences "
+                             "of a batch share one layer's blocks, so K and V are read from cache. Either way the "
+                             "kernel's own work shows")
     args = parser.parse_args()
     builds = {"old": load_old(args.old), "new": new_kernels}
     for module in builds.values():
