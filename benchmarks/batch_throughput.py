@@ -102,11 +102,13 @@ def rss_bytes() -> int:
 def worker_ironlm(args, docs: list[list[int]]) -> dict:
     from ironlm import LLM, SamplingParams
     from ironlm.bench.harness import peak_rss_bytes, reset_peak_rss
+    from ironlm.cli import memory_size
     from ironlm.jobs.resume import DurableAppender
     from ironlm.jobs.runner import JobRunner, Task
 
     llm = LLM(model=args.model, dtype=args.dtype, threads=args.threads, max_num_seqs=args.max_num_seqs,
-              max_model_len=args.doc_tokens + args.new_tokens + 16, kv_cache_dtype=args.kv_cache_dtype)
+              max_model_len=args.doc_tokens + args.new_tokens + 16, kv_cache_dtype=args.kv_cache_dtype,
+              kv_cache_bytes=memory_size(args.kv_cache_memory) if args.kv_cache_memory else None)
     rss_loaded = rss_bytes()
     reset_peak_rss()
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True,
@@ -127,7 +129,8 @@ def worker_ironlm(args, docs: list[list[int]]) -> dict:
         wall = time.perf_counter() - start
     return {"wall_s": wall, "num_done": stats.num_done, "generated_tokens": stats.num_generated_tokens,
             "rss_loaded": rss_loaded, "peak_rss": peak_rss_bytes(), "quarter_peaks": memory.peaks,
-            "max_num_seqs": args.max_num_seqs, "kv_cache_dtype": llm.engine.kv_dtype_name}
+            "max_num_seqs": args.max_num_seqs, "kv_cache_dtype": llm.engine.kv_dtype_name,
+            "kv_blocks": llm.engine.block_manager.num_blocks}
 
 
 def worker_llama_cpp(args, docs: list[list[int]]) -> dict:
@@ -189,7 +192,8 @@ def run_worker(engine: str, args, docs_file: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", engine, "--docs-file", docs_file, "--model", args.model,
            "--threads", str(args.threads), "--new-tokens", str(args.new_tokens), "--doc-tokens", str(args.doc_tokens),
            "--max-num-seqs", str(args.max_num_seqs), "--kv-cache-dtype", args.kv_cache_dtype] + (
-        ["--dtype", args.dtype] if args.dtype else [])
+        ["--dtype", args.dtype] if args.dtype else []) + (
+        ["--kv-cache-memory", args.kv_cache_memory] if args.kv_cache_memory else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=PEER_ENV)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
@@ -209,6 +213,7 @@ def markdown(label: str, rows: list[tuple[str, dict]], args, load: tuple, skippe
              f"{' --peer-docs ' + str(args.peer_docs) if args.peer_docs else ''} --doc-tokens {args.doc_tokens} "
              f"--new-tokens {args.new_tokens}{' --model-shape ' + args.model_shape + ' --format ' + args.format if args.model_shape else ''}"
              f"{' --kv-cache-dtype ' + args.kv_cache_dtype if args.kv_cache_dtype != 'auto' else ''}"
+             f"{' --kv-cache-memory ' + args.kv_cache_memory if args.kv_cache_memory else ''}"
              f"{' --repetition-penalty ' + str(args.repetition_penalty) if args.repetition_penalty != 1.0 else ''}"
              f"{' --engines ' + ','.join(args.engines) if args.engines != list(WORKERS) else ''}` "
              f"on {info.model_name}, {args.threads} threads, load average {load[0]:.1f} at start, "
@@ -223,8 +228,8 @@ def markdown(label: str, rows: list[tuple[str, dict]], args, load: tuple, skippe
         per_hour = r["num_done"] / r["wall_s"] * 3600
         ratio = f"{per_hour / (base['num_done'] / base['wall_s'] * 3600):.2f}x" if base else "n/a"
         q = r["quarter_peaks"]
-        name = engine + (f" (max_num_seqs {r['max_num_seqs']}, {r['kv_cache_dtype']} KV)" if engine == "ironlm"
-                         else " (one at a time)")
+        name = engine + (f" (max_num_seqs {r['max_num_seqs']}, {r['kv_cache_dtype']} KV, {r.get('kv_blocks', '?')} "
+                         "KV blocks)" if engine == "ironlm" else " (one at a time)")
         lines.append(f"| {name} | {r['num_done']} | {r['wall_s']:,.0f} s | {per_hour:,.0f} | "
                      f"{r['generated_tokens'] / r['wall_s']:,.1f} | {_mib(r['peak_rss'])} | "
                      f"{_mib(q[0]) if q[0] else 'n/a'} → {_mib(q[3]) if q[3] else 'n/a'} | {ratio} |")  # n/a: under 4 documents
@@ -250,6 +255,8 @@ def main() -> int:
     parser.add_argument("--max-num-seqs", type=int, default=64, help="ironlm: documents decoding together")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16", "int8"],
                         help="ironlm's KV cache element type")
+    parser.add_argument("--kv-cache-memory", metavar="SIZE", help="ironlm's KV cache memory bound, e.g. 2G "
+                        "(default: ironlm's, half the available memory less the weights)")
     parser.add_argument("--repetition-penalty", type=float, default=1.0,
                         help="ironlm only (`ironlm summarize` uses 1.1); llama.cpp's penalty is another rule")
     parser.add_argument("--seed", type=int, default=0)

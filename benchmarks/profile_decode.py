@@ -20,6 +20,7 @@ import time
 from collections import defaultdict
 
 from ironlm import LLM, SamplingParams  # before torch: ironlm sets OpenMP's wait policy
+from ironlm.cli import memory_size
 from ironlm.engine import decode_graph
 from ironlm.layers import activation, attention, norm, rotary
 from ironlm.quant import linear
@@ -34,12 +35,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--all-steps", action="store_true", help="count every step, not only all-decode ones")
     parser.add_argument("--kv-cache-dtype", default="auto")
+    parser.add_argument("--kv-cache-memory", type=memory_size, metavar="SIZE",
+                        help="the KV cache's memory bound, e.g. 2G (default: ironlm's)")
     parser.add_argument("--enforce-eager", action="store_true", help="decode from Python: the per-kernel split")
     parser.add_argument("--gemm-shapes", action="store_true", help="split the GEMM time by weight shape and rows")
     args = parser.parse_args()
 
     llm = LLM(model=args.model, threads=args.threads, max_num_seqs=max(64, args.batch),
-              kv_cache_dtype=args.kv_cache_dtype, enforce_eager=args.enforce_eager)
+              kv_cache_dtype=args.kv_cache_dtype, kv_cache_bytes=args.kv_cache_memory, enforce_eager=args.enforce_eager)
     params = SamplingParams(max_tokens=args.new_tokens + 1, ignore_eos=True, temperature=0)
 
     def prompts(base: int) -> list[dict]:
@@ -102,7 +105,7 @@ def main() -> None:
 
     usage = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
-    llm.generate(prompts(2000), params)
+    outputs = llm.generate(prompts(2000), params)
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_SELF)
     steps = int(spent["steps"])
@@ -128,6 +131,10 @@ def main() -> None:
         for (n, k, rows), (seconds, calls) in sorted(by_shape.items(), key=lambda item: -item[1][0]):
             print(f"    gemm {n:>6} x {k:<6} {rows:10} {amount(seconds)}  {calls:6} calls, "
                   f"{seconds / calls * 1e3:7.3f} ms a call")
+    preempted = [o.metrics["num_preemptions"] for o in outputs]
+    print(f"preemptions: {sum(preempted)} (in {sum(1 for p in preempted if p)} of {len(outputs)} sequences; each "
+          f"recomputes its tokens so far), {llm.engine.block_manager.num_blocks} KV blocks of "
+          f"{llm.engine.block_manager.block_size} tokens")
     print(f"page faults during the run: {after.ru_minflt - usage.ru_minflt:,} minor, "
           f"{after.ru_majflt - usage.ru_majflt:,} major; system time {after.ru_stime - usage.ru_stime:.2f} s")
     for batch, graph in sorted((runner.graphs or {}).items()):

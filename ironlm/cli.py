@@ -36,6 +36,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                         help="KV cache element type: auto is bfloat16, or float32 with --dtype float32; int8 (a scale "
                              "per row) holds about twice the tokens of bfloat16 in the same memory")
+    parser.add_argument("--kv-cache-memory", type=memory_size, metavar="SIZE",
+                        help="most memory the KV cache may take, e.g. 8G or 512M (default: half the memory "
+                             "available at load, less the model's weights)")
     parser.add_argument("--enforce-eager", action="store_true",
                         help="run every decode step from Python instead of replaying its recorded kernel calls "
                              "(same results, slower on small models; for debugging)")
@@ -46,8 +49,22 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 
 def engine_options(args: argparse.Namespace) -> dict:
     """The EngineConfig fields that add_engine_arguments' flags give."""
-    return {"kv_cache_dtype": args.kv_cache_dtype, "enforce_eager": args.enforce_eager,
-            "chat_template": read_chat_template(args.chat_template)}
+    return {"kv_cache_dtype": args.kv_cache_dtype, "kv_cache_bytes": args.kv_cache_memory,
+            "enforce_eager": args.enforce_eager, "chat_template": read_chat_template(args.chat_template)}
+
+
+def memory_size(text: str) -> int:
+    """--kv-cache-memory: bytes from '8G', '512M', '1.5GiB' or a plain number of bytes."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    number = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = number[-1:] if number[-1:] in units else ""
+    try:
+        value = float(number[: len(number) - len(unit)]) * units[unit]
+    except ValueError:
+        value = 0.0
+    if not 1 << 20 <= value < 1 << 60:  # also NaN and infinity
+        raise argparse.ArgumentTypeError(f"{text!r} is not a memory size of at least 1M; give e.g. 8G or 512M")
+    return int(value)
 
 
 def read_chat_template(given: str | None) -> str | None:

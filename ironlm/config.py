@@ -20,7 +20,8 @@ class EngineConfig:
     max_model_len: int | None = None  # None = the model's context length
     block_size: int = 16              # tokens per KV block
     num_kv_blocks: int | None = None  # None = enough for max_num_seqs full contexts, capped by kv_cache_bytes
-    kv_cache_bytes: int = 2 << 30     # upper bound on KV pool memory when num_kv_blocks is None
+    kv_cache_bytes: int | None = None  # upper bound on KV pool memory when num_kv_blocks is None; None = half
+                                       # the memory available at load less the weights (hardware.default_kv_cache_bytes)
     kv_cache_dtype: str = "auto"      # "auto" (bfloat16, or float32 when dtype is "float32"), "float32", "bfloat16",
                                       # or "int8" (a scale per row: half of bf16's memory and bandwidth)
     max_num_seqs: int = 64            # sequences decoding together
@@ -36,11 +37,11 @@ class EngineConfig:
             raise IronlmError(f"quant {self.quant!r} is not supported; use one of {', '.join(QUANTS)}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise IronlmError(f"kv_cache_dtype {self.kv_cache_dtype!r} is not supported; use one of {', '.join(KV_CACHE_DTYPES)}")
-        for name in ("threads", "max_model_len", "num_kv_blocks"):
+        for name in ("threads", "max_model_len", "num_kv_blocks", "kv_cache_bytes"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise IronlmError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_bytes"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise IronlmError(f"{name} must be a positive integer, got {value!r}")

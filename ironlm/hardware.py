@@ -153,6 +153,28 @@ def _memory_total() -> int | None:
     return None
 
 
+def available_memory_bytes(meminfo: str = "/proc/meminfo", dirs: list[Path] | None = None) -> int | None:
+    """Bytes this process could allocate now without pushing others out: MemAvailable, capped by what the cgroup
+    memory limit leaves (memory.max less memory.current); None when unknown."""
+    available = None
+    for line in (_read(meminfo) or "").splitlines():
+        if line.startswith("MemAvailable:"):
+            parts = line.split()
+            if len(parts) >= 2 and parts[1].isdigit():
+                available = int(parts[1]) * 1024
+    pairs = [(d / "memory.max", d / "memory.current") for d in (_cgroup_dirs() if dirs is None else dirs)]
+    if dirs is None:
+        v1 = Path("/sys/fs/cgroup/memory")
+        pairs.append((v1 / "memory.limit_in_bytes", v1 / "memory.usage_in_bytes"))
+    for limit_file, usage_file in pairs:
+        limit, used = ((_read(f) or "").strip() for f in (limit_file, usage_file))
+        if limit.isdigit() and used.isdigit() and int(limit) < (1 << 60):  # v1 writes "no limit" as a huge number
+            left = max(0, int(limit) - int(used))
+            available = left if available is None else min(available, left)
+            break
+    return available
+
+
 def last_level_cache_bytes(root: str = "/sys/devices/system/cpu/cpu0/cache") -> int | None:
     """Size of the first CPU's highest-level cache (the L3 on most x86), from sysfs; None when unknown."""
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
@@ -247,6 +269,23 @@ def default_threads() -> int:
             raise IronlmError(f"IRONLM_THREADS={env!r} is not a positive integer; set it to e.g. 4 or unset it")
         return int(env)
     return available_cores(cpu_info())
+
+
+# What the KV pool may take by default: half of the memory available at load less the model's weights. A fixed 2 GiB
+# held 10,900 tokens of a 1.7B model's bf16 K/V (six 1,500-token documents at once) and 4,096 of Llama-2-7B's, one
+# full context, so a server of such a model held one long conversation and preempted the rest. The pool's pages are
+# mapped lazily, so a large bound costs memory only as sequences fill it (BENCHMARKS.md, session 18).
+KV_CACHE_SHARE = 0.5
+MIN_KV_CACHE_BYTES = 512 << 20
+FALLBACK_KV_CACHE_BYTES = 2 << 30  # where the available memory is unknown
+
+
+def default_kv_cache_bytes(weight_bytes: int, available: int | None = None) -> int:
+    """The KV pool's memory bound when none is given: KV_CACHE_SHARE of (available memory - weight_bytes)."""
+    available = available_memory_bytes() if available is None else available
+    if available is None:
+        return FALLBACK_KV_CACHE_BYTES
+    return max(MIN_KV_CACHE_BYTES, int((available - weight_bytes) * KV_CACHE_SHARE))
 
 
 def default_dtype(info: CpuInfo | None = None) -> str:

@@ -83,6 +83,7 @@ def machine_facts() -> dict:
 def model_facts(path: str | None) -> dict:
     """Architecture, sizes and storage of a checkpoint (read from its header; weights are not materialised)."""
     from ironlm.formats import default_model_path, load_checkpoint
+    from ironlm.hardware import default_kv_cache_bytes
 
     ckpt = load_checkpoint(path if path else default_model_path())
     c = ckpt.config
@@ -98,6 +99,9 @@ def model_facts(path: str | None) -> dict:
     bytes_by_dtype = Counter()
     for t in tensors.values():
         bytes_by_dtype[t.dtype] += t.nbytes
+    kv_heads = c.get("num_key_value_heads") or heads
+    head_dim = c.get("head_dim") or (c["hidden_size"] // heads if heads and c.get("hidden_size") else None)
+    kv_rows = c["num_hidden_layers"] * 2 * kv_heads if kv_heads and c.get("num_hidden_layers") else None
     return {
         "name": ckpt.name,
         "path": str(ckpt.path),
@@ -107,8 +111,8 @@ def model_facts(path: str | None) -> dict:
         "hidden_size": c.get("hidden_size"),
         "intermediate_size": c.get("intermediate_size"),
         "num_attention_heads": heads,
-        "num_key_value_heads": c.get("num_key_value_heads") or heads,
-        "head_dim": c.get("head_dim") or (c["hidden_size"] // heads if heads and c.get("hidden_size") else None),
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
         "max_position_embeddings": c.get("max_position_embeddings"),
         "vocab_size": c.get("vocab_size"),
         "tie_word_embeddings": bool(c.get("tie_word_embeddings", False)),
@@ -118,6 +122,10 @@ def model_facts(path: str | None) -> dict:
         "bytes_by_dtype": dict(bytes_by_dtype.most_common()),
         "weight_bytes": sum(bytes_by_dtype.values()),
         "file_bytes": ckpt.path.stat().st_size if ckpt.path.is_file() else None,
+        # What a token's K and V rows take in every layer: bf16, and int8 with a float scale a row.
+        "kv_bytes_per_token": {"bfloat16": kv_rows * head_dim * 2, "int8": kv_rows * (head_dim + 4)}
+        if kv_rows and head_dim else None,
+        "default_kv_cache_bytes": default_kv_cache_bytes(sum(bytes_by_dtype.values())),
         "chat_template": ckpt.tokenizer.chat_template is not None,
         "tools": _tool_support(ckpt.tokenizer),
     }
@@ -197,6 +205,11 @@ def print_facts(machine: dict, model: dict | None, console: Console | None = Non
     t.add_row("Storage", ", ".join(f"{d}: {n} tensors, {model['bytes_by_dtype'][d] / 2**20:,.1f} MiB"
                                    for d, n in model["tensors_by_dtype"].items()))
     t.add_row("Weight bytes", f"{model['weight_bytes']:,} ({model['weight_bytes'] / 2**20:,.1f} MiB)")
+    kv, per_token = model["default_kv_cache_bytes"], model["kv_bytes_per_token"]
+    if per_token:
+        t.add_row("KV cache", f"up to {_gib(kv)} by default now (half the available memory less the weights; "
+                              f"--kv-cache-memory to change): {kv // per_token['bfloat16']:,} tokens in bf16, "
+                              f"{kv // per_token['int8']:,} in int8")
     t.add_row("Chat template", "yes" if model["chat_template"] else
               "none: send plain prompts (/v1/completions), or give one with --chat-template")
     if model["tools"]:

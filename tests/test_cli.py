@@ -120,6 +120,17 @@ def test_prompt_longer_than_context_is_exit_2():
     assert "context" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_kv_cache_memory_bounds_the_context():
+    # 64 MiB of bf16 KV hold 2,912 tokens of the 135M (30 layers x 3 kv heads x 64 dims x 2 x 2 bytes a token).
+    result = ironlm("generate", "--kv-cache-memory", "64M", "--raw", "--max-tokens", "1", "-", stdin="word " * 4000)
+    assert result.returncode == 2
+    assert "KV cache's memory holds 2912" in result.stderr and "--kv-cache-memory" in result.stderr
+    assert "Traceback" not in result.stderr
+    bad = ironlm("generate", "--kv-cache-memory", "lots", "hi")
+    assert bad.returncode == 2
+    assert "'lots' is not a memory size" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_bad_sampling_value_is_exit_2():
     result = ironlm("generate", "--top-p", "7", "hi")
     assert result.returncode == 2

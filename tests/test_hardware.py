@@ -102,6 +102,27 @@ def test_cgroup_limits(tmp_path):
     assert hardware.cgroup_memory_limit([tmp_path]) is None
 
 
+def test_available_memory_and_the_kv_cache_default(tmp_path, monkeypatch):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemFree:         1000000 kB\nMemAvailable:   20971520 kB\n")
+    cgroup = tmp_path / "cg"
+    cgroup.mkdir()
+    assert hardware.available_memory_bytes(str(meminfo), [cgroup]) == 20 << 30  # no cgroup files: MemAvailable
+    (cgroup / "memory.max").write_text("max\n")
+    (cgroup / "memory.current").write_text(f"{1 << 30}\n")
+    assert hardware.available_memory_bytes(str(meminfo), [cgroup]) == 20 << 30  # no limit
+    (cgroup / "memory.max").write_text(f"{8 << 30}\n")
+    assert hardware.available_memory_bytes(str(meminfo), [cgroup]) == 7 << 30  # the limit less what is used
+    assert hardware.available_memory_bytes(str(tmp_path / "nope"), [tmp_path / "nope"]) is None
+    # Half of what is available less the weights, never below the floor; the old fixed bound where unknown.
+    assert hardware.default_kv_cache_bytes(4 << 30, available=20 << 30) == 8 << 30
+    assert hardware.default_kv_cache_bytes(4 << 30, available=3 << 30) == hardware.MIN_KV_CACHE_BYTES
+    real = hardware.available_memory_bytes()
+    assert real is None or 0 <= real <= (hardware.cpu_info().memory_bytes or real)
+    monkeypatch.setattr(hardware, "available_memory_bytes", lambda: None)
+    assert hardware.default_kv_cache_bytes(4 << 30) == hardware.FALLBACK_KV_CACHE_BYTES
+
+
 def test_available_cores_respects_quota():
     info = hardware.cpu_info()
     limited = hardware.CpuInfo(**{**info.__dict__, "physical_cores": 8, "cpu_quota": 1.5})
@@ -163,6 +184,9 @@ def test_info_table_with_model(tmp_path, capsys):
     assert model["tensors_by_dtype"] == {"BF16": 2 * 9 + 3}
     assert model["weight_bytes"] == 2 * num_params(config)
     assert (model["num_hidden_layers"], model["num_key_value_heads"], model["head_dim"]) == (2, 2, 16)
+    # A token's K and V rows: 2 layers x 2 (K, V) x 2 kv heads of 16 dims, as bf16 or int8 plus a float scale.
+    assert model["kv_bytes_per_token"] == {"bfloat16": 8 * 16 * 2, "int8": 8 * (16 + 4)}
+    assert model["default_kv_cache_bytes"] >= hardware.MIN_KV_CACHE_BYTES
     assert model["chat_template"] is (model["tools"] is not None)
     assert info_command.run(parser.parse_args(["--json"])) == 0  # the embedded SmolLM2: no tools in its template
     default = json.loads(capsys.readouterr().out)["model"]
@@ -170,3 +194,4 @@ def test_info_table_with_model(tmp_path, capsys):
     assert info_command.run(parser.parse_args(["-m", str(model_dir)])) == 0
     text = capsys.readouterr().out
     assert "AVX2" in text and "Parameters" in text and f"{num_params(config):,}" in text
+    assert "tokens in bf16" in text

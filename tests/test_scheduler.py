@@ -65,22 +65,48 @@ def test_fifo_admission_and_max_num_seqs():
 
 
 def test_preemption_by_recompute_and_resume():
-    bm = BlockManager(num_blocks=4, block_size=4, enable_prefix_caching=False)
+    bm = BlockManager(num_blocks=5, block_size=4, enable_prefix_caching=False)
     scheduler = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64)
-    a, b = make_seq("a", 8), make_seq("b", 8, first=50)
+    a, b = make_seq("a", 7), make_seq("b", 7, first=50)
     scheduler.add(a)
     scheduler.add(b)
-    run_step(scheduler)  # both prompts: 2 blocks each, pool full
-    assert bm.num_free_blocks == 0
-    out = run_step(scheduler)  # a needs a third block: b (newest) is preempted
+    run_step(scheduler)  # both prompts: 2 blocks each, and one left for a's next tokens
+    assert bm.num_free_blocks == 1
+    run_step(scheduler)  # the 8th tokens still fit
+    out = run_step(scheduler)  # both need a third block: a takes the last one, b (newest) is preempted
     assert out.num_tokens == {"a": 1}
     assert [s.request_id for s in out.preempted] == ["b"]
     assert b.status == SequenceStatus.WAITING and b.num_computed_tokens == 0 and b.block_table == []
-    assert b.num_preemptions == 1 and b.num_tokens == 9  # keeps its generated token, recomputes it all later
+    assert b.num_preemptions == 1 and b.num_tokens == 9  # keeps its generated tokens, recomputes it all later
     scheduler.finish(a, "stop")
     out = run_step(scheduler)
     assert out.num_tokens == {"b": 9}
     assert b.status == SequenceStatus.RUNNING
+    assert_no_leaks(bm, scheduler)
+
+
+def test_admission_waits_for_room_for_the_whole_prompt():
+    # A prompt starts beside running sequences only if all of it fits, with a block left for each of them to
+    # decode into; its first chunk fitting is not enough, or its later chunks would preempt it.
+    bm = BlockManager(num_blocks=10, block_size=4, enable_prefix_caching=False)
+    scheduler = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=8)
+    a, b = make_seq("a", 10), make_seq("b", 28, first=50)
+    scheduler.add(a)
+    run_step(scheduler)
+    scheduler.add(b)
+    out = run_step(scheduler)  # a finishes its prompt (3 blocks); b's 7 blocks and a's 1 do not fit in 7
+    assert out.num_tokens == {"a": 2}
+    assert [s.request_id for s in scheduler.waiting] == ["b"] and b.block_table == []
+    for _ in range(3):
+        assert run_step(scheduler).num_tokens == {"a": 1}
+    scheduler.finish(a, "stop")
+    chunks = [run_step(scheduler).num_tokens for _ in range(4)]
+    assert chunks == [{"b": 8}, {"b": 8}, {"b": 8}, {"b": 4}]  # alone, b runs its prompt through unpreempted
+    assert b.num_preemptions == 0
+    # Once b decodes (8 blocks, 2 free), a newcomer whose prompt fits beside it with b's reserve starts at once.
+    c = make_seq("c", 4, first=200)
+    scheduler.add(c)
+    assert run_step(scheduler).num_tokens == {"b": 1, "c": 4}
     assert_no_leaks(bm, scheduler)
 
 
@@ -147,3 +173,24 @@ def test_abort_waiting_and_running():
     scheduler.finish(a, "abort")  # running
     assert scheduler.num_unfinished == 0
     assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_freed_blocks_are_reused_before_untouched_ones():
+    # The pool's pages are mapped lazily: reusing freed blocks keeps the memory touched to the peak in use.
+    bm = BlockManager(num_blocks=8, block_size=4)
+    scheduler = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64)
+    a = make_seq("a", 8)
+    scheduler.add(a)
+    run_step(scheduler)
+    assert a.block_table == [0, 1]
+    scheduler.finish(a, "stop")
+    b = make_seq("b", 8, first=50)
+    scheduler.add(b)
+    run_step(scheduler)
+    assert sorted(b.block_table) == [0, 1] and bm.num_free_blocks == 6
+    c = make_seq("c", 12, first=100)
+    scheduler.add(c)
+    run_step(scheduler)
+    # None freed: untouched blocks, lowest first (b's next token took block 2 first).
+    assert b.block_table[2] == 2 and c.block_table == [3, 4, 5]
+    assert_no_leaks(bm, scheduler)

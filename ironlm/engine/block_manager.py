@@ -18,8 +18,12 @@ class BlockManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
-        # Free blocks in least-recently-freed order; a free block may still hold a reusable cached prefix.
-        self.free_ids: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        # Freed blocks in least-recently-freed order; a freed block may still hold a reusable cached prefix.
+        self.free_ids: OrderedDict[int, None] = OrderedDict()
+        # Blocks never handed out, taken only when no freed block is left: the pool's pages are mapped lazily, so
+        # the memory it takes follows the peak of blocks in use, not its size. (Cycling through the whole pool
+        # would keep more prefixes cached, but a server's memory would creep up to the pool's bound at any load.)
+        self.fresh_ids: list[int] = list(range(num_blocks - 1, -1, -1))  # popped from the end: ascending
         self.hash_to_block: dict[int, int] = {}
         self.num_prefix_queries = 0  # prompt tokens looked up in the prefix cache
         self.num_prefix_hits = 0     # of those, how many were found
@@ -30,7 +34,7 @@ class BlockManager:
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free_ids)
+        return len(self.free_ids) + len(self.fresh_ids)
 
     @property
     def usage(self) -> float:
@@ -69,12 +73,12 @@ class BlockManager:
             parent = block_hash
         return hits
 
-    def can_admit(self, seq: Sequence, hits: list[int], num_new_tokens: int) -> bool:
-        """Whether the prefix hits plus num_new_tokens beyond them fit in free blocks."""
+    def can_admit(self, seq: Sequence, hits: list[int], num_new_tokens: int, reserve: int = 0) -> bool:
+        """Whether the prefix hits plus num_new_tokens beyond them fit in free blocks, leaving `reserve` free."""
         num_cached = len(hits) * self.block_size
         total = -(-(num_cached + num_new_tokens) // self.block_size)
         reclaimed = sum(1 for b in hits if self.blocks[b].ref_count == 0)  # hits that sit in the free list
-        return total - len(hits) <= self.num_free_blocks - reclaimed
+        return total - len(hits) + reserve <= self.num_free_blocks - reclaimed
 
     def admit(self, seq: Sequence, hits: list[int]) -> None:
         """Attaches the prefix hits to a sequence that has no blocks yet."""
@@ -115,6 +119,10 @@ class BlockManager:
         seq.num_computed_tokens = 0
 
     def _take_free(self) -> int:
+        if not self.free_ids:
+            block_id = self.fresh_ids.pop()
+            self.blocks[block_id].ref_count = 1
+            return block_id
         block_id, _ = self.free_ids.popitem(last=False)
         block = self.blocks[block_id]
         if block.hash is not None and self.hash_to_block.get(block.hash) == block_id:

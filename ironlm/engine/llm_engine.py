@@ -16,7 +16,7 @@ from ironlm.engine.sequence import Sequence
 from ironlm.errors import RequestError
 from ironlm.formats import default_model_path, load_checkpoint
 from ironlm.grammar import GrammarCompiler
-from ironlm.hardware import default_dtype, default_threads
+from ironlm.hardware import default_dtype, default_kv_cache_bytes, default_threads
 from ironlm.models import get_model_class
 from ironlm.models.llama import ModelArgs
 from ironlm.models.loader import load_model
@@ -51,10 +51,14 @@ class LLMEngine:
             num_blocks = config.num_kv_blocks
         else:
             wanted = config.max_num_seqs * -(-model_len // block_size)
-            affordable = config.kv_cache_bytes // kv_bytes_per_block(args, block_size, self.kv_dtype)
+            budget = config.kv_cache_bytes
+            if budget is None:
+                budget = default_kv_cache_bytes(sum(t.nbytes for t in self.checkpoint.tensors.values()))
+            affordable = budget // kv_bytes_per_block(args, block_size, self.kv_dtype)
             num_blocks = max(1, min(wanted, affordable))
         # One sequence must always fit on its own, or it could never finish.
         self.max_model_len = min(model_len, num_blocks * block_size)
+        self.kv_bounds_context = self.max_model_len < model_len
         self.model = load_model(self.checkpoint, self.dtype, self.max_model_len, config.quant)
         _tune_heap()
         self.kv_pool = allocate_kv_pool(args, num_blocks, block_size, self.kv_dtype)
@@ -82,9 +86,12 @@ class LLMEngine:
                     param="prompt",
                 )
         if len(prompt_token_ids) >= self.max_model_len:
+            holder, remedy = "this model's context holds", ""
+            if self.kv_bounds_context:
+                holder, remedy = "the KV cache's memory holds", " or give the KV cache more memory (--kv-cache-memory)"
             raise RequestError(
-                f"the prompt has {len(prompt_token_ids)} tokens but this model's context holds {self.max_model_len} "
-                f"(prompt plus at least one new token); shorten the prompt",
+                f"the prompt has {len(prompt_token_ids)} tokens but {holder} {self.max_model_len} (prompt plus at least "
+                f"one new token); shorten the prompt{remedy}",
                 param="messages", code="context_length_exceeded",
             )
         if params.json_schema is not None:  # each sequence gets its own grammar state

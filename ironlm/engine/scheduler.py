@@ -61,8 +61,16 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
             seq = self.waiting[0]
             hits = self.block_manager.find_prefix(seq)
-            num_new = min(seq.num_tokens - len(hits) * self.block_manager.block_size, budget)
+            uncached = seq.num_tokens - len(hits) * self.block_manager.block_size
+            num_new = min(uncached, budget)
             if not self.block_manager.can_admit(seq, hits, num_new):
+                break
+            # Beside running sequences, only a prompt that can be finished: all of it must fit, with a block left
+            # for each of them to decode into. (Their own prompts are done: one still in its prompt takes the whole
+            # budget, and nothing is admitted in that step.) Started on its first chunk alone, a long prompt's later
+            # chunks, or the decodes beside it, soon ran out of blocks and preempted it, and it was recomputed from
+            # the start (BENCHMARKS.md, session 18).
+            if self.running and not self.block_manager.can_admit(seq, hits, uncached, reserve=len(self.running)):
                 break
             self.waiting.popleft()
             self.block_manager.admit(seq, hits)
