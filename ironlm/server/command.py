@@ -84,7 +84,11 @@ def _serve(args: argparse.Namespace, settings) -> int:
     server = _DrainingServer(config, app.state.server, args.drain_timeout)
     # uvicorn re-raises the signal it caught after shutting down; a no-op handler makes that a clean exit 0.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    logging.getLogger(__name__).info("serving %s on http://%s:%d/v1", app.state.server.model_name, args.host, args.port)
+    blocks = llm.engine.block_manager
+    logging.getLogger(__name__).info(
+        "serving %s on http://%s:%d/v1; the KV cache holds %d tokens in up to %.1f GiB (--kv-cache-memory to change)",
+        app.state.server.model_name, args.host, args.port, blocks.num_blocks * blocks.block_size,
+        llm.engine.kv_pool.nbytes / 2**30)
     server.run()
     return 0
 
