@@ -144,9 +144,10 @@ def cpuinfo_flags() -> set[str]:
     return set((_cpuinfo_field("flags") or "").split())
 
 
-def _memory_total() -> int | None:
-    for line in (_read("/proc/meminfo") or "").splitlines():
-        if line.startswith("MemTotal:"):
+def _meminfo_bytes(field: str, meminfo: str = "/proc/meminfo") -> int | None:
+    """A field of /proc/meminfo (given in kB there) in bytes, or None."""
+    for line in (_read(meminfo) or "").splitlines():
+        if line.startswith(field + ":"):
             parts = line.split()
             if len(parts) >= 2 and parts[1].isdigit():
                 return int(parts[1]) * 1024
@@ -156,12 +157,7 @@ def _memory_total() -> int | None:
 def available_memory_bytes(meminfo: str = "/proc/meminfo", dirs: list[Path] | None = None) -> int | None:
     """Bytes this process could allocate now without pushing others out: MemAvailable, capped by what the cgroup
     memory limit leaves (memory.max less memory.current); None when unknown."""
-    available = None
-    for line in (_read(meminfo) or "").splitlines():
-        if line.startswith("MemAvailable:"):
-            parts = line.split()
-            if len(parts) >= 2 and parts[1].isdigit():
-                available = int(parts[1]) * 1024
+    available = _meminfo_bytes("MemAvailable", meminfo)
     pairs = [(d / "memory.max", d / "memory.current") for d in (_cgroup_dirs() if dirs is None else dirs)]
     if dirs is None:
         v1 = Path("/sys/fs/cgroup/memory")
@@ -233,7 +229,7 @@ def _kernel_facts() -> tuple[dict[str, bool], str | None, str]:
 def cpu_info() -> CpuInfo:
     """Detect the facts about this machine that matter to ironlm (cheap: reads a few small files)."""
     cpus = _affinity()
-    memory = _memory_total()
+    memory = _meminfo_bytes("MemTotal")
     limit = cgroup_memory_limit()
     if limit is not None and (memory is None or limit < memory):
         memory = limit

@@ -82,8 +82,13 @@ def machine_facts() -> dict:
 
 def model_facts(path: str | None) -> dict:
     """Architecture, sizes and storage of a checkpoint (read from its header; weights are not materialised)."""
+    import torch
+
+    from ironlm.engine.kv_cache import kv_bytes_per_block
     from ironlm.formats import default_model_path, load_checkpoint
     from ironlm.hardware import default_kv_cache_bytes
+    from ironlm.models.llama import ModelArgs
+    kv_dtypes = (("bfloat16", torch.bfloat16), ("int8", torch.int8))
 
     ckpt = load_checkpoint(path if path else default_model_path())
     c = ckpt.config
@@ -99,9 +104,11 @@ def model_facts(path: str | None) -> dict:
     bytes_by_dtype = Counter()
     for t in tensors.values():
         bytes_by_dtype[t.dtype] += t.nbytes
-    kv_heads = c.get("num_key_value_heads") or heads
-    head_dim = c.get("head_dim") or (c["hidden_size"] // heads if heads and c.get("hidden_size") else None)
-    kv_rows = c["num_hidden_layers"] * 2 * kv_heads if kv_heads and c.get("num_hidden_layers") else None
+    weight_bytes = sum(bytes_by_dtype.values())
+    try:
+        args = ModelArgs.from_hf(c)
+    except IronlmError:  # a config the engine would refuse too: no K/V figures
+        args = None
     return {
         "name": ckpt.name,
         "path": str(ckpt.path),
@@ -111,8 +118,8 @@ def model_facts(path: str | None) -> dict:
         "hidden_size": c.get("hidden_size"),
         "intermediate_size": c.get("intermediate_size"),
         "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads,
-        "head_dim": head_dim,
+        "num_key_value_heads": c.get("num_key_value_heads") or heads,
+        "head_dim": c.get("head_dim") or (c["hidden_size"] // heads if heads and c.get("hidden_size") else None),
         "max_position_embeddings": c.get("max_position_embeddings"),
         "vocab_size": c.get("vocab_size"),
         "tie_word_embeddings": bool(c.get("tie_word_embeddings", False)),
@@ -120,12 +127,12 @@ def model_facts(path: str | None) -> dict:
         "num_tensors": len(tensors),
         "tensors_by_dtype": dict(by_dtype.most_common()),
         "bytes_by_dtype": dict(bytes_by_dtype.most_common()),
-        "weight_bytes": sum(bytes_by_dtype.values()),
+        "weight_bytes": weight_bytes,
         "file_bytes": ckpt.path.stat().st_size if ckpt.path.is_file() else None,
-        # What a token's K and V rows take in every layer: bf16, and int8 with a float scale a row.
-        "kv_bytes_per_token": {"bfloat16": kv_rows * head_dim * 2, "int8": kv_rows * (head_dim + 4)}
-        if kv_rows and head_dim else None,
-        "default_kv_cache_bytes": default_kv_cache_bytes(sum(bytes_by_dtype.values())),
+        # What a token's K and V rows take in every layer, as bf16 and as int8 rows with their scales.
+        "kv_bytes_per_token": None if args is None else {
+            name: kv_bytes_per_block(args, 1, dtype) for name, dtype in kv_dtypes},
+        "default_kv_cache_bytes": default_kv_cache_bytes(weight_bytes),
         "chat_template": ckpt.tokenizer.chat_template is not None,
         "tools": _tool_support(ckpt.tokenizer),
     }

@@ -63,14 +63,13 @@ class Scheduler:
             hits = self.block_manager.find_prefix(seq)
             uncached = seq.num_tokens - len(hits) * self.block_manager.block_size
             num_new = min(uncached, budget)
-            if not self.block_manager.can_admit(seq, hits, num_new):
-                break
             # Beside running sequences, only a prompt that can be finished: all of it must fit, with a block left
             # for each of them to decode into. (Their own prompts are done: one still in its prompt takes the whole
             # budget, and nothing is admitted in that step.) Started on its first chunk alone, a long prompt's later
             # chunks, or the decodes beside it, soon ran out of blocks and preempted it, and it was recomputed from
-            # the start (BENCHMARKS.md, session 18).
-            if self.running and not self.block_manager.can_admit(seq, hits, uncached, reserve=len(self.running)):
+            # the start (BENCHMARKS.md, session 18). Alone, its first chunk is enough: it always fits in time.
+            need = (uncached, len(self.running)) if self.running else (num_new, 0)
+            if not self.block_manager.can_admit(seq, hits, *need):
                 break
             self.waiting.popleft()
             self.block_manager.admit(seq, hits)
