@@ -268,8 +268,14 @@ def main() -> int:
         docs = json.loads(Path(args.docs_file).read_text())
         print(json.dumps(WORKERS[args.worker](args, docs)))
         return 0
+    from ironlm.cli import memory_size
     from ironlm.hardware import default_threads
 
+    if args.kv_cache_memory:  # checked here, before any engine runs; the worker gets it as given
+        try:
+            memory_size(args.kv_cache_memory)
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"--kv-cache-memory: {exc}")
     if args.repetition_penalty != 1.0 and "llama.cpp" in args.engines:
         parser.error("--repetition-penalty needs --engines ironlm: llama.cpp's penalty works over a window of "
                      "recent tokens, so the two would not run the same decoding")
