@@ -11,6 +11,11 @@ old build's extension before rebuilding, then:
     python benchmarks/ab_kernels.py /tmp/old_kernels.so sample --threads 1  # builds since 06d58c0 (its sampler)
     python benchmarks/ab_kernels.py /tmp/old_kernels.so decode-attention --threads 1 --cache-resident
 
+Two ISA levels of the installed build compare the same way: name the old one instead of a file, and the new one
+is the level in use (IRONLM_ISA):
+
+    IRONLM_ISA=avx_vnni python benchmarks/ab_kernels.py avx2 gemm --fmt int8 --rows 1,16 --shapes 8192x2048
+
 Calls of a few milliseconds, such as the sampler's, are best compared on one thread: with two, each build's
 thread pool spins for a while after its calls, into the other build's turn, and two copies of one build measured
 0.66-1.59x on this 2-core machine (1.00 +- 0.02x on one thread).
@@ -45,6 +50,22 @@ def load_old(path: str):
     if not hasattr(module, "gemm"):
         raise SystemExit(f"ab_kernels: {path} is not ironlm's kernels extension")
     return module
+
+
+class AtLevel:
+    """The installed build with its kernels switched to one ISA level for each call (set_isa is one store)."""
+
+    def __init__(self, level: str):
+        self.level = level
+
+    def __getattr__(self, name: str):
+        function = getattr(new_kernels, name)
+
+        def call(*args):
+            new_kernels.set_isa(self.level)
+            return function(*args)
+
+        return call
 
 
 def best_of(builds: dict, run, rounds: int, round_seconds: float = 0.05) -> dict[str, float]:
@@ -182,7 +203,8 @@ def ab_sample(builds: dict, args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("old", help="the old build's _kernels*.so (the installed ironlm is the new one)")
+    parser.add_argument("old", help="the old build's _kernels*.so (the installed ironlm is the new one), or an ISA "
+                                    "level of the installed build to compare against the level in use")
     parser.add_argument("kernel", choices=["gemm", "prefill-attention", "decode-attention", "sample"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds per build (best kept)")
@@ -194,10 +216,15 @@ def main() -> None:
                              "of a batch share one layer's blocks, so K and V are read from cache. Either way the "
                              "kernel's own work shows")
     args = parser.parse_args()
-    builds = {"old": load_old(args.old), "new": new_kernels}
+    level = new_kernels.active_isa()[0]
+    if args.old in new_kernels.supported_isas():
+        builds = {"old": AtLevel(args.old), "new": AtLevel(level)}
+        print(f"old: ISA {args.old}; new: ISA {level}; both {new_kernels.__file__}, {args.threads} threads")
+    else:
+        builds = {"old": load_old(args.old), "new": new_kernels}
+        print(f"old: {args.old}; new: {new_kernels.__file__}; ISA {level}, {args.threads} threads")
     for module in builds.values():
         module.set_num_threads(args.threads)
-    print(f"old: {args.old}; new: {new_kernels.__file__}; ISA {new_kernels.active_isa()[0]}, {args.threads} threads")
     {"gemm": ab_gemm, "prefill-attention": ab_prefill_attention, "decode-attention": ab_decode_attention,
      "sample": ab_sample}[args.kernel](builds, args)
 

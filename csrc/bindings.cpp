@@ -1,9 +1,13 @@
 // Python bindings: the only file that includes nanobind. Kernels release the GIL.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/pair.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
 
+#include <optional>
 #include <stdexcept>
+#include <vector>
 
 #include "dispatch.h"
 #include "gemm.h"
@@ -226,6 +230,31 @@ void quantize_pack_py(int fmt, uintptr_t src, int64_t ld, bool src_bf16, int64_t
     quantize_pack(fmt, ptr<const void>(src), src_bf16, ld, n, k, ptr<uint8_t>(dst));
 }
 
+// Features named as cpu_features() reports them (absent ones false), for supported_isas() of another CPU.
+CpuFeatures features_from(const nb::dict& d) {
+    CpuFeatures f;
+    for (auto [key, value] : d) {
+        const std::string k = nb::cast<std::string>(key);
+        const bool v = PyObject_IsTrue(value.ptr()) == 1;
+        if (k == "avx2") f.avx2 = f.fma = f.os_avx = v;
+        else if (k == "f16c") f.f16c = v;
+        else if (k == "avx512f") f.avx512f = f.os_avx512 = v;
+        else if (k == "avx512bw") f.avx512bw = v;
+        else if (k == "avx512vl") f.avx512vl = v;
+        else if (k == "avx512dq") f.avx512dq = v;
+        else if (k == "avx512_vnni") f.avx512_vnni = v;
+        else if (k == "avx512_bf16") f.avx512_bf16 = v;
+        else if (k == "avx_vnni") f.avx_vnni = v;
+        else if (k == "amx_tile") f.amx_tile = v;
+        else if (k == "amx_int8") f.amx_int8 = v;
+        else if (k == "amx_bf16") f.amx_bf16 = v;
+        else if (k == "amx_os_enabled") f.os_amx = v;
+        else if (k == "amx_permitted") f.amx_permitted = v;
+        else throw std::invalid_argument("supported_isas: unknown feature " + k);
+    }
+    return f;
+}
+
 }  // namespace
 
 NB_MODULE(_kernels, m) {
@@ -237,6 +266,7 @@ NB_MODULE(_kernels, m) {
         d["avx512f"] = f.avx512f && f.os_avx512;
         d["avx512bw"] = f.avx512bw && f.os_avx512;
         d["avx512vl"] = f.avx512vl && f.os_avx512;
+        d["avx512dq"] = f.avx512dq && f.os_avx512;
         d["avx512_vnni"] = f.avx512_vnni && f.os_avx512;
         d["avx512_bf16"] = f.avx512_bf16 && f.os_avx512;
         d["avx_vnni"] = f.avx_vnni && f.os_avx;
@@ -248,6 +278,15 @@ NB_MODULE(_kernels, m) {
         return d;
     });
     m.def("best_isa", []() { return std::string(isa_name(best_isa(cpu_features()))); });
+    m.def("supported_isas", [](std::optional<nb::dict> features) {
+        const CpuFeatures f = features ? features_from(*features) : cpu_features();
+        std::vector<std::string> names;
+        for (int i = 0; i <= static_cast<int>(Isa::amx); ++i)
+            if (isa_supported(f, static_cast<Isa>(i))) names.push_back(isa_name(static_cast<Isa>(i)));
+        return names;
+    }, nb::arg("features") = nb::none(),
+       "The ISA levels this CPU and OS can run, lowest first (set_isa or IRONLM_ISA picks one); with `features`\n"
+       "(named as cpu_features() names them, absent ones false), those a CPU with just those features could run.");
     m.def("active_isa", []() {
         std::string why;
         const Isa chosen = active_isa(&why);
@@ -259,7 +298,7 @@ NB_MODULE(_kernels, m) {
         Isa isa;
         if (!parse_isa(name, &isa)) throw std::invalid_argument("set_isa: unknown level " + name);
         if (!set_isa(isa)) throw std::invalid_argument("set_isa: this CPU/OS cannot run " + name);
-    }, nb::arg("name"), "Switch every kernel to ISA level `name` (at most best_isa()).");
+    }, nb::arg("name"), "Switch every kernel to ISA level `name` (one of supported_isas()).");
     m.def("set_num_threads", [](int n) { set_num_threads(n); }, nb::arg("n"), "Resize the kernel thread pool.");
     m.def("num_threads", []() { return num_threads(); });
     m.def("gemm_kernel_name", &gemm_kernel_name, nb::arg("fmt"));

@@ -64,19 +64,35 @@ const CpuFeatures& cpu_features() {
     return f;
 }
 
-Isa best_isa(const CpuFeatures& f) {
-    if (!(f.avx2 && f.fma && f.os_avx)) return Isa::scalar;
-    if (!(f.avx512f && f.avx512bw && f.avx512vl && f.os_avx512)) return Isa::avx2;
-    if (!f.avx512_vnni) return Isa::avx512;
-    if (!f.avx512_bf16) return Isa::avx512_vnni;
-    if (!(f.amx_tile && f.amx_int8 && f.amx_bf16 && f.amx_permitted)) return Isa::avx512_bf16;
-    return Isa::amx;
+bool isa_supported(const CpuFeatures& f, Isa isa) {
+    const bool avx2 = f.avx2 && f.fma && f.f16c && f.os_avx;
+    const bool avx512 = avx2 && f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.os_avx512;
+    switch (isa) {
+        case Isa::scalar: return true;
+        case Isa::avx2: return avx2;
+        case Isa::avx_vnni: return avx2 && (f.avx_vnni || (avx512 && f.avx512_vnni));
+        case Isa::avx512: return avx512;
+        case Isa::avx512_vnni: return avx512 && f.avx512_vnni;
+        case Isa::avx512_bf16: return avx512 && f.avx512_vnni && f.avx512_bf16;
+        case Isa::amx:
+            return avx512 && f.avx512_vnni && f.avx512_bf16 && f.amx_tile && f.amx_int8 && f.amx_bf16 && f.amx_permitted;
+    }
+    return false;
 }
+
+Isa best_isa(const CpuFeatures& f) {
+    for (int i = static_cast<int>(Isa::amx); i > 0; --i)
+        if (isa_supported(f, static_cast<Isa>(i))) return static_cast<Isa>(i);
+    return Isa::scalar;
+}
+
+bool avx_vnni_evex(const CpuFeatures& f) { return !(f.avx_vnni && f.os_avx); }
 
 const char* isa_name(Isa isa) {
     switch (isa) {
         case Isa::scalar: return "scalar";
         case Isa::avx2: return "avx2";
+        case Isa::avx_vnni: return "avx_vnni";
         case Isa::avx512: return "avx512";
         case Isa::avx512_vnni: return "avx512_vnni";
         case Isa::avx512_bf16: return "avx512_bf16";
@@ -101,16 +117,22 @@ Isa active_isa(std::string* why) {
     const char* env = std::getenv("IRONLM_ISA");
     Isa wanted;
     if (env && *env && parse_isa(env, &wanted)) {
-        if (wanted <= best) {
+        if (isa_supported(f, wanted)) {
             if (why) *why = std::string("forced by IRONLM_ISA=") + env;
             return wanted;
         }
-        if (why) *why = std::string("IRONLM_ISA=") + env + " is above what this CPU/OS allows; using " + isa_name(best);
+        if (why) *why = std::string("IRONLM_ISA=") + env + " is not supported by this CPU/OS; using " + isa_name(best);
         return best;
     }
     if (why) {
         *why = "best level this CPU and OS support";
         if (f.amx_tile && !f.amx_permitted) *why += " (AMX present but not enabled by the OS)";
+        if (env && *env) {
+            *why += std::string("; IRONLM_ISA=") + env + " is not a level (";
+            for (int i = 0; i <= static_cast<int>(Isa::amx); ++i)
+                *why += std::string(i ? ", " : "") + isa_name(static_cast<Isa>(i));
+            *why += ")";
+        }
     }
     return best;
 }
@@ -125,7 +147,7 @@ std::atomic<int>& current_level() {
 Isa current_isa() { return static_cast<Isa>(current_level().load(std::memory_order_relaxed)); }
 
 bool set_isa(Isa isa) {
-    if (isa > best_isa(cpu_features())) return false;
+    if (!isa_supported(cpu_features(), isa)) return false;
     current_level().store(static_cast<int>(isa), std::memory_order_relaxed);
     return true;
 }

@@ -4,8 +4,10 @@
 
 namespace ironlm {
 
-// Ordered: each level implies the ones before it.
-enum class Isa : int { scalar = 0, avx2 = 1, avx512 = 2, avx512_vnni = 3, avx512_bf16 = 4, amx = 5 };
+// Ordered by preference. Each level needs the CPU features of the ones before it, except avx_vnni: 256-bit
+// vpdpbusd, which a CPU offers as AVX-VNNI (VEX form: Intel Core from Alder Lake on) or, with AVX512-VNNI + VL,
+// in EVEX form, and which AVX-512 F/BW/VL alone (Skylake-X) lacks.
+enum class Isa : int { scalar = 0, avx2 = 1, avx_vnni = 2, avx512 = 3, avx512_vnni = 4, avx512_bf16 = 5, amx = 6 };
 
 struct CpuFeatures {
     bool avx2 = false, fma = false, f16c = false;
@@ -17,8 +19,12 @@ struct CpuFeatures {
 };
 
 const CpuFeatures& cpu_features();
+// Whether the CPU and OS can run every kernel of `isa`.
+bool isa_supported(const CpuFeatures& f, Isa isa);
 Isa best_isa(const CpuFeatures& f);
-// The level in use: the best one, lowered by IRONLM_ISA if set. `why` explains the choice.
+// Whether the avx_vnni level runs in EVEX form here (AVX512-VNNI + VL without AVX-VNNI).
+bool avx_vnni_evex(const CpuFeatures& f);
+// The level in use: the best one, or the one IRONLM_ISA names if this CPU supports it. `why` explains the choice.
 Isa active_isa(std::string* why = nullptr);
 const char* isa_name(Isa isa);
 // The level the kernels use now: active_isa() on first use, then whatever set_isa chose.

@@ -28,6 +28,7 @@ void gemm(const GemmArgs& a) {
             return gemm_avx512_bf16(a);
         case Isa::avx512_vnni: return gemm_avx512_vnni(a);
         case Isa::avx512: return gemm_avx512(a);
+        case Isa::avx_vnni: return avx_vnni_evex(cpu_features()) ? gemm_avx_vnni_evex(a) : gemm_avx_vnni(a);
         case Isa::avx2: return gemm_avx2(a);
         case Isa::scalar: return gemm_scalar(a);
     }
@@ -41,6 +42,9 @@ std::string gemm_kernel_name(int fmt) {
             case Isa::avx512_bf16:
             case Isa::avx512_vnni: return "avx512_vnni: vpdpbusd, int8 activations";
             case Isa::avx512: return "avx512: vpmaddubsw, int8 activations";
+            case Isa::avx_vnni:
+                return avx_vnni_evex(cpu_features()) ? "avx_vnni: vpdpbusd ymm (EVEX form, AVX512-VNNI), int8 activations"
+                                                     : "avx_vnni: vpdpbusd ymm, int8 activations";
             case Isa::avx2: return "avx2: vpmaddubsw, int8 activations";
             case Isa::scalar: return "scalar: int8 activations";
         }
@@ -61,6 +65,7 @@ std::string gemm_kernel_name(int fmt) {
         }
         case Isa::avx512_vnni:
         case Isa::avx512: return "avx512: bf16->fp32 fma";
+        case Isa::avx_vnni:
         case Isa::avx2: return "avx2: bf16->fp32 fma";
         case Isa::scalar: break;
     }

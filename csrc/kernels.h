@@ -48,6 +48,8 @@ inline int64_t tile_block_bytes(int fmt) {
 using GemmFn = void (*)(const GemmArgs&);
 void gemm_scalar(const GemmArgs& a);
 void gemm_avx2(const GemmArgs& a);
+void gemm_avx_vnni(const GemmArgs& a);       // needs AVX-VNNI
+void gemm_avx_vnni_evex(const GemmArgs& a);  // the same code in EVEX form: needs AVX512-VNNI + VL
 void gemm_avx512(const GemmArgs& a);
 void gemm_avx512_vnni(const GemmArgs& a);
 void gemm_avx512_bf16(const GemmArgs& a);

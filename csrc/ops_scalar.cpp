@@ -16,7 +16,8 @@ const OpsTable& ops_scalar() { return kTable; }
 const OpsTable& ops() {
     switch (current_isa()) {
         case Isa::scalar: return ops_scalar();
-        case Isa::avx2: return ops_avx2();
+        case Isa::avx2:
+        case Isa::avx_vnni: return ops_avx2();  // nothing here gains from 256-bit vpdpbusd
         case Isa::avx512:
         case Isa::avx512_vnni: return ops_avx512();
         default:  // avx512_bf16 and amx; their table differs only where vdpbf16ps is used

@@ -17,6 +17,7 @@ CPUINFO_FLAGS = {
     "avx512f": "avx512f",
     "avx512bw": "avx512bw",
     "avx512vl": "avx512vl",
+    "avx512dq": "avx512dq",
     "avx512_vnni": "avx512_vnni",
     "avx512_bf16": "avx512_bf16",
     "avx_vnni": "avx_vnni",

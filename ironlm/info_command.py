@@ -16,6 +16,7 @@ FEATURE_LABELS = [
     ("avx512f", "AVX-512 F"),
     ("avx512bw", "AVX-512 BW"),
     ("avx512vl", "AVX-512 VL"),
+    ("avx512dq", "AVX-512 DQ"),
     ("avx512_vnni", "AVX512-VNNI"),
     ("avx512_bf16", "AVX512-BF16"),
     ("avx_vnni", "AVX-VNNI"),
@@ -42,7 +43,7 @@ def decode_prefetch() -> str:
         why = "the default on AMD CPUs" if l2 else "the default on CPUs other than AMD's"
     if not l2:
         where = "into L1"
-    elif _kernels.active_isa()[0] in ("scalar", "avx2"):
+    elif _kernels.active_isa()[0] in ("scalar", "avx2", "avx_vnni"):
         where = "into L2 for decode attention; this level's GEMMs keep L1"  # gemm_avx2.cpp: L2 measured slower
     else:
         where = "into L2"

@@ -94,18 +94,6 @@ def test_levels_agree_on_integer_formats():
         _kernels.set_isa(before)
 
 
-@pytest.mark.skipif("avx2" not in RUNNABLE, reason="needs a CPU with AVX2")
-def test_ironlm_isa_env_lowers_the_level():
-    import subprocess
-    import sys
-
-    code = "from ironlm import _kernels; print(*_kernels.active_isa(), sep='|')"
-    env = dict(os.environ, IRONLM_ISA="avx2")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    level, why = out.strip().split("|")
-    assert level == "avx2" and "IRONLM_ISA" in why
-
-
 PREFETCH_CODE = """
 import hashlib, torch
 from ironlm import _kernels
