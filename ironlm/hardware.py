@@ -277,12 +277,14 @@ MIN_KV_CACHE_BYTES = 512 << 20
 FALLBACK_KV_CACHE_BYTES = 2 << 30  # where the available memory is unknown
 
 
-def default_kv_cache_bytes(weight_bytes: int, available: int | None = None) -> int:
-    """The KV pool's memory bound when none is given: KV_CACHE_SHARE of (available memory - weight_bytes)."""
+def default_kv_cache_bytes(weight_bytes: int, available: int | None = None, at_least: int = 0) -> int:
+    """The KV pool's memory bound when none is given: KV_CACHE_SHARE of (available memory - weight_bytes), raised
+    towards `at_least` (the K/V of one context whose length was asked for) as far as that memory allows."""
     available = available_memory_bytes() if available is None else available
     if available is None:
-        return FALLBACK_KV_CACHE_BYTES
-    return max(MIN_KV_CACHE_BYTES, int((available - weight_bytes) * KV_CACHE_SHARE))
+        return max(FALLBACK_KV_CACHE_BYTES, at_least)
+    room = available - weight_bytes
+    return max(MIN_KV_CACHE_BYTES, int(room * KV_CACHE_SHARE), min(at_least, room))
 
 
 def default_dtype(info: CpuInfo | None = None) -> str:

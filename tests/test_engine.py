@@ -117,6 +117,24 @@ def test_generation_stops_at_context_end(tiny_dir):
     assert len(result.token_ids) == 4
 
 
+def test_asked_for_context_is_held_past_the_default_share(tiny_dir, monkeypatch):
+    """Where half the free memory bounds the context, asking for a length holds it whole while memory allows."""
+    from ironlm import hardware
+    from ironlm.engine.kv_cache import kv_bytes_per_block
+
+    settings = dict(dtype="float32", threads=1, block_size=16, max_num_seqs=4)
+    probe = LLM(str(tiny_dir), **settings).engine
+    weights = sum(t.nbytes for t in probe.checkpoint.tensors.values())
+    per_token = kv_bytes_per_block(probe.args, 16, probe.kv_dtype) // 16
+    monkeypatch.setattr(hardware, "MIN_KV_CACHE_BYTES", 0)
+    # Memory beyond the weights for 320 tokens: the default share holds 160.
+    monkeypatch.setattr(hardware, "available_memory_bytes", lambda: weights + 320 * per_token)
+    assert LLM(str(tiny_dir), **settings).engine.max_model_len == 160
+    assert LLM(str(tiny_dir), max_model_len=256, **settings).engine.max_model_len == 256
+    bounded = LLM(str(tiny_dir), max_model_len=512, **settings).engine  # more than the memory holds
+    assert bounded.max_model_len == 320 and bounded.kv_bounds_context
+
+
 def test_bad_sampling_params_are_refused(llm):
     for bad in (dict(max_tokens=0), dict(temperature=-1.0), dict(top_p=0.0), dict(min_p=2.0), dict(logprobs=99),
                 dict(stop_token_ids=[10 ** 9])):

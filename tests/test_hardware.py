@@ -117,10 +117,15 @@ def test_available_memory_and_the_kv_cache_default(tmp_path, monkeypatch):
     # Half of what is available less the weights, never below the floor; the old fixed bound where unknown.
     assert hardware.default_kv_cache_bytes(4 << 30, available=20 << 30) == 8 << 30
     assert hardware.default_kv_cache_bytes(4 << 30, available=3 << 30) == hardware.MIN_KV_CACHE_BYTES
+    # One asked-for context is held past the share, as far as the memory beyond the weights goes.
+    assert hardware.default_kv_cache_bytes(4 << 30, available=20 << 30, at_least=12 << 30) == 12 << 30
+    assert hardware.default_kv_cache_bytes(4 << 30, available=20 << 30, at_least=30 << 30) == 16 << 30
+    assert hardware.default_kv_cache_bytes(4 << 30, available=20 << 30, at_least=1 << 30) == 8 << 30
     real = hardware.available_memory_bytes()
     assert real is None or 0 <= real <= (hardware.cpu_info().memory_bytes or real)
     monkeypatch.setattr(hardware, "available_memory_bytes", lambda: None)
     assert hardware.default_kv_cache_bytes(4 << 30) == hardware.FALLBACK_KV_CACHE_BYTES
+    assert hardware.default_kv_cache_bytes(4 << 30, at_least=3 << 30) == 3 << 30
 
 
 def test_available_cores_respects_quota():

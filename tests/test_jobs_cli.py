@@ -91,6 +91,37 @@ def test_changed_input_or_parameters_are_refused_without_force(model_dir, tmp_pa
     assert sorted(r["custom_id"] for r in read_jsonl(output)) == ["n0", "n1", "n2", "n3"]
 
 
+def test_resume_keeps_the_context_length_memory_gave(model_dir, tmp_path, monkeypatch, capsys):
+    """Where half the free memory bounds the context, the bound moves with the memory free at load. A resumed job
+    asks for its first run's length, so it goes on; with too little memory for that, it says what changed."""
+    from ironlm import LLM, hardware
+    from ironlm.engine.kv_cache import kv_bytes_per_block
+
+    probe = LLM(str(model_dir), dtype="float32", threads=1).engine
+    weights = sum(t.nbytes for t in probe.checkpoint.tensors.values())
+    per_token = kv_bytes_per_block(probe.args, probe.config.block_size, probe.kv_dtype) // probe.config.block_size
+    monkeypatch.setattr(hardware, "MIN_KV_CACHE_BYTES", 0)
+
+    def free_for(tokens: int):  # memory beyond the weights for `tokens` tokens of K/V; the default share is half
+        monkeypatch.setattr(hardware, "available_memory_bytes", lambda: weights + tokens * per_token)
+
+    input_path = write_jsonl(tmp_path / "in.jsonl", [chat_line(f"n{i}", "hi") for i in range(3)])
+    output = tmp_path / "out.jsonl"
+    free_for(320)
+    assert batch(model_dir, input_path, output) == 0
+    assert json.loads((tmp_path / "out.jsonl.manifest.json").read_text())["params"]["max_model_len"] == 160
+    lines = output.read_text().splitlines(keepends=True)
+    output.write_text("".join(lines[:1]))  # as if stopped after the first item
+    free_for(1000)  # would give 500 to a new job
+    assert batch(model_dir, input_path, output) == 0
+    assert sorted(r["custom_id"] for r in read_jsonl(output)) == ["n0", "n1", "n2"]
+    output.write_text("".join(lines[:1]))
+    free_for(100)
+    assert batch(model_dir, input_path, output) == 2
+    err = capsys.readouterr().err
+    assert "max_model_len: 160 -> 96" in err and "Traceback" not in err
+
+
 def test_torn_last_line_is_dropped_and_redone(model_dir, tmp_path):
     input_path = write_jsonl(tmp_path / "in.jsonl", [chat_line(f"n{i}", "hello") for i in range(4)])
     output = tmp_path / "out.jsonl"

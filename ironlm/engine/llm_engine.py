@@ -51,10 +51,15 @@ class LLMEngine:
             num_blocks = config.num_kv_blocks
         else:
             wanted = config.max_num_seqs * -(-model_len // block_size)
+            per_block = kv_bytes_per_block(args, block_size, self.kv_dtype)
             budget = config.kv_cache_bytes
             if budget is None:
-                budget = default_kv_cache_bytes(sum(t.nbytes for t in self.checkpoint.tensors.values()))
-            affordable = budget // kv_bytes_per_block(args, block_size, self.kv_dtype)
+                # A context length that was asked for is held whole where the memory allows, even past the
+                # default share: a resumed job asks for its first run's, which its prompts were cut to.
+                one_context = -(-model_len // block_size) * per_block if config.max_model_len else 0
+                budget = default_kv_cache_bytes(sum(t.nbytes for t in self.checkpoint.tensors.values()),
+                                                at_least=one_context)
+            affordable = budget // per_block
             num_blocks = max(1, min(wanted, affordable))
         # One sequence must always fit on its own, or it could never finish.
         self.max_model_len = min(model_len, num_blocks * block_size)

@@ -94,7 +94,7 @@ def _batch(args: argparse.Namespace, output: Path, errors: Path, shard: "Shard")
     from ironlm.server.translate import TokenTexts
 
     input_path = Path(args.input)
-    llm = _load(args)
+    llm = _load(args, output)
     names = (llm.model_name, "default")
     check = check_batch_file(input_path, names)
     if check.problems:
@@ -163,7 +163,7 @@ def _summarize(args: argparse.Namespace, output: Path, errors: Path, shard: "Sha
         for line in scan.problems[:20]:
             print(line, file=sys.stderr)
         raise IronlmError(f"{scan.num_problems} problem(s) in the input documents; fix them and run again")
-    llm = _load(args)
+    llm = _load(args, output)
     settings = SummarySettings(
         lang=None if args.lang == "auto" else args.lang, max_summary_tokens=args.max_summary_tokens,
         max_chunks=args.max_chunks, chunk_tokens=args.chunk_tokens, text_field=args.text_field, map_template=template,
@@ -236,12 +236,18 @@ def _output_paths(args) -> tuple[Path, Path]:
     return output, errors
 
 
-def _load(args):
+def _load(args, output: Path):
     from ironlm import LLM
+    from ironlm.jobs.resume import recorded_max_model_len
 
     kwargs = {"max_num_seqs": args.max_num_seqs}
-    if args.max_model_len is not None:
-        kwargs["max_model_len"] = args.max_model_len
+    # A resumed job asks for the context length its first run had. Where the KV cache's memory bounded that
+    # length, it moves with the memory free at load, and the job's prompts (summaries' chunks, default max_tokens)
+    # followed it; --force is for changed settings, so it takes the new ones.
+    max_model_len = args.max_model_len if args.max_model_len is not None or args.force else (
+        recorded_max_model_len(output))
+    if max_model_len is not None:
+        kwargs["max_model_len"] = max_model_len
     if args.max_num_seqs > 512:
         kwargs["max_num_batched_tokens"] = args.max_num_seqs
     return LLM(model=args.model, dtype=args.dtype, threads=args.threads, quant=args.quant, **engine_options(args),

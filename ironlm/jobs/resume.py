@@ -121,6 +121,16 @@ def model_hash(model_path: Path) -> str:
     return hash_files([model_path])
 
 
+def recorded_max_model_len(output: Path) -> int | None:
+    """The context length a job's manifest beside `output` records, or None (no manifest, or none readable there:
+    check_manifest reports an unreadable one)."""
+    try:
+        value = json.loads(manifest_path(output).read_text(encoding="utf-8"))["params"]["max_model_len"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return value if type(value) is int and value > 0 else None
+
+
 def check_manifest(output: Path, manifest: dict, force: bool) -> None:
     """Writes the job's manifest next to `output`, or checks it against the one already there.
 
