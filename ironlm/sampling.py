@@ -48,8 +48,8 @@ class SamplingParams:
         def bad(param: str, why: str) -> RequestError:
             return RequestError(f"{param}={getattr(self, param)!r} is invalid: {why}", param=param)
 
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise bad("max_tokens", "must be an integer >= 1")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
+            raise bad("max_tokens", "must be an integer >= 0 (0: the prompt only, for its prompt_logprobs)")
         if not 0.0 <= self.temperature <= 100.0:
             raise bad("temperature", "must be between 0 and 100")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):

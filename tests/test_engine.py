@@ -135,8 +135,20 @@ def test_asked_for_context_is_held_past_the_default_share(tiny_dir, monkeypatch)
     assert bounded.max_model_len == 320 and bounded.kv_bounds_context
 
 
+def test_max_tokens_zero_scores_the_prompt_only(llm):
+    prompt = list(range(3, 40))
+    scored = llm.generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=0, prompt_logprobs=0))[0]
+    assert scored.token_ids == [] and scored.text == "" and scored.finish_reason == "length"
+    reference = torch.log_softmax(llm.engine.prompt_logits(prompt).float(), dim=-1)  # (T, V)
+    assert scored.prompt_logprobs[0] is None and len(scored.prompt_logprobs) == len(prompt)
+    for position in range(1, len(prompt)):
+        assert scored.prompt_logprobs[position].logprob == pytest.approx(
+            float(reference[position - 1, prompt[position]]), abs=1e-4)
+    assert not llm.engine.has_unfinished() and llm.engine.block_manager.usage == 0
+
+
 def test_bad_sampling_params_are_refused(llm):
-    for bad in (dict(max_tokens=0), dict(temperature=-1.0), dict(top_p=0.0), dict(min_p=2.0), dict(logprobs=99),
+    for bad in (dict(max_tokens=-1), dict(temperature=-1.0), dict(top_p=0.0), dict(min_p=2.0), dict(logprobs=99),
                 dict(stop_token_ids=[10 ** 9])):
         with pytest.raises(RequestError):
             llm.generate({"prompt_token_ids": [1, 2]}, SamplingParams(**bad))

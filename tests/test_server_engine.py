@@ -151,6 +151,16 @@ def test_echo_scores_the_prompt_as_lm_eval_asks(client, tiny_llm):
     by_ids = client.completions.create(model="default", prompt=ids, max_tokens=2, temperature=0, echo=True)
     assert by_ids.choices[0].text.startswith(prompt)
 
+    # max_tokens=0, as older harnesses send it: the prompt and its logprobs, and nothing generated.
+    only = client.completions.create(model="default", prompt=prompt, max_tokens=0, logprobs=1, echo=True)
+    assert only.choices[0].text == prompt and only.choices[0].finish_reason == "length"
+    assert only.choices[0].logprobs.token_logprobs == logprobs.token_logprobs[:-1]
+    assert only.usage.completion_tokens == 0 and only.usage.prompt_tokens == len(ids)
+    streamed = [c for c in client.completions.create(model="default", prompt=prompt, max_tokens=0, echo=True,
+                                                     stream=True) if c.choices]
+    assert "".join(c.choices[0].text for c in streamed) == prompt
+    assert streamed[-1].choices[0].finish_reason == "length"
+
 
 def test_usage_counts_prompt_tokens_from_the_prefix_cache(client):
     messages = [{"role": "system", "content": "You answer questions about parcels. " * 20},

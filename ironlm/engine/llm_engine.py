@@ -135,12 +135,15 @@ class LLMEngine:
             if seq.first_token_time is None:
                 seq.first_token_time = now
                 prompt_logprobs = self.runner.take_prompt_logprobs(seq.request_id)
-            seq.token_ids.append(result.token_id)
             state: OutputState = seq.output_state
-            results = [result]
-            reason = state.add_token(seq, result.token_id, self.max_model_len)
-            if reason is None:
-                reason = self._fast_forward(seq, results)
+            if seq.params.max_tokens == 0:  # the prompt only (scoring): what was sampled after it is dropped
+                results, reason = [], "length"
+            else:
+                seq.token_ids.append(result.token_id)
+                results = [result]
+                reason = state.add_token(seq, result.token_id, self.max_model_len)
+                if reason is None:
+                    reason = self._fast_forward(seq, results)
             if reason is not None:
                 state.finish()
                 self.scheduler.finish(seq, reason)
