@@ -15,7 +15,8 @@ from ironlm.sampling import SampleResult, SamplingParams
 from ironlm.server import protocol
 from ironlm.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, bad_request
 from ironlm.server.translate import (TokenTexts, compile_grammar, echo_texts, grammar_source,
-                                     request_sampling_params, request_tools, tokenize_request)
+                                     request_sampling_params, request_thinking, request_tools,
+                                     tokenize_request)
 from ironlm.tools import ToolSet
 
 
@@ -28,6 +29,7 @@ class PreparedBody:
     logprobs: bool = False         # the response carries each choice's logprobs
     tools: ToolSet | None = None   # the tools a chat body offers; calls are read out of the answers
     echo_texts: list[str] | None = None  # per prompt, when a completion repeats its prompt (echo)
+    thinking: bool | None = None   # a reasoning model's chat: whether the answer starts inside its thinking
 
     @property
     def requests(self) -> list[tuple[list[int], SamplingParams]]:
@@ -76,7 +78,8 @@ def prepare_body(url: str, body: dict, tokenizer, max_model_len: int, model_name
         for p, processor in zip(params, compile_grammar(grammar, source, len(params), tools)):
             p.logits_processor = processor
     want_logprobs = req.logprobs if kind == "chat" else req.logprobs is not None
-    return PreparedBody(kind, prompts, params, req.n, want_logprobs, tools, echo_texts(tokenizer, req))
+    return PreparedBody(kind, prompts, params, req.n, want_logprobs, tools, echo_texts(tokenizer, req),
+                        request_thinking(tokenizer, req, prompts))
 
 
 def response_body(prepared: PreparedBody, model_name: str, results: list[Completion], response_id: str,
@@ -86,7 +89,8 @@ def response_body(prepared: PreparedBody, model_name: str, results: list[Complet
     for i, result in enumerate(results):
         entries = token_texts.entries(result.logprobs) if prepared.logprobs else None
         if prepared.kind == "chat":
-            message, finish_reason = protocol.chat_message(result.text, result.finish_reason, prepared.tools)
+            message, finish_reason = protocol.chat_message(result.text, result.finish_reason, prepared.tools,
+                                                           prepared.thinking)
             choices.append({"index": i, "message": message,
                             "logprobs": None if entries is None else protocol.chat_logprobs(entries),
                             "finish_reason": finish_reason})

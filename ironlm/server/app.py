@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ironlm import reasoning
 from ironlm.engine.async_engine import AsyncEngine, EngineDeadError
 from ironlm.errors import IronlmError, RequestError
 from ironlm.sampling import SamplingParams
@@ -18,8 +19,8 @@ from ironlm.server.limits import Guard, Slots, to_json
 from ironlm.server.metrics import ServerMetrics
 from ironlm.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, bad_request
 from ironlm.server.translate import (TokenTexts, compile_grammar, count_request_tokens, detokenize_request,
-                                     echo_texts, grammar_source, request_sampling_params, request_tools,
-                                     tokenize_request)
+                                     echo_texts, grammar_source, request_sampling_params, request_thinking,
+                                     request_tools, tokenize_request)
 from ironlm.tools import CallStream, ToolSet
 
 logger = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ class _Job:
         self.created = protocol.now()
         self.prompts: list[list[int]] = []
         self.tools: ToolSet | None = None  # the tools a chat request offers, whose calls are read from answers
+        self.thinking: bool | None = None  # a reasoning model's chat: whether the answer starts inside its thinking
         self.n = 1  # choices per prompt
         self.echo_texts: list[str] | None = None  # per prompt, when a completion repeats its prompt (echo)
         self.echoed: list[bool] = []  # per choice: its prompt went out already
@@ -214,6 +216,7 @@ class _Server:
         job.tools = request_tools(self.tokenizer, req)
         job.prompts = await asyncio.to_thread(self.tokenize, req, job.tools)
         job.echo_texts = echo_texts(self.tokenizer, req)
+        job.thinking = request_thinking(self.tokenizer, req, job.prompts)
         job.n = req.n
         num_choices = len(job.prompts) * req.n
         job.echoed = [False] * num_choices
@@ -279,7 +282,7 @@ class _Server:
         for i in range(num_choices):
             text = "".join(texts[i])
             if job.kind == "chat":
-                message, finish_reason = protocol.chat_message(text, finish[i], job.tools)
+                message, finish_reason = protocol.chat_message(text, finish[i], job.tools, job.thinking)
                 choices.append({"index": i, "message": message,
                                 "logprobs": protocol.chat_logprobs(entries[i]) if want_logprobs else None,
                                 "finish_reason": finish_reason})
@@ -298,8 +301,14 @@ class _Server:
         def event(choices: list[dict]) -> bytes:
             return _sse(chunk(job.response_id, job.created, self.model_name, choices, job.include_usage))
 
-        # with tools, text that may be a call is held back and sent as tool_calls once the choice ends
+        # with tools, text that may be a call is held back and sent as tool_calls once the choice ends; a
+        # reasoning model's thinking goes out as reasoning_content, its answer as content
         calls = [CallStream(job.tools) for _ in range(num_choices)] if job.tools else None
+        thoughts = [reasoning.Stream(job.thinking) for _ in range(num_choices)] if job.thinking is not None else None
+
+        def chat_delta(thought: str, text: str) -> dict:
+            return {"reasoning_content": thought, **({"content": text} if text else {})} if thought else {"content": text}
+
         try:
             if job.kind == "chat":
                 for i in range(num_choices):
@@ -313,18 +322,25 @@ class _Server:
                 i = index[output.request_id]
                 job.observe(i, output)
                 echoed_text, echoed = job.echo(i, output, self.token_texts, want_logprobs)
-                text = calls[i].feed(output.new_text) if calls else echoed_text + output.new_text
-                if text or (want_logprobs and (output.logprobs or echoed)):
+                thought, new_text = thoughts[i].feed(output.new_text) if thoughts else ("", output.new_text)
+                text = calls[i].feed(new_text) if calls else echoed_text + new_text
+                if text or thought or (want_logprobs and (output.logprobs or echoed)):
                     logprobs = self.choice_logprobs(job, i, output, want_logprobs, echoed)
                     job.text_len[i] += len(echoed_text) + len(output.new_text)
                     if job.kind == "chat":
-                        yield event([{"index": i, "delta": {"content": text}, "logprobs": logprobs,
+                        yield event([{"index": i, "delta": chat_delta(thought, text), "logprobs": logprobs,
                                       "finish_reason": None}])
                     else:
                         yield event([{"index": i, "text": text, "logprobs": logprobs, "finish_reason": None}])
                 if output.finished:
                     remaining -= 1
                     finish_reason = output.finish_reason
+                    if thoughts:
+                        thought, rest = thoughts[i].finish()
+                        rest = calls[i].feed(rest) if calls else rest
+                        if thought or rest:
+                            yield event([{"index": i, "delta": chat_delta(thought, rest), "logprobs": None,
+                                          "finish_reason": None}])
                     if calls:
                         rest, tool_calls = calls[i].finish()
                         if rest:

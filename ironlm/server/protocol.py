@@ -5,6 +5,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ironlm import reasoning
 from ironlm.tools import MAX_TOOLS, ToolSet
 
 MAX_N = 16                 # choices per prompt
@@ -327,10 +328,15 @@ def completion_chunk(response_id: str, created: int, model: str, choices: list[d
     return chunk
 
 
-def chat_message(answer: str, finish_reason: str | None, tools: ToolSet | None) -> tuple[dict, str | None]:
+def chat_message(answer: str, finish_reason: str | None, tools: ToolSet | None,
+                 thinking: bool | None = None) -> tuple[dict, str | None]:
     """The assistant message of a finished chat choice and its finish_reason, with the calls read out of the
-    answer when the request offered tools."""
+    answer when the request offered tools. With `thinking` (request_thinking: a reasoning model), the thinking
+    goes to reasoning_content."""
     message = {"role": "assistant", "content": answer, "refusal": None}
+    if thinking is not None:
+        message["reasoning_content"], answer = reasoning.split(answer, thinking)
+        message["content"] = answer
     parsed = tools.parse(answer) if tools is not None else None
     if not parsed or not parsed.calls:
         return message, finish_reason

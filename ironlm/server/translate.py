@@ -1,4 +1,5 @@
 """OpenAI requests -> prompt token ids, SamplingParams and grammars; shared by the server and batch jobs."""
+from ironlm import reasoning
 from ironlm.grammar import GrammarCompiler
 from ironlm.sampling import SampleResult, SamplingParams
 from ironlm.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
@@ -14,6 +15,14 @@ def request_tools(tok: Tokenizer, req) -> ToolSet | None:
     functions, choice = read_tools([tool.model_dump(exclude_none=True) for tool in req.tools],
                                    None if req.tool_choice is None else req.tool_choice_raw())
     return tool_set(functions, choice, req.parallel_tool_calls, tok)
+
+
+def request_thinking(tok: Tokenizer, req, prompts: list[list[int]]) -> bool | None:
+    """For a chat request to a reasoning model (its template has </think>), whether the prompt leaves the model
+    inside its thinking; None where answers are not split into reasoning and content."""
+    if not isinstance(req, ChatCompletionRequest) or not reasoning.template_thinks(tok.chat_template):
+        return None
+    return reasoning.prompt_thinks(tok.decode(prompts[0][-8:], skip_special_tokens=False))
 
 
 def tokenize_request(tok: Tokenizer, req, tools: ToolSet | None = None) -> list[list[int]]:

@@ -1,0 +1,110 @@
+"""A reasoning model's thinking goes to reasoning_content, whole and streamed, through the server and batch bodies."""
+import random
+
+import openai
+import pytest
+
+from ironlm import reasoning
+from ironlm.engine.output import RequestOutput
+from ironlm.grammar import GrammarCompiler
+from test_server_support import FakeEngine, FakeTokenizer, serve
+
+ANSWER = "I should greet them.\n</think>\n\nHello!"
+
+
+@pytest.mark.parametrize("answer, thinking, expected", [
+    ("<think>\nhmm, so\n</think>\n\nThe answer.", False, ("hmm, so\n", "The answer.")),
+    ("hmm\n</think>\n\nAnswer", True, ("hmm\n", "Answer")),  # the prompt opened the thinking
+    ("Just an answer", False, (None, "Just an answer")),
+    ("cut off while thinking", True, ("cut off while thinking", "")),
+    ("a </think> b </think> c", True, ("a ", "b </think> c")),  # the first tag ends the thinking
+    ("  <thi", False, (None, "<thi")),
+    ("", True, ("", "")),
+])
+def test_split_and_stream_agree(answer, thinking, expected):
+    assert reasoning.split(answer, thinking) == expected
+    rng = random.Random(0)
+    for _ in range(100):  # streamed in pieces of 1-4 characters, as tokens come
+        stream, got = reasoning.Stream(thinking), ["", ""]
+        i = 0
+        while i < len(answer):
+            n = rng.randint(1, 4)
+            for k, part in enumerate(stream.feed(answer[i:i + n])):
+                got[k] += part
+            i += n
+        for k, part in enumerate(stream.finish()):
+            got[k] += part
+        assert tuple(got) == (expected[0] or "", expected[1])
+
+
+def test_templates_and_prompts_that_think():
+    assert reasoning.template_thinks("{{ m.content.split('</think>')[-1] }}")
+    assert not reasoning.template_thinks("{{ m.content }}") and not reasoning.template_thinks(None)
+    assert reasoning.prompt_thinks("<|Assistant|><think>\n") and not reasoning.prompt_thinks("<|Assistant|>")
+
+
+class ThinkingTokenizer(FakeTokenizer):
+    chat_template = "{{ m.content.split('</think>')[-1] }} ... <think>"
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, **kwargs) -> str:
+        return super().apply_chat_template(messages, add_generation_prompt) + "<think>\n"
+
+
+class ThinkingEngine(FakeEngine):
+    """Answers every request with ANSWER, one character (one token) a step."""
+
+    def __init__(self):
+        super().__init__(step_s=0.001)
+        self.tokenizer = ThinkingTokenizer()
+        self.grammar = GrammarCompiler(self.tokenizer, self.tokenizer.vocab_size)
+
+    def step(self) -> list[RequestOutput]:
+        outputs = []
+        for request_id, (prompt, params, generated) in list(self.requests.items()):
+            generated.append(ord(ANSWER[len(generated)]) + 1)
+            reason = "stop" if len(generated) == len(ANSWER) else "length" if len(generated) >= params.max_tokens else None
+            if reason:
+                del self.requests[request_id]
+            outputs.append(RequestOutput(
+                request_id=request_id, new_token_ids=generated[-1:], new_text=self.tokenizer.decode(generated[-1:]),
+                token_ids=list(generated), text=self.tokenizer.decode(generated), finished=reason is not None,
+                finish_reason=reason, num_prompt_tokens=len(prompt)))
+        return outputs
+
+
+@pytest.fixture(scope="module")
+def client():
+    server, _ = serve(ThinkingEngine())
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=30) as c:
+        yield c
+    server.stop()
+
+
+def test_server_splits_thinking_from_the_answer(client):
+    messages = [{"role": "user", "content": "hi"}]
+    whole = client.chat.completions.create(model="default", messages=messages).choices[0]
+    assert whole.message.model_extra["reasoning_content"] == "I should greet them.\n"
+    assert whole.message.content == "Hello!" and whole.finish_reason == "stop"
+
+    thought = answer = ""
+    for chunk in client.chat.completions.create(model="default", messages=messages, stream=True):
+        for choice in chunk.choices:
+            thought += choice.delta.model_extra.get("reasoning_content") or ""
+            answer += choice.delta.content or ""
+            assert not (answer and choice.delta.model_extra.get("reasoning_content"))  # thinking comes first
+    assert (thought, answer) == ("I should greet them.\n", "Hello!")
+
+    cut = client.chat.completions.create(model="default", messages=messages, max_tokens=10).choices[0]
+    assert cut.message.model_extra["reasoning_content"] == "I should g" and cut.message.content == ""
+    assert client.completions.create(model="default", prompt="hi").choices[0].text == ANSWER  # completions: raw
+
+
+def test_batch_bodies_know_the_thinking():
+    from ironlm.jobs.body import prepare_body
+
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    for tokenizer, thinking in ((ThinkingTokenizer(), True), (FakeTokenizer(), None)):
+        grammar = GrammarCompiler(tokenizer, tokenizer.vocab_size)
+        assert prepare_body("/v1/chat/completions", body, tokenizer, 128, "m", grammar).thinking is thinking
+    assert prepare_body("/v1/completions", {"prompt": "hi"}, ThinkingTokenizer(), 128, "m",
+                        GrammarCompiler(ThinkingTokenizer(), 300)).thinking is None
