@@ -4,6 +4,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import count
 
+from ironlm import reasoning
 from ironlm.config import EngineConfig
 from ironlm.engine.llm_engine import LLMEngine
 from ironlm.engine.output import RequestOutput
@@ -23,6 +24,7 @@ class GenerationResult:
     finish_reason: str | None
     metrics: dict = field(default_factory=dict)
     tool_calls: list[ToolCall] = field(default_factory=list)  # LLM.chat with tools: the calls in `text`
+    reasoning: str | None = None  # LLM.chat of a reasoning model: its thinking, which `text` then leaves out
     # SamplingParams.prompt_logprobs: one per prompt token (None for the first), each with its top alternatives
     prompt_logprobs: list[SampleResult | None] | None = None
 
@@ -61,23 +63,28 @@ class LLM:
         forces a call through a grammar); each result's tool_calls holds the calls read out of its text, and
         messages may hold earlier calls (assistant "tool_calls") and their results ("tool" messages).
         `chat_template_kwargs` are more template variables, such as {"enable_thinking": False} for Qwen3.
+        A reasoning model's thinking (a chat template with </think>) goes to each result's `reasoning`, apart
+        from its answer in `text`.
         """
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         tools = None if tools is None else tool_set(*read_tools(tools, tool_choice), parallel_tool_calls,
                                                     self.tokenizer)
         token_lists = [self.chat_prompt(conversation, tools, chat_template_kwargs) for conversation in conversations]
-        if tools is None:
-            return self._run(token_lists, params, use_tqdm)
         params = self._params_list(params, len(token_lists))
         for i, p in enumerate(params):
-            lark = tools.grammar(p.json_schema)
+            lark = None if tools is None else tools.grammar(p.json_schema)
             if lark is not None:
                 processor, = tools.guarded(self.engine.grammar.compile_lark(lark, 1, "tools"), self.tokenizer)
                 params[i] = dataclasses.replace(p, json_schema=None, logits_processor=processor)
         results = self._run(token_lists, params, use_tqdm)
+        thinks = reasoning.template_thinks(self.tokenizer.chat_template)
         for result in results:
-            result.tool_calls = tools.parse(result.text).calls
-            result.finish_reason = tools.finish_reason(result.finish_reason, bool(result.tool_calls))
+            if thinks:
+                thinking = reasoning.ids_think(self.tokenizer, result.prompt_token_ids)
+                result.reasoning, result.text = reasoning.split(result.text, thinking)
+            if tools is not None:
+                result.tool_calls = tools.parse(result.text).calls
+                result.finish_reason = tools.finish_reason(result.finish_reason, bool(result.tool_calls))
         return results
 
     def stream(self, prompt_token_ids: list[int], params: SamplingParams | None = None) -> Iterator[RequestOutput]:

@@ -19,6 +19,11 @@ def prompt_thinks(prompt: str) -> bool:
     return prompt.rstrip().endswith(OPEN)
 
 
+def ids_think(tokenizer, prompt_ids: list[int]) -> bool:
+    """prompt_thinks for a prompt given as token ids (its last few tokens hold the tag)."""
+    return prompt_thinks(tokenizer.decode(prompt_ids[-8:], skip_special_tokens=False))
+
+
 def split(answer: str, thinking: bool) -> tuple[str | None, str]:
     """(reasoning, content) of a whole answer, each without leading whitespace; reasoning is None where the answer
     holds no thinking. `thinking`: the prompt left the model inside it (prompt_thinks). An answer cut off before

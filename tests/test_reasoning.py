@@ -43,6 +43,21 @@ def test_templates_and_prompts_that_think():
     assert reasoning.prompt_thinks("<|Assistant|><think>\n") and not reasoning.prompt_thinks("<|Assistant|>")
 
 
+def test_llm_chat_gives_the_thinking_apart(make_tiny_model, hf_tokenizer_dir):
+    """On a tiny random model, whose answer never closes its thinking: all of it is reasoning, none is text."""
+    from ironlm import LLM, SamplingParams
+
+    directory, _ = make_tiny_model("llama", vocab_size=49152, max_position_embeddings=256)
+    template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content.split('</think>')[-1] }}<|im_end|>\n"
+                "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}")
+    llm = LLM(str(directory), dtype="float32", threads=1, chat_template=template)
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    result, = llm.chat([{"role": "user", "content": "hi"}], params)
+    raw, = llm.generate({"prompt_token_ids": result.prompt_token_ids}, params)
+    assert "</think>" not in raw.text
+    assert (result.reasoning, result.text) == (raw.text.lstrip(), "")
+
+
 class ThinkingTokenizer(FakeTokenizer):
     chat_template = "{{ m.content.split('</think>')[-1] }} ... <think>"
 

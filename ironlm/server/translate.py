@@ -22,7 +22,7 @@ def request_thinking(tok: Tokenizer, req, prompts: list[list[int]]) -> bool | No
     inside its thinking; None where answers are not split into reasoning and content."""
     if not isinstance(req, ChatCompletionRequest) or not reasoning.template_thinks(tok.chat_template):
         return None
-    return reasoning.prompt_thinks(tok.decode(prompts[0][-8:], skip_special_tokens=False))
+    return reasoning.ids_think(tok, prompts[0])
 
 
 def tokenize_request(tok: Tokenizer, req, tools: ToolSet | None = None) -> list[list[int]]:
