@@ -77,7 +77,8 @@ class ThinkingEngine(FakeEngine):
         outputs = []
         for request_id, (prompt, params, generated) in list(self.requests.items()):
             generated.append(ord(ANSWER[len(generated)]) + 1)
-            reason = "stop" if len(generated) == len(ANSWER) else "length" if len(generated) >= params.max_tokens else None
+            done = len(generated) == len(ANSWER)
+            reason = "stop" if done else "length" if len(generated) >= params.max_tokens else None
             if reason:
                 del self.requests[request_id]
             outputs.append(RequestOutput(

@@ -306,9 +306,6 @@ class _Server:
         calls = [CallStream(job.tools) for _ in range(num_choices)] if job.tools else None
         thoughts = [reasoning.Stream(job.thinking) for _ in range(num_choices)] if job.thinking is not None else None
 
-        def chat_delta(thought: str, text: str) -> dict:
-            return {"reasoning_content": thought, **({"content": text} if text else {})} if thought else {"content": text}
-
         try:
             if job.kind == "chat":
                 for i in range(num_choices):
@@ -328,29 +325,27 @@ class _Server:
                     logprobs = self.choice_logprobs(job, i, output, want_logprobs, echoed)
                     job.text_len[i] += len(echoed_text) + len(output.new_text)
                     if job.kind == "chat":
-                        yield event([{"index": i, "delta": chat_delta(thought, text), "logprobs": logprobs,
+                        yield event([{"index": i, "delta": protocol.chat_delta(thought, text), "logprobs": logprobs,
                                       "finish_reason": None}])
                     else:
                         yield event([{"index": i, "text": text, "logprobs": logprobs, "finish_reason": None}])
                 if output.finished:
                     remaining -= 1
                     finish_reason = output.finish_reason
-                    if thoughts:
-                        thought, rest = thoughts[i].finish()
-                        rest = calls[i].feed(rest) if calls else rest
-                        if thought or rest:
-                            yield event([{"index": i, "delta": chat_delta(thought, rest), "logprobs": None,
-                                          "finish_reason": None}])
+                    thought, rest = thoughts[i].finish() if thoughts else ("", "")  # what each held back
+                    tool_calls = []
                     if calls:
+                        sent = calls[i].feed(rest)
                         rest, tool_calls = calls[i].finish()
-                        if rest:
-                            yield event([{"index": i, "delta": {"content": rest}, "logprobs": None,
-                                          "finish_reason": None}])
-                        if tool_calls:
-                            deltas = [call.openai(index=k) for k, call in enumerate(tool_calls)]
-                            yield event([{"index": i, "delta": {"tool_calls": deltas}, "logprobs": None,
-                                          "finish_reason": None}])
+                        rest = sent + rest
                         finish_reason = job.tools.finish_reason(finish_reason, bool(tool_calls))
+                    if thought or rest:
+                        yield event([{"index": i, "delta": protocol.chat_delta(thought, rest), "logprobs": None,
+                                      "finish_reason": None}])
+                    if tool_calls:
+                        deltas = [call.openai(index=k) for k, call in enumerate(tool_calls)]
+                        yield event([{"index": i, "delta": {"tool_calls": deltas}, "logprobs": None,
+                                      "finish_reason": None}])
                     if job.kind == "chat":
                         yield event([{"index": i, "delta": {}, "logprobs": None, "finish_reason": finish_reason}])
                     else:

@@ -345,6 +345,13 @@ def chat_message(answer: str, finish_reason: str | None, tools: ToolSet | None,
     return message, tools.finish_reason(finish_reason, True)
 
 
+def chat_delta(thought: str, text: str) -> dict:
+    """A streamed chat choice's delta: a reasoning model's thinking as reasoning_content, its answer as content."""
+    if not thought:
+        return {"content": text}
+    return {"reasoning_content": thought, "content": text} if text else {"reasoning_content": thought}
+
+
 def chat_logprobs(entries: list[tuple[str, float, list[tuple[str, float]]]]) -> dict:
     """entries: (token text, logprob, [(top token text, logprob)]) per generated token."""
     def item(text: str, logprob: float) -> dict:
