@@ -235,7 +235,9 @@ CpuFeatures features_from(const nb::dict& d) {
     CpuFeatures f;
     for (auto [key, value] : d) {
         const std::string k = nb::cast<std::string>(key);
-        const bool v = PyObject_IsTrue(value.ptr()) == 1;
+        const int truth = PyObject_IsTrue(value.ptr());
+        if (truth < 0) throw nb::python_error();  // a value whose truth cannot be told
+        const bool v = truth == 1;
         if (k == "avx2") f.avx2 = f.fma = f.os_avx = v;
         else if (k == "f16c") f.f16c = v;
         else if (k == "avx512f") f.avx512f = f.os_avx512 = v;

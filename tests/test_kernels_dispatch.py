@@ -44,6 +44,13 @@ def test_unknown_feature_is_an_error():
     with pytest.raises(ValueError, match="unknown feature avx1024"):
         _kernels.supported_isas({"avx1024": True})
 
+    class Unclear:
+        def __bool__(self):
+            raise ValueError("neither true nor false")
+
+    with pytest.raises(ValueError, match="neither true nor false"):
+        _kernels.supported_isas({"avx2": Unclear()})
+
 
 def active_isa_with(value: str) -> tuple[str, str]:
     code = "from ironlm import _kernels; print(*_kernels.active_isa(), sep='|')"
