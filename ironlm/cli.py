@@ -152,7 +152,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def chat_loop(llm, read_line, params, system: str | None = None) -> list[dict]:
-    """Reads user turns until None or /exit, streams each reply, and keeps the conversation; returns it."""
+    """Reads user turns until None or /exit, streams each reply, and keeps the conversation; returns it. A
+    reasoning model's thinking goes to standard error and stays out of the conversation."""
+    from ironlm import reasoning
+
+    thinks = reasoning.template_thinks(llm.tokenizer.chat_template)
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
     while (line := read_line()) is not None:
@@ -166,9 +170,18 @@ def chat_loop(llm, read_line, params, system: str | None = None) -> list[dict]:
             continue
         messages.append({"role": "user", "content": text})
         reply = []
-        for out in llm.stream(llm.chat_prompt(messages), params):
-            print(out.new_text, end="", flush=True)
-            reply.append(out.new_text)
+        prompt = llm.chat_prompt(messages)
+        thoughts = reasoning.Stream(reasoning.ids_think(llm.tokenizer, prompt)) if thinks else None
+
+        def show(thought: str, text: str) -> None:
+            print(thought, end="", file=sys.stderr, flush=True)
+            print(text, end="", flush=True)
+            reply.append(text)
+
+        for out in llm.stream(prompt, params):
+            show(*(thoughts.feed(out.new_text) if thoughts else ("", out.new_text)))
+        if thoughts:
+            show(*thoughts.finish())
         print()
         messages.append({"role": "assistant", "content": "".join(reply)})
     return messages

@@ -43,19 +43,45 @@ def test_templates_and_prompts_that_think():
     assert reasoning.prompt_thinks("<|Assistant|><think>\n") and not reasoning.prompt_thinks("<|Assistant|>")
 
 
-def test_llm_chat_gives_the_thinking_apart(make_tiny_model, hf_tokenizer_dir):
-    """On a tiny random model, whose answer never closes its thinking: all of it is reasoning, none is text."""
-    from ironlm import LLM, SamplingParams
+@pytest.fixture(scope="module")
+def thinking_llm(make_tiny_model):
+    """A tiny random model under a template whose prompt opens the thinking; its answers never close it."""
+    from ironlm import LLM
 
     directory, _ = make_tiny_model("llama", vocab_size=49152, max_position_embeddings=256)
     template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content.split('</think>')[-1] }}<|im_end|>\n"
                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}")
-    llm = LLM(str(directory), dtype="float32", threads=1, chat_template=template)
-    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
-    result, = llm.chat([{"role": "user", "content": "hi"}], params)
-    raw, = llm.generate({"prompt_token_ids": result.prompt_token_ids}, params)
-    assert "</think>" not in raw.text
-    assert (result.reasoning, result.text) == (raw.text.lstrip(), "")
+    return LLM(str(directory), dtype="float32", threads=1, chat_template=template)
+
+
+GREEDY = dict(max_tokens=6, temperature=0.0, ignore_eos=True)
+
+
+def raw_answer(llm, prompt_ids: list[int]) -> str:
+    from ironlm import SamplingParams
+
+    text = llm.generate({"prompt_token_ids": prompt_ids}, SamplingParams(**GREEDY))[0].text
+    assert "</think>" not in text
+    return text
+
+
+def test_llm_chat_gives_the_thinking_apart(thinking_llm):
+    from ironlm import SamplingParams
+
+    result, = thinking_llm.chat([{"role": "user", "content": "hi"}], SamplingParams(**GREEDY))
+    assert (result.reasoning, result.text) == (raw_answer(thinking_llm, result.prompt_token_ids).lstrip(), "")
+
+
+def test_chat_command_shows_thinking_on_stderr(thinking_llm, capsys):
+    """`ironlm chat`: the answer on standard output and in the conversation, the thinking on standard error."""
+    from ironlm import SamplingParams
+    from ironlm.cli import chat_loop
+
+    raw = raw_answer(thinking_llm, thinking_llm.chat_prompt([{"role": "user", "content": "hi"}]))
+    lines = iter(["hi", None])
+    messages = chat_loop(thinking_llm, lambda: next(lines), SamplingParams(**GREEDY))
+    out = capsys.readouterr()
+    assert out.err == raw.lstrip() and out.out == "\n" and messages[-1] == {"role": "assistant", "content": ""}
 
 
 class ThinkingTokenizer(FakeTokenizer):
