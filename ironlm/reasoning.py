@@ -6,6 +6,8 @@ templates end the prompt with `<think>`, so the answer starts inside the thinkin
 appears; older ones leave the opening tag to the model. A template that never mentions the tags turns this off,
 so other models' answers pass through whole.
 """
+from ironlm.tools import partial_suffix
+
 OPEN, CLOSE = "<think>", "</think>"
 
 
@@ -39,14 +41,6 @@ def split(answer: str, thinking: bool) -> tuple[str | None, str]:
     return body[:end], body[end + len(CLOSE):].lstrip()
 
 
-def _partial_suffix(text: str, marker: str) -> int:
-    """The length of the longest end of `text` that begins `marker` (text that may grow into it)."""
-    for n in range(min(len(marker) - 1, len(text)), 0, -1):
-        if marker.startswith(text[-n:]):
-            return n
-    return 0
-
-
 class Stream:
     """One streamed answer, split as `split` splits it whole: `feed` gives the (reasoning, content) to send now,
     holding back leading whitespace and a tail that may be the start of a tag; `finish` gives what is held."""
@@ -77,7 +71,7 @@ class Stream:
             else:
                 end = self.pending.find(CLOSE)
                 if end < 0:
-                    return reasoning + self._take(len(self.pending) - _partial_suffix(self.pending, CLOSE)), content
+                    return reasoning + self._take(len(self.pending) - partial_suffix(self.pending, CLOSE)), content
                 reasoning += self._take(end)
                 self.pending, self.state, self.skip_space = self.pending[len(CLOSE):], "answer", True
 

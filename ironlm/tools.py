@@ -201,7 +201,7 @@ class CallStream:
             self.holding = True
             end = start
         else:  # keep back a tail that may grow into the marker
-            end = len(self.answer) - _partial_suffix(self.answer, HERMES_OPEN)
+            end = len(self.answer) - partial_suffix(self.answer, HERMES_OPEN)
         text = self.answer[self.num_sent:max(end, self.num_sent)]
         self.num_sent += len(text)
         return text
@@ -427,7 +427,7 @@ def _may_be_bare_call(head: str) -> bool:
     return any(marker.startswith(head) or head.startswith(marker) for marker in (*_BARE_MARKERS, HERMES_OPEN))
 
 
-def _partial_suffix(text: str, marker: str) -> int:
+def partial_suffix(text: str, marker: str) -> int:
     """Length of the longest end of `text` that is a proper start of `marker`."""
     for n in range(min(len(marker) - 1, len(text)), 0, -1):
         if marker.startswith(text[-n:]):
