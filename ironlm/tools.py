@@ -22,7 +22,7 @@ MAX_PARALLEL_CALLS = 8  # calls in one answer
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
 # Markers a template may put before a bare JSON call; the detokenizer drops them when they are special tokens.
-_BARE_MARKERS = ("<|python_tag|>", "[TOOL_CALLS]")
+BARE_MARKERS = ("<|python_tag|>", "[TOOL_CALLS]")
 _FENCE = re.compile(r"```(?:json)?\s*(.*?)\s*```", re.S)
 # Template inputs that chat_template_kwargs may not replace
 _RESERVED = frozenset({"messages", "tools", "documents", "add_generation_prompt", "chat_template", "bos_token",
@@ -142,7 +142,7 @@ class ToolSet:
                 calls.append(call)
             return ParsedAnswer(start, self._distinct(calls))
         body = answer.strip()
-        for marker in _BARE_MARKERS:
+        for marker in BARE_MARKERS:
             body = body.removeprefix(marker).strip()
         fence = _FENCE.fullmatch(body)
         if fence:
@@ -174,43 +174,6 @@ class ToolSet:
         if not isinstance(arguments, dict):
             return None
         return ToolCall(new_call_id(), value["name"], json.dumps(arguments, ensure_ascii=False))
-
-
-class CallStream:
-    """One streamed choice: which text can go out at once as content, and which is held back because it may be
-    the start of a call; `finish` reads the calls."""
-
-    def __init__(self, tools: ToolSet):
-        self.tools = tools
-        self.answer = ""
-        self.num_sent = 0
-        self.holding = tools.choice != "auto"  # a forced answer is calls and nothing else
-        self.text_first = False  # the answer starts with text, so it is no bare JSON call
-
-    def feed(self, new_text: str) -> str:
-        """Content to send now."""
-        self.answer += new_text
-        if self.holding:
-            return ""
-        if not self.text_first:
-            if _may_be_bare_call(self.answer.lstrip()):
-                return ""
-            self.text_first = True
-        start = self.answer.find(HERMES_OPEN, max(0, self.num_sent - len(HERMES_OPEN)))
-        if start >= 0:
-            self.holding = True
-            end = start
-        else:  # keep back a tail that may grow into the marker
-            end = len(self.answer) - partial_suffix(self.answer, HERMES_OPEN)
-        text = self.answer[self.num_sent:max(end, self.num_sent)]
-        self.num_sent += len(text)
-        return text
-
-    def finish(self) -> tuple[str, list[ToolCall]]:
-        """(content not sent yet, the calls) once the answer is complete."""
-        parsed = self.tools.parse(self.answer)
-        end = parsed.content_end if parsed.calls else len(self.answer)
-        return self.answer[self.num_sent:max(end, self.num_sent)], parsed.calls
 
 
 class RepeatGuard:
@@ -419,12 +382,6 @@ def _closed(parameters: dict) -> dict:
     if "properties" in parameters and "additionalProperties" not in parameters:
         return {**parameters, "additionalProperties": False}
     return parameters
-
-
-def _may_be_bare_call(head: str) -> bool:
-    if not head or head[0] in "{[`":
-        return True
-    return any(marker.startswith(head) or head.startswith(marker) for marker in (*_BARE_MARKERS, HERMES_OPEN))
 
 
 def partial_suffix(text: str, marker: str) -> int:

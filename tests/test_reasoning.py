@@ -5,9 +5,8 @@ import openai
 import pytest
 
 from ironlm import reasoning
-from ironlm.engine.output import RequestOutput
 from ironlm.grammar import GrammarCompiler
-from test_server_support import FakeEngine, FakeTokenizer, serve
+from test_server_support import FakeTokenizer, ScriptedEngine, serve
 
 ANSWER = "I should greet them.\n</think>\n\nHello!"
 
@@ -91,32 +90,9 @@ class ThinkingTokenizer(FakeTokenizer):
         return super().apply_chat_template(messages, add_generation_prompt) + "<think>\n"
 
 
-class ThinkingEngine(FakeEngine):
-    """Answers every request with ANSWER, one character (one token) a step."""
-
-    def __init__(self):
-        super().__init__(step_s=0.001)
-        self.tokenizer = ThinkingTokenizer()
-        self.grammar = GrammarCompiler(self.tokenizer, self.tokenizer.vocab_size)
-
-    def step(self) -> list[RequestOutput]:
-        outputs = []
-        for request_id, (prompt, params, generated) in list(self.requests.items()):
-            generated.append(ord(ANSWER[len(generated)]) + 1)
-            done = len(generated) == len(ANSWER)
-            reason = "stop" if done else "length" if len(generated) >= params.max_tokens else None
-            if reason:
-                del self.requests[request_id]
-            outputs.append(RequestOutput(
-                request_id=request_id, new_token_ids=generated[-1:], new_text=self.tokenizer.decode(generated[-1:]),
-                token_ids=list(generated), text=self.tokenizer.decode(generated), finished=reason is not None,
-                finish_reason=reason, num_prompt_tokens=len(prompt)))
-        return outputs
-
-
 @pytest.fixture(scope="module")
 def client():
-    server, _ = serve(ThinkingEngine())
+    server, _ = serve(ScriptedEngine(ANSWER, ThinkingTokenizer()))
     with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=30) as c:
         yield c
     server.stop()

@@ -228,15 +228,18 @@ def test_tool_choice_required_and_named_give_valid_calls(client):
     assert len(one.choices[0].message.tool_calls) == 1
     check_call(one.choices[0].message.tool_calls[0])
 
-    # a named function, streamed: no content, one tool_calls delta, finish_reason "stop" as OpenAI gives it
+    # a named function, streamed: no content, one call whose arguments come in pieces, finish_reason "stop" as
+    # OpenAI gives it
     chunks = list(client.chat.completions.create(
         model="default", messages=messages, tools=[WEATHER_TOOL, TIME_TOOL], max_tokens=100, stream=True,
         tool_choice={"type": "function", "function": {"name": "get_weather"}}))
     deltas = [c.choices[0].delta for c in chunks if c.choices]
     assert "".join(d.content or "" for d in deltas) == ""
-    calls = [call for d in deltas for call in d.tool_calls or ()]
-    assert len(calls) == 1 and calls[0].index == 0 and calls[0].function.name == "get_weather"
-    check_call(calls[0])
+    first, *more = [call for d in deltas for call in d.tool_calls or ()]
+    assert first.index == 0 and first.function.name == "get_weather" and more
+    assert all(call.index == 0 and call.id is None and call.function.name is None for call in more)
+    first.function.arguments += "".join(call.function.arguments for call in more)
+    check_call(first)
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
 
 

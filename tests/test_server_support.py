@@ -120,3 +120,28 @@ class FakeEngine:
     def stats(self) -> dict:
         return {"num_running": len(self.requests), "num_waiting": 0, "kv_usage": len(self.requests) / 100,
                 "prefix_cache_hit_rate": 0.5, "num_steps": self.num_steps}
+
+
+class ScriptedEngine(FakeEngine):
+    """Answers every request with `answer` (ASCII), one character (one token) a step, so that markers a stream
+    watches for arrive in pieces."""
+
+    def __init__(self, answer: str, tokenizer: FakeTokenizer | None = None, max_model_len: int = 128):
+        super().__init__(step_s=0.001, max_model_len=max_model_len)
+        self.answer = answer
+        self.tokenizer = tokenizer or FakeTokenizer()
+        self.grammar = GrammarCompiler(self.tokenizer, self.tokenizer.vocab_size)
+
+    def step(self) -> list[RequestOutput]:
+        outputs = []
+        for request_id, (prompt, params, generated) in list(self.requests.items()):
+            generated.append(ord(self.answer[len(generated)]) + 1)
+            done = len(generated) == len(self.answer)
+            reason = "stop" if done else "length" if len(generated) >= params.max_tokens else None
+            if reason:
+                del self.requests[request_id]
+            outputs.append(RequestOutput(
+                request_id=request_id, new_token_ids=generated[-1:], new_text=self.tokenizer.decode(generated[-1:]),
+                token_ids=list(generated), text=self.tokenizer.decode(generated), finished=reason is not None,
+                finish_reason=reason, num_prompt_tokens=len(prompt)))
+        return outputs

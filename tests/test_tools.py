@@ -1,4 +1,4 @@
-"""Function calling without a model: reading calls out of answers, streaming around them, the forced-call grammar
+"""Function calling without a model: reading calls out of answers, the forced-call grammar
 (checked with llguidance on SmolLM2's vocabulary) and the prompt a template with and without tool support gets."""
 import json
 
@@ -6,7 +6,7 @@ import pytest
 
 from ironlm.errors import RequestError
 from ironlm.tokenizer import Tokenizer
-from ironlm.tools import CallStream, Function, ToolSet, call_style, read_tools, render_chat, tool_set
+from ironlm.tools import Function, ToolSet, call_style, read_tools, render_chat, tool_set
 
 WEATHER = Function("get_weather", "Weather in a city", {
     "type": "object", "properties": {"city": {"$ref": "#/$defs/City"}, "unit": {"enum": ["C", "F"]}},
@@ -103,31 +103,6 @@ def test_one_call_unless_parallel_and_a_named_function_is_called_once():
     assert tools(choice="get_time").finish_reason("stop", True) == "stop"  # as OpenAI answers a named function
     assert tools().finish_reason("length", True) == "length"
     assert tools().finish_reason("stop", False) == "stop"
-
-
-def stream(toolset: ToolSet, pieces: list[str]):
-    s = CallStream(toolset)
-    sent = [s.feed(p) for p in pieces]
-    rest, calls = s.finish()
-    return sent, rest, [(c.name, json.loads(c.arguments)) for c in calls]
-
-
-def test_streamed_text_goes_out_at_once_and_calls_are_held_back():
-    sent, rest, calls = stream(tools(), ["It is ", "sunny <t", "oday", "."])
-    assert sent == ["It is ", "sunny ", "<today", "."] and rest == "" and calls == []  # "<t" might have been a call
-    # the marker split across pieces: text before it goes out, nothing of the call does
-    sent, rest, calls = stream(tools(), ["Checking.", "\n<tool", '_call>\n{"name": "get_time", ',
-                                         '"arguments": {}}\n</tool_call>'])
-    assert "".join(sent) == "Checking.\n" and rest == "" and calls == [("get_time", {})]
-    # a bare JSON call is held from its first character
-    sent, rest, calls = stream(tools(), [' {"name": "get_weather", ', '"parameters": {"city": "Rome"}}'])
-    assert sent == ["", ""] and rest == "" and calls == [("get_weather", {"city": "Rome"})]
-    # held text that turns out not to be a call is sent at the end
-    sent, rest, calls = stream(tools(), ["[1] see ", "the notes"])
-    assert sent == ["", ""] and rest == "[1] see the notes" and calls == []
-    # a forced call holds everything
-    sent, rest, calls = stream(tools(choice="required"), ["<tool_call>", '{"name": "get_time", "arguments": {}}'])
-    assert sent == ["", ""] and calls == [("get_time", {})]
 
 
 def test_call_style_follows_the_template():

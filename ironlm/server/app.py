@@ -21,7 +21,8 @@ from ironlm.server.protocol import APIError, ChatCompletionRequest, CompletionRe
 from ironlm.server.translate import (TokenTexts, compile_grammar, count_request_tokens, detokenize_request,
                                      echo_texts, grammar_source, request_sampling_params, request_thinking,
                                      request_tools, tokenize_request)
-from ironlm.tools import CallStream, ToolSet
+from ironlm.tool_stream import CallStream
+from ironlm.tools import ToolSet
 
 logger = logging.getLogger(__name__)
 
@@ -301,8 +302,8 @@ class _Server:
         def event(choices: list[dict]) -> bytes:
             return _sse(chunk(job.response_id, job.created, self.model_name, choices, job.include_usage))
 
-        # with tools, text that may be a call is held back and sent as tool_calls once the choice ends; a
-        # reasoning model's thinking goes out as reasoning_content, its answer as content
+        # with tools, text that may be a call is held back and calls go out as tool_calls deltas; a reasoning
+        # model's thinking goes out as reasoning_content, its answer as content
         calls = [CallStream(job.tools) for _ in range(num_choices)] if job.tools else None
         thoughts = [reasoning.Stream(job.thinking) for _ in range(num_choices)] if job.thinking is not None else None
 
@@ -320,7 +321,7 @@ class _Server:
                 job.observe(i, output)
                 echoed_text, echoed = job.echo(i, output, self.token_texts, want_logprobs)
                 thought, new_text = thoughts[i].feed(output.new_text) if thoughts else ("", output.new_text)
-                text = calls[i].feed(new_text) if calls else echoed_text + new_text
+                text, deltas = calls[i].feed(new_text) if calls else (echoed_text + new_text, [])
                 if text or thought or (want_logprobs and (output.logprobs or echoed)):
                     logprobs = self.choice_logprobs(job, i, output, want_logprobs, echoed)
                     job.text_len[i] += len(echoed_text) + len(output.new_text)
@@ -329,21 +330,19 @@ class _Server:
                                       "finish_reason": None}])
                     else:
                         yield event([{"index": i, "text": text, "logprobs": logprobs, "finish_reason": None}])
+                if deltas:
+                    yield event([{"index": i, "delta": {"tool_calls": deltas}, "logprobs": None,
+                                  "finish_reason": None}])
                 if output.finished:
                     remaining -= 1
-                    finish_reason = output.finish_reason
                     thought, rest = thoughts[i].finish() if thoughts else ("", "")  # what each held back
-                    tool_calls = []
-                    if calls:
-                        sent = calls[i].feed(rest)
-                        rest, tool_calls = calls[i].finish()
-                        rest = sent + rest
-                        finish_reason = job.tools.finish_reason(finish_reason, bool(tool_calls))
+                    rest, deltas, called = calls[i].finish(rest) if calls else (rest, [], False)
+                    finish_reason = job.tools.finish_reason(output.finish_reason, called) if calls else \
+                        output.finish_reason
                     if thought or rest:
                         yield event([{"index": i, "delta": protocol.chat_delta(thought, rest), "logprobs": None,
                                       "finish_reason": None}])
-                    if tool_calls:
-                        deltas = [call.openai(index=k) for k, call in enumerate(tool_calls)]
+                    if deltas:
                         yield event([{"index": i, "delta": {"tool_calls": deltas}, "logprobs": None,
                                       "finish_reason": None}])
                     if job.kind == "chat":
