@@ -6,6 +6,7 @@ from ironlm.errors import IronlmError
 DTYPES = ("float32", "bfloat16")
 QUANTS = ("auto", "none", "int8", "int4", "int4_sym", "bf16")
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "int8")
+MAX_PROMPT_LOOKUP = 32  # draft tokens per step: past a few, a step's rows cost more than the drafts kept save
 
 
 @dataclass
@@ -28,6 +29,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # tokens per engine step (prefill chunks + decodes)
     enable_prefix_caching: bool = True
     enforce_eager: bool = False       # run every step from Python; False replays decode steps as kernel graphs
+    prompt_lookup: int = 0            # draft tokens per decode step taken from the sequence's own text (0: none)
     chat_template: str | None = None  # Jinja text that replaces the model's own chat template
 
     def validate(self) -> None:
@@ -45,6 +47,9 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise IronlmError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.prompt_lookup, int) or not 0 <= self.prompt_lookup <= MAX_PROMPT_LOOKUP:
+            raise IronlmError(f"prompt_lookup must be an integer from 0 to {MAX_PROMPT_LOOKUP}, got "
+                              f"{self.prompt_lookup!r}")
         if self.chat_template is not None and not isinstance(self.chat_template, str):
             raise IronlmError("chat_template must be the template's Jinja text (a string)")
         if self.max_num_batched_tokens < self.max_num_seqs:

@@ -9,6 +9,7 @@ from ironlm import kernels
 from ironlm.config import EngineConfig, kv_cache_dtype_for
 from ironlm.engine.block_manager import BlockManager
 from ironlm.engine.kv_cache import allocate_kv_pool, allocate_kv_scales, kv_bytes_per_block
+from ironlm.engine.lookup import LookupIndex
 from ironlm.engine.model_runner import ModelRunner
 from ironlm.engine.output import OutputState, RequestOutput
 from ironlm.engine.scheduler import Scheduler
@@ -73,7 +74,10 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.kv_pool, self.kv_scales, block_size, self.max_model_len,
                                   config.enforce_eager)
         self.sequences: dict[str, Sequence] = {}
+        self.lookups: dict[str, LookupIndex] = {}  # per request, with prompt lookup
         self.num_steps = 0
+        self.num_draft_tokens = 0       # prompt lookup's drafts computed, and of those, kept
+        self.num_kept_draft_tokens = 0
         self.grammar = GrammarCompiler(self.tokenizer, self.tokenizer.vocab_size)  # built at the first json_schema
 
     # --- requests -------------------------------------------------------------------------------------------
@@ -112,6 +116,7 @@ class LLMEngine:
         if seq is not None and not seq.is_finished:
             self.scheduler.finish(seq, "abort")
             self.runner.release(request_id)
+            self.lookups.pop(request_id, None)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0
@@ -122,36 +127,76 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
-        sampled = self.runner.execute(out.scheduled)
+        drafts = self._draft(out) if self.config.prompt_lookup else {}
+        sampled = self.runner.execute(out.scheduled, drafts)
+        for index, (seq, num_new) in enumerate(out.scheduled):
+            if seq.request_id in drafts:  # the KV of the drafts the model disagreed with is to be written over
+                num_drafts, num_kept = drafts[seq.request_id], len(sampled[seq.request_id]) - 1
+                out.scheduled[index] = (seq, num_new - num_drafts + num_kept)
+                self.num_draft_tokens += num_drafts
+                self.num_kept_draft_tokens += num_kept
         self.scheduler.after_step(out)
         self.num_steps += 1
         now = time.monotonic()
         outputs = []
         for seq, _ in out.scheduled:
-            result = sampled.get(seq.request_id)
-            if result is None:
+            if seq.request_id in drafts:  # the drafts kept come back as sampled tokens
+                del seq.token_ids[seq.num_tokens - drafts[seq.request_id]:]
+            sampled_results = sampled.get(seq.request_id)
+            if sampled_results is None:
                 continue  # a prompt chunk that did not reach the end yet
             prompt_logprobs = None
             if seq.first_token_time is None:
                 seq.first_token_time = now
                 prompt_logprobs = self.runner.take_prompt_logprobs(seq.request_id)
             state: OutputState = seq.output_state
-            if seq.params.max_tokens == 0:  # the prompt only (scoring): what was sampled after it is dropped
-                results, reason = [], "length"
-            else:
+            results = []
+            reason = "length" if seq.params.max_tokens == 0 else None  # the prompt only (scoring): nothing sampled
+            for result in [] if reason else sampled_results:
                 seq.token_ids.append(result.token_id)
-                results = [result]
+                results.append(result)
                 reason = state.add_token(seq, result.token_id, self.max_model_len)
-                if reason is None:
-                    reason = self._fast_forward(seq, results)
+                if reason is not None:
+                    break  # a stop among the drafts kept: those after it are dropped
+            if reason is None:
+                reason = self._fast_forward(seq, results)
             if reason is not None:
                 state.finish()
                 self.scheduler.finish(seq, reason)
                 self.runner.release(seq.request_id)
+                self.lookups.pop(seq.request_id, None)
                 self.sequences.pop(seq.request_id, None)
                 seq.finish_time = now
             outputs.append(self._output(seq, results, prompt_logprobs))
         return outputs
+
+    def _draft(self, out) -> dict[str, int]:
+        """Appends prompt-lookup drafts to the decoding sequences that take them, and schedules them with the
+        sequence's next token; returns the number of drafts per request. Drafts are left out where they could not
+        be verified as the sequence's own samples (a grammar, a repetition penalty), or would pass max_tokens, the
+        context, the step's token budget or the free KV blocks."""
+        budget = self.config.max_num_batched_tokens - sum(n for _, n in out.scheduled)
+        drafts = {}
+        for index, (seq, num_new) in enumerate(out.scheduled):
+            params = seq.params
+            if budget <= 0 or num_new != 1 or seq.num_tokens - seq.num_computed_tokens != 1 \
+                    or params.logits_processor is not None or params.repetition_penalty != 1.0:
+                continue
+            room = min(self.config.prompt_lookup, budget, params.max_tokens - seq.num_output_tokens - 1,
+                       self.max_model_len - seq.num_tokens - 1)
+            if room <= 0:
+                continue
+            lookup = self.lookups.setdefault(seq.request_id, LookupIndex())
+            proposed = lookup.propose(seq.token_ids, room)
+            while proposed and not self.block_manager.can_append(seq, 1 + len(proposed)):
+                proposed.pop()
+            if proposed:
+                self.block_manager.append_slots(seq, 1 + len(proposed))
+                seq.token_ids.extend(proposed)
+                out.scheduled[index] = (seq, 1 + len(proposed))
+                drafts[seq.request_id] = len(proposed)
+                budget -= len(proposed)
+        return drafts
 
     def _fast_forward(self, seq: Sequence, results: list[SampleResult]) -> str | None:
         """Appends the tokens the sequence's grammar forces next (JSON keys, quotes, the rest of an enum value)
@@ -219,6 +264,8 @@ class LLMEngine:
             "num_kv_blocks": self.block_manager.num_blocks,
             "prefix_cache_hit_rate": self.block_manager.prefix_hit_rate,
             "num_steps": self.num_steps,
+            "num_draft_tokens": self.num_draft_tokens,
+            "num_kept_draft_tokens": self.num_kept_draft_tokens,
         }
 
 

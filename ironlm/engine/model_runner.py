@@ -41,18 +41,32 @@ class ModelRunner:
         self.prompt_logprobs: dict[str, list[SampleResult | None]] = {}
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[tuple[Sequence, int]]) -> dict[str, SampleResult]:
-        """Computes the scheduled tokens; returns a sampled token for each sequence whose last token was computed."""
+    def execute(self, scheduled: list[tuple[Sequence, int]],
+                drafts: dict[str, int] | None = None) -> dict[str, list[SampleResult]]:
+        """Computes the scheduled tokens; returns the tokens sampled for each sequence whose last token was computed:
+        one, or for a sequence whose last `drafts[request_id]` tokens are drafts, the drafts the model agrees with
+        and the token after them (verify_drafts)."""
+        drafts = drafts or {}
         hidden, sampling_rows, sampling_seqs = self._forward(scheduled)
         self._score_prompts(scheduled, hidden)
         if not sampling_seqs:
             return {}
-        rows = hidden if len(sampling_rows) == hidden.shape[0] else hidden[sampling_rows]  # (S, hidden)
-        logits = self.model.compute_logits(rows)  # (S, V)
-        states = [SampleState(seq.params, seq.prompt_token_ids, seq.output_token_ids, self._generator(seq),
-                              self._seen(seq)) for seq in sampling_seqs]
-        results = self.sampler(logits, states, writable=True)  # fresh logits, read by nothing else
-        return {seq.request_id: result for seq, result in zip(sampling_seqs, results)}
+        rows, states, counts = [], [], []  # a drafted sequence samples at its drafts' rows and after them
+        for row, seq in zip(sampling_rows, sampling_seqs):
+            num_drafts = drafts.get(seq.request_id, 0)
+            outputs = seq.output_token_ids  # ends with the drafts
+            rows.extend(range(row - num_drafts, row + 1))
+            states.extend(SampleState(seq.params, seq.prompt_token_ids, outputs[:len(outputs) - num_drafts + j],
+                                      self._generator(seq), self._seen(seq)) for j in range(num_drafts + 1))
+            counts.append(num_drafts + 1)
+        picked = hidden if len(rows) == hidden.shape[0] else hidden[rows]  # (R, hidden)
+        results = self.sampler(self.model.compute_logits(picked), states, writable=True)  # fresh logits (R, V)
+        sampled, start = {}, 0
+        for seq, count in zip(sampling_seqs, counts):
+            sampled[seq.request_id] = verify_drafts(seq.token_ids[seq.num_tokens - count + 1:],
+                                                    results[start:start + count])
+            start += count
+        return sampled
 
     def _score_prompts(self, scheduled: list[tuple[Sequence, int]], hidden: torch.Tensor) -> None:
         """Logprobs of the prompt tokens that this step's rows predict, for sequences that asked for them."""
@@ -178,3 +192,14 @@ class ModelRunner:
         self.generators.pop(request_id, None)
         self.seen.pop(request_id, None)
         self.prompt_logprobs.pop(request_id, None)
+
+
+def verify_drafts(draft_ids: list[int], results: list[SampleResult]) -> list[SampleResult]:
+    """The tokens a step with drafts gives: results[j] was sampled after the drafts before draft_ids[j], so while
+    it equals that draft, the draft is what the model chose, and the first that differs (or the one after the last
+    draft) is the model's next token. Each token is drawn from the model's own distribution given the tokens
+    before it, so greedy answers are unchanged and sampled ones keep their distribution."""
+    kept = 0
+    while kept < len(draft_ids) and results[kept].token_id == draft_ids[kept]:
+        kept += 1
+    return results[:kept + 1]

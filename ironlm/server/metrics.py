@@ -27,6 +27,9 @@ class _StateCollector:
             ("ironlm_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache, as a fraction",
              stats.get("prefix_cache_hit_rate", 0.0)),
             ("ironlm_engine_steps", "Engine steps since start", stats.get("num_steps", 0)),
+            ("ironlm_draft_tokens", "Prompt-lookup draft tokens computed since start", stats.get("num_draft_tokens", 0)),
+            ("ironlm_draft_tokens_kept", "Of those, the tokens the model agreed with",
+             stats.get("num_kept_draft_tokens", 0)),
             ("ironlm_engine_alive", "1 while the engine thread runs", 1.0 if server["alive"] else 0.0),
         ]
         for name, documentation, value in gauges:

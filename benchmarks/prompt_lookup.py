@@ -1,0 +1,150 @@
+"""Prompt lookup (--prompt-lookup K) on the real SmolLM2-135M: decode speed of one answer at a time, with and without
+drafts, beside llama.cpp with and without its own prompt-lookup drafts (llama-cpp-python's LlamaPromptLookupDecoding).
+
+    python benchmarks/prompt_lookup.py                      # K = 0, 4, 8; llama.cpp plain and with 10 drafts
+    python benchmarks/prompt_lookup.py --lookups 0,8 --new-tokens 256 --no-peer
+
+Tasks, each a chat prompt in the model's template: summarising a made-up patient note (the bulk job's documents),
+summarising and quoting from a short story (tests/data/perplexity.txt), and, as a control where nothing repeats,
+writing a poem. Greedy decoding of --new-tokens tokens, end-of-sequence ignored on both sides. Decode tok/s = new
+tokens / the time after the first. Each engine setting runs in its own subprocess, one after the other. The table
+also gives the drafts kept per draft computed, and whether the answer equals the one without drafts (bf16 rounds
+a few-row step apart from a one-row step, so a near tie may flip; the tests check the logic in float32).
+"""
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+
+STORY = (ROOT.parent / "tests" / "data" / "perplexity.txt").read_text()
+TASKS = {
+    "note summary": None,  # a made-up patient note from batch_throughput.make_documents
+    "story summary": f"Summarize this text in a few sentences.\n\n{STORY}",
+    "story quotes": f"Quote, word for word, the three sentences of this text about the river.\n\n{STORY}",
+    "poem (control)": "Write a poem of twelve lines about the sea in winter.",
+}
+
+
+def prompts(tokenizer, new_tokens: int) -> dict[str, list[int]]:
+    from batch_throughput import make_documents
+
+    ids = {name: tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                                                add_generation_prompt=True), add_special_tokens=False)
+           for name, text in TASKS.items() if text is not None}
+    return {"note summary": make_documents(tokenizer, 1, 700, seed=0)[0], **ids}
+
+
+def worker_ironlm(args, runs: dict[str, list[int]]) -> dict:
+    from ironlm import LLM, SamplingParams
+
+    llm = LLM(threads=args.threads, prompt_lookup=args.k, max_model_len=2048)
+    params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
+    results = {}
+    for name, ids in runs.items():
+        times, drafted, kept = [], 0, 0
+        for _ in range(args.repeats + 1):  # the first is a warm-up
+            before = llm.engine.stats()
+            [r] = llm.generate({"prompt_token_ids": ids}, params)
+            after = llm.engine.stats()
+            times.append(r.metrics["decode_s"])
+            drafted = after["num_draft_tokens"] - before["num_draft_tokens"]
+            kept = after["num_kept_draft_tokens"] - before["num_kept_draft_tokens"]
+        results[name] = {"decode_s": statistics.median(times[1:]), "tokens": r.token_ids, "drafted": drafted,
+                         "kept": kept}
+    return results
+
+
+def worker_llama_cpp(args, runs: dict[str, list[int]]) -> dict:
+    from llama_cpp import Llama
+    from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+    from ironlm.formats import default_model_path
+
+    draft = LlamaPromptLookupDecoding(num_pred_tokens=args.k) if args.k else None
+    llm = Llama(model_path=str(default_model_path()), n_threads=args.threads, n_threads_batch=args.threads,
+                n_ctx=2048, n_batch=512, draft_model=draft, verbose=False)
+    eos = llm.token_eos()
+    results = {}
+    for name, ids in runs.items():
+        times = []
+        for _ in range(args.repeats + 1):
+            llm.reset()
+            stream = llm.create_completion(ids, max_tokens=args.new_tokens, temperature=0.0, stream=True,
+                                           logit_bias={eos: -100.0})  # end-of-sequence ignored, as on our side
+            next(stream)
+            first = time.perf_counter()
+            count = 1 + sum(1 for _ in stream)
+            times.append((time.perf_counter() - first) * (args.new_tokens - 1) / max(1, count - 1))
+        results[name] = {"decode_s": statistics.median(times[1:])}
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lookups", type=lambda s: [int(x) for x in s.split(",")], default=[0, 4, 8],
+                        help="ironlm --prompt-lookup values")
+    parser.add_argument("--peer-lookup", type=int, default=10, help="llama.cpp's drafts per step (its default: 10)")
+    parser.add_argument("--no-peer", action="store_true", help="skip llama.cpp")
+    parser.add_argument("--new-tokens", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median), after one warm-up")
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--worker", choices=["ironlm", "llama.cpp"], help=argparse.SUPPRESS)
+    parser.add_argument("--k", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--runs", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        runs = json.loads(Path(args.runs).read_text())
+        worker = worker_ironlm if args.worker == "ironlm" else worker_llama_cpp
+        print(json.dumps(worker(args, runs)))
+        return 0
+
+    from ironlm.formats import default_model_path, load_checkpoint
+    from ironlm.hardware import default_threads
+
+    args.threads = args.threads or default_threads()
+    runs = prompts(load_checkpoint(default_model_path()).tokenizer, args.new_tokens)
+    runs_file = Path("/tmp") / f"ironlm-prompt-lookup-{time.time_ns()}.json"
+    runs_file.write_text(json.dumps(runs))
+    settings = [("ironlm", k) for k in args.lookups]
+    if not args.no_peer:
+        settings += [("llama.cpp", 0), ("llama.cpp", args.peer_lookup)]
+    results = {}
+    try:
+        for engine, k in settings:
+            command = [sys.executable, __file__, "--worker", engine, "--k", str(k), "--runs", str(runs_file),
+                       "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
+                       "--threads", str(args.threads)]
+            done = subprocess.run(command, capture_output=True, text=True, check=False)
+            if done.returncode:
+                print(f"{engine} K={k} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
+                return 1
+            results[(engine, k)] = json.loads(done.stdout.strip().splitlines()[-1])
+    finally:
+        runs_file.unlink()
+
+    base = results.get(("ironlm", 0))
+    print(f"Decode tok/s, one answer at a time, {args.new_tokens} new tokens, {args.threads} threads, "
+          f"SmolLM2-135M-Instruct (embedded GGUF)\n")
+    print("| engine | drafts K | " + " | ".join(runs) + " |")
+    print("|---|---|" + "---|" * len(runs))
+    for (engine, k), per_task in results.items():
+        cells = []
+        for name in runs:
+            r = per_task[name]
+            cell = f"{(args.new_tokens - 1) / r['decode_s']:.1f}"
+            if engine == "ironlm" and k:
+                same = "same" if base and r["tokens"] == base[name]["tokens"] else "differs"
+                cell += f" ({r['kept']}/{r['drafted']} kept, {same})"
+            cells.append(cell)
+        print(f"| {engine} | {k} | " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
