@@ -31,22 +31,25 @@ TASKS = {
 }
 
 
-def prompts(tokenizer, new_tokens: int) -> dict[str, list[int]]:
+def prompts(tokenizer, batches: list[int]) -> dict[str, list]:
     from batch_throughput import make_documents
 
     ids = {name: tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": text}],
                                                                 add_generation_prompt=True), add_special_tokens=False)
            for name, text in TASKS.items() if text is not None}
-    return {"note summary": make_documents(tokenizer, 1, 700, seed=0)[0], **ids}
+    notes = make_documents(tokenizer, max(batches, default=1), 700, seed=1)
+    return {"note summary": make_documents(tokenizer, 1, 700, seed=0)[0], **ids, "notes": notes}
 
 
 def worker_ironlm(args, runs: dict[str, list[int]]) -> dict:
     from ironlm import LLM, SamplingParams
 
-    llm = LLM(threads=args.threads, prompt_lookup=args.k, max_model_len=2048)
+    llm = LLM(threads=args.threads, prompt_lookup=args.k, max_model_len=2048, dtype=args.dtype, quant=args.quant)
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
     results = {}
     for name, ids in runs.items():
+        if name == "notes":
+            continue
         times, drafted, kept = [], 0, 0
         for _ in range(args.repeats + 1):  # the first is a warm-up
             before = llm.engine.stats()
@@ -57,24 +60,46 @@ def worker_ironlm(args, runs: dict[str, list[int]]) -> dict:
             kept = after["num_kept_draft_tokens"] - before["num_kept_draft_tokens"]
         results[name] = {"decode_s": statistics.median(times[1:]), "tokens": r.token_ids, "drafted": drafted,
                          "kept": kept}
+    for batch in args.batches:  # notes decoding together: tok/s of the steps after the last first token
+        notes = [{"prompt_token_ids": ids} for ids in runs["notes"][:batch]]
+        rates = []
+        for _ in range(args.repeats + 1):
+            out = llm.generate(notes, params)
+            window = max(r.metrics["total_s"] for r in out) - max(r.metrics["ttft_s"] for r in out)
+            rates.append(sum(len(r.token_ids) - 1 for r in out) / window)
+        results[f"{batch} notes"] = {"tok_s": statistics.median(rates[1:])}
     return results
 
 
 def worker_llama_cpp(args, runs: dict[str, list[int]]) -> dict:
+    """K = -1: the low-level eval loop of compare.py (llama.cpp's own speed); else create_completion, llama-cpp-
+    python's generation API, the only one with its prompt-lookup drafts, without (K = 0) and with them."""
+    import numpy as np
     from llama_cpp import Llama
     from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
     from ironlm.formats import default_model_path
 
-    draft = LlamaPromptLookupDecoding(num_pred_tokens=args.k) if args.k else None
+    draft = LlamaPromptLookupDecoding(num_pred_tokens=args.k) if args.k > 0 else None
     llm = Llama(model_path=str(default_model_path()), n_threads=args.threads, n_threads_batch=args.threads,
-                n_ctx=2048, n_batch=512, draft_model=draft, verbose=False)
-    eos = llm.token_eos()
+                n_ctx=2048, n_batch=512, draft_model=draft, logits_all=draft is not None,  # drafts need them
+                verbose=False)
+    eos, n_vocab = llm.token_eos(), llm.n_vocab()
     results = {}
     for name, ids in runs.items():
+        if name == "notes":
+            continue
         times = []
         for _ in range(args.repeats + 1):
             llm.reset()
+            if args.k < 0:
+                llm.eval(ids)
+                first = time.perf_counter()
+                for _ in range(args.new_tokens - 1):
+                    logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))
+                    llm.eval([int(np.argmax(logits))])
+                times.append(time.perf_counter() - first)
+                continue
             stream = llm.create_completion(ids, max_tokens=args.new_tokens, temperature=0.0, stream=True,
                                            logit_bias={eos: -100.0})  # end-of-sequence ignored, as on our side
             next(stream)
@@ -89,11 +114,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lookups", type=lambda s: [int(x) for x in s.split(",")], default=[0, 4, 8],
                         help="ironlm --prompt-lookup values")
+    parser.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",") if x], default=[],
+                        help="ironlm only: also this many note summaries decoding together (e.g. 4,16)")
     parser.add_argument("--peer-lookup", type=int, default=10, help="llama.cpp's drafts per step (its default: 10)")
     parser.add_argument("--no-peer", action="store_true", help="skip llama.cpp")
     parser.add_argument("--new-tokens", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median), after one warm-up")
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="ironlm compute dtype")
+    parser.add_argument("--quant", default="auto", help="ironlm weight format (none: torch, for a float32 check)")
     parser.add_argument("--worker", choices=["ironlm", "llama.cpp"], help=argparse.SUPPRESS)
     parser.add_argument("--k", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--runs", help=argparse.SUPPRESS)
@@ -108,18 +137,20 @@ def main() -> int:
     from ironlm.hardware import default_threads
 
     args.threads = args.threads or default_threads()
-    runs = prompts(load_checkpoint(default_model_path()).tokenizer, args.new_tokens)
+    runs = prompts(load_checkpoint(default_model_path()).tokenizer, args.batches)
     runs_file = Path("/tmp") / f"ironlm-prompt-lookup-{time.time_ns()}.json"
     runs_file.write_text(json.dumps(runs))
     settings = [("ironlm", k) for k in args.lookups]
     if not args.no_peer:
-        settings += [("llama.cpp", 0), ("llama.cpp", args.peer_lookup)]
+        settings += [("llama.cpp", -1), ("llama.cpp", 0), ("llama.cpp", args.peer_lookup)]
     results = {}
     try:
         for engine, k in settings:
             command = [sys.executable, __file__, "--worker", engine, "--k", str(k), "--runs", str(runs_file),
                        "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
-                       "--threads", str(args.threads)]
+                       "--batches", ",".join(map(str, args.batches)),
+                       "--threads", str(args.threads), "--quant", args.quant] + (["--dtype", args.dtype] if args.dtype
+                                                                                 else [])
             done = subprocess.run(command, capture_output=True, text=True, check=False)
             if done.returncode:
                 print(f"{engine} K={k} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
@@ -128,21 +159,31 @@ def main() -> int:
     finally:
         runs_file.unlink()
 
+    tasks = [name for name in runs if name != "notes"]
     base = results.get(("ironlm", 0))
     print(f"Decode tok/s, one answer at a time, {args.new_tokens} new tokens, {args.threads} threads, "
           f"SmolLM2-135M-Instruct (embedded GGUF)\n")
-    print("| engine | drafts K | " + " | ".join(runs) + " |")
-    print("|---|---|" + "---|" * len(runs))
+    print(f"{args.dtype or 'default'} dtype, --quant {args.quant}\n")
+    print("| engine | drafts K | " + " | ".join(tasks) + " |")
+    print("|---|---|" + "---|" * len(tasks))
     for (engine, k), per_task in results.items():
         cells = []
-        for name in runs:
+        for name in tasks:
             r = per_task[name]
             cell = f"{(args.new_tokens - 1) / r['decode_s']:.1f}"
             if engine == "ironlm" and k:
                 same = "same" if base and r["tokens"] == base[name]["tokens"] else "differs"
                 cell += f" ({r['kept']}/{r['drafted']} kept, {same})"
             cells.append(cell)
-        print(f"| {engine} | {k} | " + " | ".join(cells) + " |")
+        label = engine if engine == "ironlm" else "llama.cpp, eval loop" if k < 0 else "llama.cpp, create_completion"
+        print(f"| {label} | {max(k, 0)} | " + " | ".join(cells) + " |")
+    if args.batches:
+        print(f"\nTotal decode tok/s of note summaries decoding together (ironlm)\n")
+        print("| drafts K | " + " | ".join(f"{b} notes" for b in args.batches) + " |")
+        print("|---|" + "---|" * len(args.batches))
+        for (engine, k), per_task in results.items():
+            if engine == "ironlm":
+                print(f"| {k} | " + " | ".join(f"{per_task[f'{b} notes']['tok_s']:.1f}" for b in args.batches) + " |")
     return 0
 
 

@@ -47,7 +47,7 @@ class ModelRunner:
         one, or for a sequence whose last `drafts[request_id]` tokens are drafts, the drafts the model agrees with
         and the token after them (verify_drafts)."""
         drafts = drafts or {}
-        hidden, sampling_rows, sampling_seqs = self._forward(scheduled)
+        hidden, sampling_rows, sampling_seqs = self._forward(scheduled, drafts)
         self._score_prompts(scheduled, hidden)
         if not sampling_seqs:
             return {}
@@ -107,8 +107,12 @@ class ModelRunner:
             seq.num_computed_tokens += n
         return torch.cat(parts)
 
-    def _forward(self, scheduled: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[int], list[Sequence]]:
-        if self.graphs is not None and len(scheduled) <= MAX_GRAPH_BATCH and all(n == 1 for _, n in scheduled) \
+    def _forward(self, scheduled: list[tuple[Sequence, int]],
+                 drafts: dict[str, int] | None = None) -> tuple[torch.Tensor, list[int], list[Sequence]]:
+        # decodes, each a sequence's next token and any drafts after it, run as graphs of one row per token
+        drafts = drafts or {}
+        if self.graphs is not None and sum(n for _, n in scheduled) <= MAX_GRAPH_BATCH \
+                and all(n == 1 + drafts.get(seq.request_id, 0) for seq, n in scheduled) \
                 and all(len(seq.block_table) <= self.table_width for seq, _ in scheduled):
             return self._forward_graph(scheduled)
         input_ids, positions, slots = [], [], []
@@ -142,23 +146,25 @@ class ModelRunner:
         return hidden, sampling_rows, sampling_seqs
 
     def _forward_graph(self, scheduled: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[int], list[Sequence]]:
-        """A step of one token per sequence, through the graph of its batch size (captured by this step if new)."""
-        batch = len(scheduled)
+        """A step of single-token rows, through the graph of its row count (captured by this step if new). A
+        sequence with drafts takes a row per token: every row's K/V is written before any row attends, so each
+        attends to the tokens before it as a one-token decode would."""
+        batch = sum(n for _, n in scheduled)
         graph = self.graphs.get(batch)
         embedding = self.model.embedding()  # (V, hidden)
         fresh = graph is None
         if fresh:
             graph = DecodeGraph(batch, embedding.shape[1], embedding.dtype, self.table_width)
         input_ids, positions, slots, sampling_rows, sampling_seqs = [], [], [], [], []
-        for row, (seq, _) in enumerate(scheduled):
-            position = seq.num_computed_tokens
+        for seq, num_new in scheduled:
             table = seq.block_table
-            input_ids.append(seq.token_ids[position])
-            positions.append(position)
-            slots.append(table[position // self.block_size] * self.block_size + position % self.block_size)
-            graph.block_tables_np[row, :len(table)] = table
-            if position + 1 == seq.num_tokens:
-                sampling_rows.append(row)
+            for position in range(seq.num_computed_tokens, seq.num_computed_tokens + num_new):
+                graph.block_tables_np[len(positions), :len(table)] = table
+                input_ids.append(seq.token_ids[position])
+                positions.append(position)
+                slots.append(table[position // self.block_size] * self.block_size + position % self.block_size)
+            if positions[-1] + 1 == seq.num_tokens:
+                sampling_rows.append(len(positions) - 1)
                 sampling_seqs.append(seq)
         graph.positions_np[:] = positions
         graph.slots_np[:] = slots
