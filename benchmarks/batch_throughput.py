@@ -107,7 +107,7 @@ def worker_ironlm(args, docs: list[list[int]]) -> dict:
     from ironlm.jobs.runner import JobRunner, Task
 
     llm = LLM(model=args.model, dtype=args.dtype, threads=args.threads, max_num_seqs=args.max_num_seqs,
-              prompt_lookup=args.prompt_lookup,
+              **({} if args.prompt_lookup is None else {"prompt_lookup": args.prompt_lookup}),
               max_model_len=args.doc_tokens + args.new_tokens + 16, kv_cache_dtype=args.kv_cache_dtype,
               kv_cache_bytes=memory_size(args.kv_cache_memory) if args.kv_cache_memory else None)
     rss_loaded = rss_bytes()
@@ -193,7 +193,8 @@ def run_worker(engine: str, args, docs_file: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", engine, "--docs-file", docs_file, "--model", args.model,
            "--threads", str(args.threads), "--new-tokens", str(args.new_tokens), "--doc-tokens", str(args.doc_tokens),
            "--max-num-seqs", str(args.max_num_seqs), "--kv-cache-dtype", args.kv_cache_dtype,
-           "--repetition-penalty", str(args.repetition_penalty), "--prompt-lookup", str(args.prompt_lookup)] + (
+           "--repetition-penalty", str(args.repetition_penalty)] + (
+        ["--prompt-lookup", str(args.prompt_lookup)] if args.prompt_lookup is not None else []) + (
         ["--dtype", args.dtype] if args.dtype else []) + (
         ["--kv-cache-memory", args.kv_cache_memory] if args.kv_cache_memory else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=PEER_ENV)
@@ -217,7 +218,7 @@ def markdown(label: str, rows: list[tuple[str, dict]], args, load: tuple, skippe
              f"{' --kv-cache-dtype ' + args.kv_cache_dtype if args.kv_cache_dtype != 'auto' else ''}"
              f"{' --kv-cache-memory ' + args.kv_cache_memory if args.kv_cache_memory else ''}"
              f"{' --repetition-penalty ' + str(args.repetition_penalty) if args.repetition_penalty != 1.0 else ''}"
-             f"{' --prompt-lookup ' + str(args.prompt_lookup) if args.prompt_lookup else ''}"
+             f"{' --prompt-lookup ' + str(args.prompt_lookup) if args.prompt_lookup is not None else ''}"
              f"{' --engines ' + ','.join(args.engines) if args.engines != list(WORKERS) else ''}` "
              f"on {info.model_name}, {args.threads} threads, load average {load[0]:.1f} at start, "
              f"{time.strftime('%Y-%m-%d')}.", "",
@@ -262,7 +263,8 @@ def main() -> int:
                         "(default: ironlm's, half the available memory less the weights)")
     parser.add_argument("--repetition-penalty", type=float, default=1.0,
                         help="ironlm only (`ironlm summarize` uses 1.1); llama.cpp's penalty is another rule")
-    parser.add_argument("--prompt-lookup", type=int, default=0, metavar="K", help="ironlm: prompt-lookup drafts")
+    parser.add_argument("--prompt-lookup", type=int, metavar="K", help="ironlm: most prompt-lookup drafts per step "
+                        "(default: the engine's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=int, default=6 * 3600, help="seconds per engine")
     parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)

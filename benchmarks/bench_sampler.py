@@ -66,7 +66,7 @@ def json_schema_ms(rows: int, repeats: int) -> float:
 def generate_tok_s(temperature: float) -> float:
     from ironlm import LLM
 
-    llm = LLM(threads=2)
+    llm = LLM(threads=2, prompt_lookup=0)  # one sampled row per sequence a step, as before drafts
     params = SamplingParams(max_tokens=200, ignore_eos=True, temperature=temperature, top_p=0.95)
     prompts = [{"prompt_token_ids": list(range(1000 + 50 * i, 1032 + 50 * i))} for i in range(16)]
     llm.generate(prompts, params)  # warm-up

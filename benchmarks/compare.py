@@ -46,7 +46,7 @@ def run_ironlm(path: str, threads: int, runs: list[list[int]], new_tokens: int, 
     from ironlm import LLM, SamplingParams
     from ironlm.bench.harness import model_facts
 
-    llm = LLM(model=path, dtype=dtype, threads=threads, quant=quant)
+    llm = LLM(model=path, dtype=dtype, threads=threads, quant=quant, prompt_lookup=0)  # one token a step, as the peers
     params = SamplingParams(max_tokens=new_tokens + 1, ignore_eos=True, temperature=0.0)  # greedy, as the peers
     prefill, decode = [], []
     for ids in runs:

@@ -42,7 +42,8 @@ def main() -> None:
     args = parser.parse_args()
 
     llm = LLM(model=args.model, threads=args.threads, max_num_seqs=max(64, args.batch),
-              kv_cache_dtype=args.kv_cache_dtype, kv_cache_bytes=args.kv_cache_memory, enforce_eager=args.enforce_eager)
+              kv_cache_dtype=args.kv_cache_dtype, kv_cache_bytes=args.kv_cache_memory, enforce_eager=args.enforce_eager,
+              prompt_lookup=0)  # one token a step: the step being profiled
     params = SamplingParams(max_tokens=args.new_tokens + 1, ignore_eos=True, temperature=0)
 
     def prompts(base: int) -> list[dict]:

@@ -42,11 +42,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--enforce-eager", action="store_true",
                         help="run every decode step from Python instead of replaying its recorded kernel calls "
                              "(same results, slower on small models; for debugging)")
-    parser.add_argument("--prompt-lookup", type=int, default=0, metavar="K",
+    parser.add_argument("--prompt-lookup", type=int, metavar="K",
                         help="speculative decoding from the text itself: when the last tokens written appeared "
-                             "before, compute the K tokens that followed them with the next one, and keep those the "
-                             "model agrees with (same output; faster where answers quote their prompt, as "
-                             "summaries do; default 0: off)")
+                             "before, compute up to K tokens that followed them with the next one, and keep those the "
+                             "model agrees with; faster where few sequences decode, most where answers quote their "
+                             "prompt (default 4; 0: off)")
     parser.add_argument("--chat-template", metavar="FILE",
                         help="a Jinja chat template (a file, or the template's text) to use instead of the model's "
                              "own: for a model file without one, or one that renders tools")
@@ -54,9 +54,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 
 def engine_options(args: argparse.Namespace) -> dict:
     """The EngineConfig fields that add_engine_arguments' flags give."""
-    return {"kv_cache_dtype": args.kv_cache_dtype, "kv_cache_bytes": args.kv_cache_memory,
-            "enforce_eager": args.enforce_eager, "prompt_lookup": args.prompt_lookup,
-            "chat_template": read_chat_template(args.chat_template)}
+    options = {"kv_cache_dtype": args.kv_cache_dtype, "kv_cache_bytes": args.kv_cache_memory,
+               "enforce_eager": args.enforce_eager, "chat_template": read_chat_template(args.chat_template)}
+    return options if args.prompt_lookup is None else {**options, "prompt_lookup": args.prompt_lookup}
 
 
 def memory_size(text: str) -> int:

@@ -29,7 +29,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # tokens per engine step (prefill chunks + decodes)
     enable_prefix_caching: bool = True
     enforce_eager: bool = False       # run every step from Python; False replays decode steps as kernel graphs
-    prompt_lookup: int = 0            # draft tokens per decode step taken from the sequence's own text (0: none)
+    prompt_lookup: int = 4            # most draft tokens per decode step taken from the sequence's own text (0: none)
     chat_template: str | None = None  # Jinja text that replaces the model's own chat template
 
     def validate(self) -> None:

@@ -1,5 +1,7 @@
 """Decode steps recorded as kernel graphs and replayed from C++: the same tokens as running them from Python,
 checks that still run on every replay, and the cases a graph must refuse."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -117,22 +119,29 @@ PROMPTS = [list(range(3, 40)), [7, 8, 9], list(range(200, 221)), list(range(60, 
 PARAMS = [SamplingParams(max_tokens=6 + 5 * i, temperature=0.0, ignore_eos=True) for i in range(len(PROMPTS))]
 
 
-def generate(directory, **settings) -> tuple[list[list[int]], LLM]:
+def generate(directory, params=PARAMS, **settings) -> tuple[list[list[int]], LLM]:
     llm = LLM(str(directory), threads=2, block_size=4, num_kv_blocks=256, max_num_seqs=8, max_num_batched_tokens=16,
               **settings)
-    results = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], PARAMS)
+    results = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
     return [r.token_ids for r in results], llm
 
 
 # A float32 checkpoint at float32 compute runs torch's matmuls unless a quant is asked for (README).
 @pytest.mark.parametrize("dtype,quant,kv", [("float32", "int8", "auto"), ("bfloat16", "auto", "bfloat16"),
                                             ("float32", "int4", "int8")])
-def test_graph_decoding_gives_the_tokens_of_python_decoding(tiny_llama, dtype, quant, kv):
-    eager, llm = generate(tiny_llama, dtype=dtype, quant=quant, kv_cache_dtype=kv, enforce_eager=True)
+@pytest.mark.parametrize("lookup", [0, 4])
+def test_graph_decoding_gives_the_tokens_of_python_decoding(tiny_llama, dtype, quant, kv, lookup):
+    # with prompt-lookup drafts, a sequence takes a graph row per token; answers long enough to repeat themselves
+    params = [dataclasses.replace(p, max_tokens=p.max_tokens + 40) for p in PARAMS] if lookup else PARAMS
+    eager, llm = generate(tiny_llama, params, dtype=dtype, quant=quant, kv_cache_dtype=kv, enforce_eager=True,
+                          prompt_lookup=lookup)
     assert llm.engine.runner.graphs is None
-    replayed, llm = generate(tiny_llama, dtype=dtype, quant=quant, kv_cache_dtype=kv)
+    replayed, llm = generate(tiny_llama, params, dtype=dtype, quant=quant, kv_cache_dtype=kv, prompt_lookup=lookup)
     assert replayed == eager
-    assert sorted(llm.engine.runner.graphs) == [1, 2, 3, 4, 5]  # one graph per batch size, each replayed
+    if lookup:
+        assert llm.engine.num_draft_tokens > 0 and max(llm.engine.runner.graphs) > len(PROMPTS)
+    else:
+        assert sorted(llm.engine.runner.graphs) == [1, 2, 3, 4, 5]  # one graph per batch size, each replayed
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3"])

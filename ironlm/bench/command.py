@@ -87,7 +87,9 @@ def run(args: argparse.Namespace) -> int:
 
     probe = get_probe(threads)
     harness.reset_peak_rss()  # the probe's buffers are not the model's memory
-    llm = LLM(model=model, dtype=args.dtype, threads=threads, quant=args.quant, **engine_options(args),
+    # no prompt-lookup drafts unless asked for: these figures are the kernels' and the engine's, on random prompts
+    options = {"prompt_lookup": 0, **engine_options(args)}
+    llm = LLM(model=model, dtype=args.dtype, threads=threads, quant=args.quant, **options,
               max_num_seqs=max(64, max(args.batches)))
     result = harness.bench_model(llm, probe, args.prompt_lengths, args.batches, args.decode_prompt_tokens,
                                  args.new_tokens, args.warmup, args.repeats, args.seed)
@@ -115,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     if args.sweep == "threads":
         top = args.sweep_max_threads or info.logical_cpus
         out["sweep_threads"] = harness.sweep_threads(
-            lambda t: LLM(model=model, dtype=args.dtype, threads=t, quant=args.quant, **engine_options(args)),
+            lambda t: LLM(model=model, dtype=args.dtype, threads=t, quant=args.quant, **options),
             list(range(1, top + 1)), get_probe,
             args.decode_prompt_tokens, args.new_tokens, args.sweep_prefill_tokens, args.warmup, args.repeats)
     if args.json:

@@ -24,6 +24,10 @@ from ironlm.models.loader import load_model
 from ironlm.sampling import SampleResult, SamplingParams
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# Rows a step may hold once prompt-lookup drafts are added: on this project's 2-core Zen 4, drafts gained up to
+# 12-20 rows and lost from 24 (135M; benchmarks/prompt_lookup.py --batches), and a 1.7B step of 5 rows costs 1.9x
+# one of 1 row, so a few drafts per sequence is where they pay.
+DRAFT_ROWS = 12
 
 
 class LLMEngine:
@@ -172,22 +176,27 @@ class LLMEngine:
 
     def _draft(self, out) -> dict[str, int]:
         """Appends prompt-lookup drafts to the decoding sequences that take them, and schedules them with the
-        sequence's next token; returns the number of drafts per request. Drafts are left out where they could not
-        be verified as the sequence's own samples (a grammar, a repetition penalty), or would pass max_tokens, the
-        context, the step's token budget or the free KV blocks."""
-        budget = self.config.max_num_batched_tokens - sum(n for _, n in out.scheduled)
+        sequence's next token; returns the number of drafts per request.
+
+        Drafts pay while a step is bound by reading the weights: its rows then cost little more than one. So they
+        only fill a step up to DRAFT_ROWS rows, shared evenly among its decodes; a step with a prompt chunk, or
+        with many sequences, gets none (benchmarks/prompt_lookup.py --batches). They are left out where they could
+        not be verified as the sequence's own samples (a grammar, a repetition penalty) or would pass max_tokens
+        or the context."""
+        candidates = [(index, seq) for index, (seq, num_new) in enumerate(out.scheduled)
+                      if num_new == 1 and seq.num_tokens - seq.num_computed_tokens == 1
+                      and seq.params.logits_processor is None and seq.params.repetition_penalty == 1.0]
+        if not candidates:
+            return {}
+        share = min(self.config.prompt_lookup,
+                    (min(DRAFT_ROWS, self.config.max_num_batched_tokens) - sum(n for _, n in out.scheduled))
+                    // len(candidates))
         drafts = {}
-        for index, (seq, num_new) in enumerate(out.scheduled):
-            params = seq.params
-            if budget <= 0 or num_new != 1 or seq.num_tokens - seq.num_computed_tokens != 1 \
-                    or params.logits_processor is not None or params.repetition_penalty != 1.0:
-                continue
-            room = min(self.config.prompt_lookup, budget, params.max_tokens - seq.num_output_tokens - 1,
+        for index, seq in candidates if share > 0 else ():
+            room = min(share, seq.params.max_tokens - seq.num_output_tokens - 1,
                        self.max_model_len - seq.num_tokens - 1)
-            if room <= 0:
-                continue
             lookup = self.lookups.setdefault(seq.request_id, LookupIndex())
-            proposed = lookup.propose(seq.token_ids, room)
+            proposed = lookup.propose(seq.token_ids, room) if room > 0 else []
             while proposed and not self.block_manager.can_append(seq, 1 + len(proposed)):
                 proposed.pop()
             if proposed:
@@ -195,7 +204,6 @@ class LLMEngine:
                 seq.token_ids.extend(proposed)
                 out.scheduled[index] = (seq, 1 + len(proposed))
                 drafts[seq.request_id] = len(proposed)
-                budget -= len(proposed)
         return drafts
 
     def _fast_forward(self, seq: Sequence, results: list[SampleResult]) -> str | None:
