@@ -114,17 +114,20 @@ class SeenTokens:
         self._tensor = torch.tensor(sorted(self._ids), dtype=torch.long)  # (n,)
         self._outputs = 0  # output tokens counted so far
 
-    def ids(self, output_token_ids: list[int]) -> torch.Tensor:
-        """(n,) int64 ids of the prompt and of output_token_ids, a list that only grows between calls."""
+    def ids(self, output_token_ids: list[int], drafts: int = 0) -> torch.Tensor:
+        """(n,) int64 ids of the prompt and of output_token_ids, a list whose tokens before its last `drafts` only
+        grow between calls; the drafts (prompt lookup's, which a later call may not see) count for this call alone."""
+        kept = len(output_token_ids) - drafts
         new = []
-        for token_id in output_token_ids[self._outputs:]:
+        for token_id in output_token_ids[self._outputs:kept]:
             if token_id not in self._ids:
                 self._ids.add(token_id)
                 new.append(token_id)
-        self._outputs = len(output_token_ids)
+        self._outputs = kept
         if new:
             self._tensor = torch.cat([self._tensor, torch.tensor(new, dtype=torch.long)])
-        return self._tensor
+        drafted = [t for t in dict.fromkeys(output_token_ids[kept:]) if t not in self._ids]
+        return torch.cat([self._tensor, torch.tensor(drafted, dtype=torch.long)]) if drafted else self._tensor
 
 
 @dataclass
@@ -136,6 +139,7 @@ class SampleState:
     output_token_ids: list[int]
     generator: torch.Generator | None  # per-request when seeded, for reproducibility across batches
     seen: SeenTokens | None = None     # kept across steps by the caller when a repetition penalty applies
+    drafts: int = 0                    # the last tokens of output_token_ids are prompt-lookup drafts
 
 
 @dataclass
@@ -189,7 +193,8 @@ class Sampler:
         rows = [i for i, s in enumerate(states) if s.params.repetition_penalty != 1.0]
         if not rows:
             return
-        ids = [(states[i].seen or SeenTokens(states[i].prompt_token_ids)).ids(states[i].output_token_ids) for i in rows]
+        ids = [(states[i].seen or SeenTokens(states[i].prompt_token_ids)).ids(states[i].output_token_ids,
+                                                                             states[i].drafts) for i in rows]
         kernels.apply_repetition_penalty(logits, rows, ids, [states[i].params.repetition_penalty for i in rows])
 
     @staticmethod

@@ -101,7 +101,7 @@ def test_greedy_answers_do_not_change(peaked_model):
               SamplingParams(max_tokens=33, temperature=0, presence_penalty=1.5, frequency_penalty=1.0,
                              logit_bias={7: 5.0}),  # penalties read the drafts before each row
               SamplingParams(max_tokens=50, temperature=0, logprobs=2),
-              SamplingParams(max_tokens=45, temperature=0, repetition_penalty=1.2)]  # not drafted
+              SamplingParams(max_tokens=45, temperature=0, repetition_penalty=1.2)]  # drafts seen for their row only
     plain, plain_stats = run(peaked_model, 0, params)
     drafted, stats = run(peaked_model, 8, params)
     for a, b in zip(plain, drafted):

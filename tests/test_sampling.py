@@ -97,6 +97,13 @@ def test_repetition_penalties_of_a_batch_follow_each_rows_own_tokens():
         assert torch.equal(actual, expected)
 
 
+def test_seen_tokens_count_drafts_for_their_row_alone():
+    seen = SeenTokens([1, 2])
+    assert sorted(seen.ids([3, 4, 9, 9], drafts=2).tolist()) == [1, 2, 3, 4, 9]  # 9 9: drafts, counted once
+    assert sorted(seen.ids([3, 4]).tolist()) == [1, 2, 3, 4]  # the drafts were not kept
+    assert sorted(seen.ids([3, 4, 5, 2], drafts=1).tolist()) == [1, 2, 3, 4, 5]
+
+
 def test_logits_processor_is_applied():
     def only_last(generated, logits):
         masked = torch.full_like(logits, float("-inf"))

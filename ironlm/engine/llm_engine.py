@@ -180,12 +180,11 @@ class LLMEngine:
 
         Drafts pay while a step is bound by reading the weights: its rows then cost little more than one. So they
         only fill a step up to DRAFT_ROWS rows, shared evenly among its decodes; a step with a prompt chunk, or
-        with many sequences, gets none (benchmarks/prompt_lookup.py --batches). They are left out where they could
-        not be verified as the sequence's own samples (a grammar, a repetition penalty) or would pass max_tokens
-        or the context."""
+        with many sequences, gets none (benchmarks/prompt_lookup.py --batches). They are left out where a grammar
+        decides the tokens (its state follows each token) or where they would pass max_tokens or the context."""
         candidates = [(index, seq) for index, (seq, num_new) in enumerate(out.scheduled)
                       if num_new == 1 and seq.num_tokens - seq.num_computed_tokens == 1
-                      and seq.params.logits_processor is None and seq.params.repetition_penalty == 1.0]
+                      and seq.params.logits_processor is None]
         if not candidates:
             return {}
         share = min(self.config.prompt_lookup,

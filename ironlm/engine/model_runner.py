@@ -57,7 +57,7 @@ class ModelRunner:
             outputs = seq.output_token_ids  # ends with the drafts
             rows.extend(range(row - num_drafts, row + 1))
             states.extend(SampleState(seq.params, seq.prompt_token_ids, outputs[:len(outputs) - num_drafts + j],
-                                      self._generator(seq), self._seen(seq)) for j in range(num_drafts + 1))
+                                      self._generator(seq), self._seen(seq), drafts=j) for j in range(num_drafts + 1))
             counts.append(num_drafts + 1)
         picked = hidden if len(rows) == hidden.shape[0] else hidden[rows]  # (R, hidden)
         # a seeded sequence's generator as before the step: it is to advance by the tokens kept, not the rows
