@@ -3,6 +3,7 @@ drafts, beside llama.cpp with and without its own prompt-lookup drafts (llama-cp
 
     python benchmarks/prompt_lookup.py                      # K = 0, 4, 8; llama.cpp plain and with 10 drafts
     python benchmarks/prompt_lookup.py --lookups 0,8 --new-tokens 256 --no-peer
+    python benchmarks/prompt_lookup.py --step-costs ~/.cache/ironlm/shapes/SmolLM2-1.7B/model.Q4_0.gguf
 
 Tasks, each a chat prompt in the model's template: summarising a made-up patient note (the bulk job's documents),
 summarising and quoting from a short story (tests/data/perplexity.txt), and, as a control where nothing repeats,
@@ -13,6 +14,7 @@ a few-row step apart from a one-row step, so a near tie may flip; the tests chec
 """
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -21,6 +23,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
+# Importing ironlm sets OMP_WAIT_POLICY=PASSIVE for its own process; llama.cpp's worker gets the environment as it
+# was, and does not import ironlm (its OpenMP threads sleeping between ops make it about 3x slower).
+PEER_ENV = dict(os.environ)
 
 STORY = (ROOT.parent / "tests" / "data" / "perplexity.txt").read_text()
 TASKS = {
@@ -78,10 +83,8 @@ def worker_llama_cpp(args, runs: dict[str, list[int]]) -> dict:
     from llama_cpp import Llama
     from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
-    from ironlm.formats import default_model_path
-
     draft = LlamaPromptLookupDecoding(num_pred_tokens=args.k) if args.k > 0 else None
-    llm = Llama(model_path=str(default_model_path()), n_threads=args.threads, n_threads_batch=args.threads,
+    llm = Llama(model_path=args.model, n_threads=args.threads, n_threads_batch=args.threads,
                 n_ctx=2048, n_batch=512, draft_model=draft, logits_all=draft is not None,  # drafts need them
                 verbose=False)
     eos, n_vocab = llm.token_eos(), llm.n_vocab()
@@ -110,6 +113,39 @@ def worker_llama_cpp(args, runs: dict[str, list[int]]) -> dict:
     return results
 
 
+def step_costs(model: str | None, threads: int, repeats: int) -> None:
+    """Milliseconds of one decode step of a sequence's next token and c - 1 drafts (c graph rows), against c = 1:
+    what a step of drafts costs, whatever is kept of them. Random token ids: the cost does not depend on them."""
+    import torch
+
+    from ironlm import LLM, SamplingParams
+    from ironlm.engine.sequence import Sequence
+
+    llm = LLM(model=model, threads=threads, max_model_len=1024)
+    runner, blocks = llm.engine.runner, llm.engine.block_manager
+    seq = Sequence("x", [1000 + i % 7000 for i in range(600)], SamplingParams())
+    blocks.append_slots(seq, seq.num_tokens)
+    with torch.inference_mode():
+        runner._forward([(seq, 500)])  # a 500-token context to attend to
+        costs = {}
+        for rows in (1, 2, 3, 5, 9, 13):
+            seq.num_computed_tokens = 500
+            step = ([(seq, rows)], {"x": rows - 1})
+            runner._forward(*step)  # captures the graph
+            times = []
+            for _ in range(max(5, repeats * 5)):
+                start = time.perf_counter()
+                runner._forward(*step)
+                times.append(time.perf_counter() - start)
+            costs[rows] = statistics.median(times) * 1000
+    print(f"Decode step cost by rows (one sequence: its next token and rows - 1 drafts), {model or 'embedded 135M'},"
+          f" {threads} threads\n")
+    print("| rows | " + " | ".join(map(str, costs)) + " |")
+    print("|---|" + "---|" * len(costs))
+    print("| ms | " + " | ".join(f"{ms:.1f}" for ms in costs.values()) + " |")
+    print("| vs 1 row | " + " | ".join(f"{ms / costs[1]:.2f}x" for ms in costs.values()) + " |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lookups", type=lambda s: [int(x) for x in s.split(",")], default=[0, 4, 8],
@@ -123,9 +159,12 @@ def main() -> int:
     parser.add_argument("--threads", type=int)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="ironlm compute dtype")
     parser.add_argument("--quant", default="auto", help="ironlm weight format (none: torch, for a float32 check)")
+    parser.add_argument("--step-costs", metavar="MODEL", nargs="?", const="",
+                        help="only time decode steps of 1 to 13 rows on MODEL (a GGUF; none: the embedded 135M)")
     parser.add_argument("--worker", choices=["ironlm", "llama.cpp"], help=argparse.SUPPRESS)
     parser.add_argument("--k", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--runs", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)  # llama.cpp's worker: the embedded GGUF's path
     args = parser.parse_args()
     if args.worker:
         runs = json.loads(Path(args.runs).read_text())
@@ -137,6 +176,9 @@ def main() -> int:
     from ironlm.hardware import default_threads
 
     args.threads = args.threads or default_threads()
+    if args.step_costs is not None:
+        step_costs(args.step_costs or None, args.threads, args.repeats)
+        return 0
     runs = prompts(load_checkpoint(default_model_path()).tokenizer, args.batches)
     runs_file = Path("/tmp") / f"ironlm-prompt-lookup-{time.time_ns()}.json"
     runs_file.write_text(json.dumps(runs))
@@ -148,10 +190,11 @@ def main() -> int:
         for engine, k in settings:
             command = [sys.executable, __file__, "--worker", engine, "--k", str(k), "--runs", str(runs_file),
                        "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
-                       "--batches", ",".join(map(str, args.batches)),
+                       "--batches", ",".join(map(str, args.batches)), "--model", str(default_model_path()),
                        "--threads", str(args.threads), "--quant", args.quant] + (["--dtype", args.dtype] if args.dtype
                                                                                  else [])
-            done = subprocess.run(command, capture_output=True, text=True, check=False)
+            done = subprocess.run(command, capture_output=True, text=True, check=False,
+                                  env=PEER_ENV if engine == "llama.cpp" else None)
             if done.returncode:
                 print(f"{engine} K={k} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
                 return 1
