@@ -12,8 +12,8 @@ from ironlm.models.llama import LlamaForCausalLM
 from ironlm.sampling import Sampler, SampleResult, SampleState, SeenTokens
 
 
-# Decode graphs for up to this many sequences. Each batch size gets its own graph and arena; past a few dozen
-# sequences a step's kernels dwarf the Python around them (benchmarks/profile_decode.py on the 135M: 16 sequences
+# Decode graphs for up to this many rows (a row per sequence, and one per prompt-lookup draft). Each row count gets
+# its own graph and arena; past a few dozen sequences a step's kernels dwarf the Python around them (benchmarks/profile_decode.py on the 135M: 16 sequences
 # 1.18x faster with graphs, 64 the same), so more graphs would only take memory.
 MAX_GRAPH_BATCH = 32
 # Rows of prompt logits computed at once when a prompt's logprobs are asked for: (256, 49152) float32 is 50 MB.
