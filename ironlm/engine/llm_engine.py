@@ -24,8 +24,8 @@ from ironlm.models.loader import load_model
 from ironlm.sampling import SampleResult, SamplingParams
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-# Rows a step may hold once prompt-lookup drafts are added: on this project's 2-core Zen 4, drafts gained up to
-# 12-20 rows and lost from 24 (135M; benchmarks/prompt_lookup.py --batches), and a 1.7B step of 5 rows costs
+# Rows a step may hold once prompt-lookup drafts are added: on this project's 2-core Zen 4, drafts gained in steps
+# of up to 12 rows, broke even at 20 and lost from 24 (135M; benchmarks/prompt_lookup.py --batches), and a 1.7B step of 5 rows costs
 # 1.7-1.9x one of 1 row in its int formats (--step-costs), so a few drafts per sequence is where they pay.
 DRAFT_ROWS = 12
 
@@ -179,8 +179,8 @@ class LLMEngine:
         sequence's next token; returns the number of drafts per request.
 
         Drafts pay while a step is bound by reading the weights: its rows then cost little more than one. So they
-        only fill a step up to DRAFT_ROWS rows, shared evenly among its decodes; a step with a prompt chunk, or
-        with many sequences, gets none (benchmarks/prompt_lookup.py --batches). They are left out where a grammar
+        only fill a step up to DRAFT_ROWS rows, shared evenly among its decodes; a step with a long prompt chunk,
+        or with many sequences, gets none (benchmarks/prompt_lookup.py --batches). They are left out where a grammar
         decides the tokens (its state follows each token) or where they would pass max_tokens or the context."""
         candidates = [(index, seq) for index, (seq, num_new) in enumerate(out.scheduled)
                       if num_new == 1 and seq.num_tokens - seq.num_computed_tokens == 1
