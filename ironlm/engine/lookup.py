@@ -3,8 +3,8 @@
 A summary quotes its document, an answer its context, code the code before it. When the last few tokens written
 appeared before, the tokens that followed them then are a likely continuation now. The engine computes them with
 the next token in one step, and keeps those the model would have sampled itself (model_runner.verify_drafts):
-on a CPU, a step of a few rows reads the weights once, as a step of one row does, so each kept draft is a token
-nearly for free. No second model is needed.
+on a CPU, a step of a few rows reads the weights once, as a step of one row does, so it costs far less than as
+many steps of one row. No second model is needed.
 """
 MAX_NGRAM = 3  # the longest tail looked up; a longer match is the likelier continuation
 MIN_NGRAM = 2  # one token alone repeats too often to predict what follows
