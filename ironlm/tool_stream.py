@@ -11,11 +11,10 @@ whole answer drops it. What cannot be taken back: a streamed call that the model
 string) or breaks (invalid JSON, only possible with tool_choice "auto", as a forced call follows a grammar) keeps
 the arguments sent so far.
 """
-import json
 from dataclasses import dataclass
 
 from ironlm.json_reader import END, JsonReader
-from ironlm.tools import BARE_MARKERS, HERMES_CLOSE, HERMES_OPEN, ToolSet, new_call_id, partial_suffix
+from ironlm.tools import BARE_MARKERS, HERMES_CLOSE, HERMES_OPEN, ToolSet, loads_or_none, new_call_id, partial_suffix
 
 _FENCES = ("```json", "```")
 _ARGUMENT_KEYS = ("arguments", "parameters")
@@ -56,7 +55,8 @@ class _CallReader:
     def _member(draft: _Draft, key, own: bool, piece: str | None) -> None:
         if key == "name" and own:
             if piece is END:
-                draft.name = _string(draft.name_text)
+                name = loads_or_none(draft.name_text)
+                draft.name = name if isinstance(name, str) else None
             else:
                 draft.name_text += piece
         elif key in _ARGUMENT_KEYS and draft.arguments_key in (None, key) and not draft.complete:
@@ -105,8 +105,8 @@ class CallStream:
         for k, call in enumerate(parsed.calls):
             if k >= len(sent):
                 deltas.append(call.openai(index=k))
-            elif sent[k].name == call.name and call.arguments.startswith(sent[k].arguments[:sent[k].sent]):
-                rest = call.arguments[sent[k].sent:]
+            elif sent[k].name == call.name and call.arguments.startswith(sent[k].arguments):  # all of it went out
+                rest = call.arguments[len(sent[k].arguments):]
                 if rest:
                     deltas.append({"index": k, "function": {"arguments": rest}})
         called = bool(parsed.calls or sent)
@@ -210,15 +210,6 @@ class CallStream:
             sent.append(draft)
             self.next += 1
         return deltas
-
-
-def _string(json_text: str) -> str | None:
-    # a "name" member's JSON text, when it is a string
-    try:
-        value = json.loads(json_text)
-    except ValueError:
-        return None
-    return value if isinstance(value, str) else None
 
 
 def _may_be_bare_call(head: str) -> bool:

@@ -134,7 +134,7 @@ class ToolSet:
             calls = []
             blocks = list(re.finditer(rf"{HERMES_OPEN}(.*?)({HERMES_CLOSE}|\Z)", answer[start:], re.S))
             for k, block in enumerate(blocks):
-                call = self._call(_loads(block.group(1)))
+                call = self._call(loads_or_none(block.group(1)))
                 if call is None and calls and k == len(blocks) - 1 and not block.group(2):
                     break  # a last call cut off by max_tokens: the complete ones before it stand
                 if call is None:
@@ -149,7 +149,7 @@ class ToolSet:
             body = fence.group(1)
         if not body.startswith(("{", "[")):
             return ParsedAnswer(len(answer), [])
-        value = _loads(body)
+        value = loads_or_none(body)
         items = value if isinstance(value, list) else [value]
         calls = [self._call(item) for item in items]
         if not calls or None in calls:
@@ -170,7 +170,7 @@ class ToolSet:
             return None
         arguments = value.get("arguments", value.get("parameters", {}))
         if isinstance(arguments, str):  # some models write the arguments as a JSON string, as OpenAI sends them
-            arguments = _loads(arguments)
+            arguments = loads_or_none(arguments)
         if not isinstance(arguments, dict):
             return None
         return ToolCall(new_call_id(), value["name"], json.dumps(arguments, ensure_ascii=False))
@@ -311,7 +311,7 @@ def _native_message(message: dict) -> dict:
     calls = []
     for call in message["tool_calls"]:
         function = call.get("function") or {}
-        arguments = _loads(function.get("arguments")) if isinstance(function.get("arguments"), str) else None
+        arguments = loads_or_none(function.get("arguments")) if isinstance(function.get("arguments"), str) else None
         calls.append({**call, "function": {**function, "arguments": arguments if isinstance(arguments, dict)
                                            else function.get("arguments")}})
     return {**message, "tool_calls": calls}
@@ -338,7 +338,7 @@ def _calls_as_text(messages: list[dict]) -> list[dict]:
 def _call_text(call: dict) -> str:
     function = call.get("function") or {}
     arguments = function.get("arguments")
-    parsed = _loads(arguments) if isinstance(arguments, str) else arguments
+    parsed = loads_or_none(arguments) if isinstance(arguments, str) else arguments
     return json.dumps({"name": function.get("name"), "arguments": parsed if parsed is not None else arguments},
                       ensure_ascii=False)
 
@@ -365,7 +365,8 @@ def _with_tool_prompt(messages: list[dict], tools: ToolSet) -> list[dict]:
 
 # --- helpers -----------------------------------------------------------------------------------------------
 
-def _loads(text):
+def loads_or_none(text):
+    """The JSON value of text, or None where it is no JSON."""
     try:
         return json.loads(text.strip())
     except (ValueError, AttributeError):

@@ -25,8 +25,9 @@ from ironlm.sampling import SampleResult, SamplingParams
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Rows a step may hold once prompt-lookup drafts are added: on this project's 2-core Zen 4, drafts gained in steps
-# of up to 12 rows, broke even at 20 and lost from 24 (135M; benchmarks/prompt_lookup.py --batches), and a 1.7B step of 5 rows costs
-# 1.7-1.9x one of 1 row in its int formats (--step-costs), so a few drafts per sequence is where they pay.
+# of up to 12 rows, broke even at 20 and lost from 24 (135M; benchmarks/prompt_lookup.py --batches), and a 1.7B
+# step of 5 rows costs 1.7-1.9x one of 1 row in its int formats (--step-costs), so a few drafts per sequence is
+# where they pay.
 DRAFT_ROWS = 12
 
 

@@ -12,9 +12,10 @@ from ironlm.models.llama import LlamaForCausalLM
 from ironlm.sampling import Sampler, SampleResult, SampleState, SeenTokens
 
 
-# Decode graphs for up to this many rows (a row per sequence, and one per prompt-lookup draft). Each row count gets
-# its own graph and arena; past a few dozen sequences a step's kernels dwarf the Python around them (benchmarks/profile_decode.py on the 135M: 16 sequences
-# 1.18x faster with graphs, 64 the same), so more graphs would only take memory.
+# Decode graphs for up to this many rows (a row per sequence, and one per prompt-lookup draft). Each row count
+# gets its own graph and arena; past a few dozen sequences a step's kernels dwarf the Python around them
+# (benchmarks/profile_decode.py on the 135M: 16 sequences 1.18x faster with graphs, 64 the same), so more graphs
+# would only take memory.
 MAX_GRAPH_BATCH = 32
 # Rows of prompt logits computed at once when a prompt's logprobs are asked for: (256, 49152) float32 is 50 MB.
 PROMPT_LOGITS_ROWS = 256
@@ -60,21 +61,21 @@ class ModelRunner:
                                       self._generator(seq), self._seen(seq), drafts=j) for j in range(num_drafts + 1))
             counts.append(num_drafts + 1)
         picked = hidden if len(rows) == hidden.shape[0] else hidden[rows]  # (R, hidden)
-        # a seeded sequence's generator as before the step: it is to advance by the tokens kept, not the rows
+        # a seeded, sampled sequence's generator as before the step: it is to advance by the tokens kept, not the rows
         rewind = {seq.request_id: self.generators[seq.request_id].get_state() for seq, count
-                  in zip(sampling_seqs, counts) if count > 1 and seq.request_id in self.generators}
+                  in zip(sampling_seqs, counts) if count > 1 and seq.request_id in self.generators
+                  and not seq.params.greedy}
         results = self.sampler(self.model.compute_logits(picked), states, writable=True)  # fresh logits (R, V)
         sampled, start = {}, 0
         for seq, count in zip(sampling_seqs, counts):
             sampled[seq.request_id] = verify_drafts(seq.token_ids[seq.num_tokens - count + 1:],
                                                     results[start:start + count])
             start += count
-        for seq in sampling_seqs:  # so that a seed gives the same answer with drafts or without
-            if seq.request_id in rewind:
-                generator = self.generators[seq.request_id]
-                generator.set_state(rewind[seq.request_id])
-                for _ in sampled[seq.request_id] if not seq.params.greedy else ():
-                    torch.rand(1, generator=generator, dtype=torch.float64)  # as the sampler draws, a row at a time
+        for request_id, state in rewind.items():  # so that a seed gives the same answer with drafts or without
+            generator = self.generators[request_id]
+            generator.set_state(state)
+            for _ in sampled[request_id]:
+                torch.rand(1, generator=generator, dtype=torch.float64)  # as the sampler draws, a row at a time
         return sampled
 
     def _score_prompts(self, scheduled: list[tuple[Sequence, int]], hidden: torch.Tensor) -> None:
